@@ -1,0 +1,1 @@
+"""lab: a Hydra-configured experiment lab for small language models."""

@@ -1,0 +1,119 @@
+"""Checkpoints: weights as safetensors, everything else a resumed run needs beside them.
+
+Layout of one checkpoint, `<paths.checkpoints>/<run id>/step_0000300/`:
+    model.safetensors    the weights (tied weights stored once)
+    model_config.json    the ModelConfig and vocab size, enough to rebuild the model
+    trainer_state.pt     optimizer, scheduler, grad scaler, step, tokens seen, data position
+    rng_rank{r}.pt       every RNG state of each rank (python, numpy, torch, cuda)
+    meta.json            step, tokenizer SHA-256, config hash, MLflow run id
+    tokenizer/           the tokenizer files
+
+A checkpoint is written into a hidden `.step_*.tmp` folder and renamed into place when complete,
+so a run killed mid-write never leaves a half checkpoint that resume could pick up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from lab.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f"step_{step:07d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step, or None."""
+    done = [p for p in run_dir.glob("step_*") if (p / "meta.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def tmp_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f".step_{step:07d}.tmp"
+
+
+def write_rank_rng(run_dir: Path, step: int, rank: int) -> None:
+    """Every rank writes its own RNG state into the checkpoint being assembled."""
+    torch.save(rng_state(), tmp_dir(run_dir, step) / f"rng_rank{rank}.pt")
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    tokenizer: Any,
+    keep: int,
+) -> Path:
+    """Fill the temp folder (rank 0), rename it into place, and prune old checkpoints."""
+    tmp = tmp_dir(run_dir, step)
+    save_model(model, str(tmp / WEIGHTS))
+    config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
+    (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    tokenizer.save(tmp / "tokenizer")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+    final = step_dir(run_dir, step)
+    if final.exists():  # an earlier attempt of this run reached the same step
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _prune(run_dir, keep)
+    return final
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    done = sorted((p for p in run_dir.glob("step_*") if (p / "meta.json").exists()), key=lambda p: p.name)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    meta_file = ckpt / "meta.json"
+    if not meta_file.exists():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no meta.json); point train.resume at a step_* folder")
+    return json.loads(meta_file.read_text())
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt / WEIGHTS} does not fit model={model.config.name}: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}; use the model config the checkpoint was made with"
+        )
+
+
+def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared trainer state and this rank's RNG state."""
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        raise CheckpointError(f"{rng_file} is missing: the checkpoint was made with fewer processes; resume with the same number")
+    return state, torch.load(rng_file, weights_only=False)

@@ -1,0 +1,245 @@
+"""Typed schemas for every config group.
+
+The primary config (`conf/config.yaml`) extends `RunConfig`, so every group option merged into it
+is checked against these dataclasses at composition: a misspelt key or a wrong type fails there,
+naming the key. Checks that span fields live in `__post_init__`, which runs when `lab` turns the
+composed config into objects (`to_run_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lab.errors import ConfigError
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"  # key into lab.stages.STAGES
+    bench_steps: int = 20  # bench: timed steps per loop (engine and bare)
+    bench_warmup: int = 3  # bench: untimed steps before timing each loop
+    bench_rounds: int = 2  # bench: alternate engine/bare this many times, keep the best of each
+
+
+@dataclass
+class ModelConfig:
+    name: str = "micro"
+    dim: int = 64  # residual stream width
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention; None means n_heads (plain MHA)
+    ffn_dim: Optional[int] = None  # SwiGLU hidden width; None means 8/3*dim rounded up to multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 256  # context length; RoPE tables are built for this many positions
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    dropout: float = 0.0
+    deepnorm: bool = False  # DeepNorm (Wang et al. 2022): post-norm with scaled residual and init
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        kv = self.n_kv_heads or self.n_heads
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % kv:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"model.dim/model.n_heads={self.dim // self.n_heads} must be even for RoPE")
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "bpe"
+    kind: str = "bpe"  # byte | bpe | unigram
+    vocab_size: int = 8192  # SentencePiece only; byte is always 256 + specials
+    character_coverage: float = 1.0
+    max_train_chars: int = 20_000_000  # cap on text fed to SentencePiece training
+    special_tokens: list[str] = field(default_factory=lambda: ["<|im_start|>", "<|im_end|>"])
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("byte", "bpe", "unigram"):
+            raise ConfigError(f"tokenizer.kind={self.kind!r} is unknown; use byte, bpe or unigram")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "kjv"  # kjv | text | jsonl
+    path: Optional[str] = None  # text: a file, glob or folder; jsonl: a file or glob
+    text_field: str = "text"  # jsonl: the field holding the text
+    weight: float = 1.0  # share of training sequences drawn from this source in a mixture
+
+
+@dataclass
+class DataConfig:
+    name: str = "kjv"
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    path: Optional[str] = None  # shortcut for sources[0].path when there is one source
+    text_field: Optional[str] = None  # shortcut for sources[0].text_field when there is one source
+    seq_len: int = 256  # tokens per packed training sequence
+    val_fraction: float = 0.05  # share of documents held out for validation
+    split_seed: int = 1234  # seeds the document-level train/val split
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty; name at least one source (kind: kjv, text or jsonl)")
+        self._apply_shortcuts()
+        for i, s in enumerate(self.sources):
+            if s.kind not in ("kjv", "text", "jsonl"):
+                raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use kjv, text or jsonl")
+            if s.kind != "kjv" and not s.path:
+                raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{s.kind.replace('text', 'txt')}")
+            if s.weight <= 0:
+                raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+
+    def _apply_shortcuts(self) -> None:
+        for key in ("path", "text_field"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if len(self.sources) != 1:
+                raise ConfigError(f"data.{key} applies to a single source; set data.sources[i].{key} in a mixture")
+            setattr(self.sources[0], key, value)
+
+
+@dataclass
+class AdapterConfig:
+    name: str = "none"  # none = full fine-tuning; the LoRA family arrives with the SFT stage
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | mps
+    precision: str = "bf16"  # bf16 | fp16 | fp32; bf16 falls back to fp32 where the device lacks it
+    micro_batch: int = 8  # sequences per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    peak_tflops: Optional[float] = None  # dense bf16/fp16 peak, for MFU; None where unknown
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"hardware.device={self.device!r} is unknown; use cpu, cuda or mps")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"hardware.precision={self.precision!r} is unknown; use bf16, fp16 or fp32")
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "mlflow"
+    uri: Optional[str] = None  # None: embedded sqlite store under paths.outputs; or http://host:port
+    experiment: str = "lab"
+    flush_every: int = 50  # steps between metric batches sent to MLflow
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400  # optimizer steps; the schedule spans exactly this many
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine and linear decay end at lr * min_lr_ratio
+    warmup_steps: int = 40
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    seed: int = 1337
+    eval_every: int = 100  # steps between evaluations (and sample generations); 0: only at the end
+    eval_batches: int = 20  # micro-batches per evaluation
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept per run; older ones are deleted
+    resume: str = "never"  # never | auto (latest checkpoint of this config) | a checkpoint path
+    stop_at_step: Optional[int] = None  # stop after this step with a checkpoint, schedule unchanged
+    sample_prompt: str = "In the beginning"
+    sample_tokens: int = 48
+    progress: bool = True  # live progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.schedule={self.schedule!r} is unknown; use cosine, linear or constant")
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be at least 1")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}; lower train.warmup_steps")
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"  # relative to the directory lab is launched from
+    cache: str = "outputs/cache"  # tokenizers and packed datasets, keyed by content hash
+    checkpoints: str = "outputs/checkpoints"  # one folder per MLflow run id
+
+
+@dataclass
+class RunConfig:
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
+                f"of model={self.model.name}; lower data.seq_len or raise model.max_seq_len"
+            )
+
+
+# Keys that do not change what a run computes; left out of the config hash that identifies a run.
+RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "train.resume", "train.stop_at_step", "train.save_every",
+                       "train.keep_checkpoints", "train.progress")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """SHA-256 (16 hex digits) of the resolved config, less the keys that do not change results."""
+    flat = flatten(dataclasses.asdict(cfg))
+    kept = {k: v for k, v in flat.items() if not k.startswith(RESULT_NEUTRAL_KEYS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def register_schemas() -> None:
+    """Store the schema so `conf/config.yaml` can extend it (`defaults: [run_schema, ...]`)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Turn a composed config into typed objects, running every cross-field check."""
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is not set (???); pass it on the command line, e.g. {e.full_key}=...") from None
+    data.pop("hydra", None)
+    data.pop("sweeps", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    except OmegaConfBaseException as e:  # e.g. `+model.dimm=3` adds a key Hydra let through
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}; check the spelling with `lab --cfg job`") from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"model": {"dim": 64}}` -> `{"model.dim": 64}`; lists keep their index, e.g. `data.sources.0.kind`."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

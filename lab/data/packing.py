@@ -1,0 +1,198 @@
+"""Split documents into train/val, tokenize, pack into fixed rows, and cache the rows by content.
+
+A row holds `seq_len + 1` tokens: inputs are `row[:-1]`, targets `row[1:]`. Each document is
+`bos + tokens + eos`; a split's documents are concatenated and cut into rows, the remainder dropped.
+In a mixture each source is packed on its own and the rows concatenated, so that every row comes
+from one source and `meta["sources"][i]["train_rows"]` gives its `[start, stop)` range.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lab.config import DataConfig, SourceConfig, TokenizerConfig
+from lab.data.cache import atomic_directory, content_key
+from lab.data.sources import corpus_hash, read_sources, source_keys
+from lab.errors import DataError
+from lab.tokenizers import Tokenizer, check_tokenizer, load_or_train_tokenizer
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1  # bump when packing changes, so old cache entries are not reused
+_ENCODE_CHUNK = 512  # documents tokenized at a time, to bound the memory of Python int lists
+
+
+@dataclass
+class PackedData:
+    """Packed rows ready for `BatchStream`; `train`/`val` are read-only memory maps of the cache."""
+
+    train: np.ndarray  # (N, seq_len + 1)
+    val: np.ndarray  # (M, seq_len + 1)
+    tokenizer: Tokenizer
+    row_weights: Optional[np.ndarray]  # (N,) sampling weight of each train row in a mixture; None for one source
+    meta: dict = field(default_factory=dict)
+    directory: Optional[Path] = None  # the cache folder the rows live in
+
+
+def _scramble(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fixed bijection on uint64, identical on every numpy version and platform."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def split_documents(n: int, val_fraction: float, seed: int, where: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """Document indices of (train, val): a permutation seeded by `seed`; its first ceil(val_fraction*n) go to val.
+
+    Both returned arrays are sorted. The permutation is our own hash, not numpy's RNG, so the split of
+    a given corpus never changes with library versions.
+
+    Raises:
+        DataError: fewer than 2 documents, or no document would be left for training.
+    """
+    n_val = max(1, math.ceil(round(val_fraction * n, 9)))
+    if n - n_val < 1:
+        raise DataError(f"{where}: {n} document(s) cannot be split into train and val at data.val_fraction="
+                        f"{val_fraction} ({n_val} held out); add documents or lower data.val_fraction")
+    with np.errstate(over="ignore"):
+        salt = _scramble(np.array([seed % 2**64], dtype=np.uint64))
+        keys = _scramble(np.arange(n, dtype=np.uint64) + salt)
+    order = np.argsort(keys, kind="stable")
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size < 2**16 else np.uint32
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """`bos + ids + eos` of every document, concatenated, as a flat array of the token dtype."""
+    dtype = _token_dtype(tokenizer.vocab_size)
+    parts: list[np.ndarray] = []
+    for start in range(0, len(docs), _ENCODE_CHUNK):
+        for ids in tokenizer.encode_batch(docs[start:start + _ENCODE_CHUNK]):
+            parts.append(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def pack_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Cut a flat token array into rows of `seq_len + 1`, dropping the remainder: (N, seq_len + 1)."""
+    n_rows = len(tokens) // (seq_len + 1)
+    return tokens[: n_rows * (seq_len + 1)].reshape(n_rows, seq_len + 1)
+
+
+def _label(source: SourceConfig, path_key: str, i: int) -> str:
+    return f"data.sources[{i}] (kjv)" if source.kind == "kjv" else f"{path_key}={source.path!r}"
+
+
+def _pack_source(docs: list[str], split: tuple[np.ndarray, np.ndarray], tokenizer: Tokenizer,
+                 seq_len: int, label: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    train_tokens = tokenize_documents([docs[i] for i in split[0]], tokenizer)
+    val_tokens = tokenize_documents([docs[i] for i in split[1]], tokenizer)
+    train, val = pack_rows(train_tokens, seq_len), pack_rows(val_tokens, seq_len)
+    if len(train) == 0:
+        raise DataError(f"{label}: its train split has {len(train_tokens)} tokens, less than one row of "
+                        f"data.seq_len+1={seq_len + 1}; lower data.seq_len or add text")
+    info = {"n_documents": len(docs), "n_train_documents": len(split[0]), "n_val_documents": len(split[1]),
+            "n_tokens": int(len(train_tokens) + len(val_tokens)), "n_train_rows": len(train), "n_val_rows": len(val)}
+    return train, val, info
+
+
+def _write_packed(directory: Path, cfg: DataConfig, docs: list[list[str]], hashes: list[str],
+                  splits: list[tuple[np.ndarray, np.ndarray]], tokenizer: Tokenizer) -> None:
+    start = time.perf_counter()
+    trains, vals, infos = [], [], []
+    n_train = n_val = 0
+    for i, source in enumerate(cfg.sources):
+        label = _label(source, source_keys(cfg, i)[0], i)
+        train, val, info = _pack_source(docs[i], splits[i], tokenizer, cfg.seq_len, label)
+        info.update(kind=source.kind, path=source.path, corpus_hash=hashes[i],
+                    train_rows=[n_train, n_train + len(train)], val_rows=[n_val, n_val + len(val)])
+        n_train, n_val = n_train + len(train), n_val + len(val)
+        trains.append(train), vals.append(val), infos.append(info)
+    if n_val == 0:
+        tokens = sum(i["n_tokens"] for i in infos)
+        raise DataError(f"data: the val split has fewer than data.seq_len+1={cfg.seq_len + 1} tokens (of {tokens} "
+                        f"in all); lower data.seq_len or raise data.val_fraction={cfg.val_fraction}")
+    meta = {
+        "version": FORMAT_VERSION, "key": directory.name, "tokenizer_sha256": tokenizer.sha256,
+        "tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len,
+        "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
+        "corpus_hash": content_key(hashes, length=64), "n_train_rows": n_train, "n_val_rows": n_val,
+        "n_tokens": sum(i["n_tokens"] for i in infos), "sources": infos,
+        "pack_seconds": round(time.perf_counter() - start, 3),
+    }
+    with atomic_directory(directory) as tmp:
+        np.save(tmp / "train.npy", np.concatenate(trains))
+        np.save(tmp / "val.npy", np.concatenate(vals))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("packed %d train / %d val rows of %d tokens in %.1fs <data.seq_len=%d> -> %s",
+             n_train, n_val, cfg.seq_len + 1, meta["pack_seconds"], cfg.seq_len, directory)
+
+
+def mixture_row_weights(meta: dict, weights: Sequence[float]) -> Optional[np.ndarray]:
+    """Per train row weight so that source i fills weights[i]/sum(weights) of the draws; None for one source."""
+    sources = meta["sources"]
+    if len(sources) == 1:
+        return None
+    if len(weights) != len(sources):
+        raise DataError(f"data.sources has {len(weights)} entries but the packed data has {len(sources)}; "
+                        "rebuild it by deleting the folder")
+    total = float(sum(weights))
+    row_weights = np.empty(meta["n_train_rows"], dtype=np.float64)
+    for w, s in zip(weights, sources):
+        start, stop = s["train_rows"]
+        row_weights[start:stop] = (w / total) / (stop - start)
+    return row_weights
+
+
+def load_packed(directory: Path, tokenizer: Tokenizer, weights: Optional[Sequence[float]] = None) -> PackedData:
+    """Memory-map packed rows that `prepare_data` cached, after checking they were made with `tokenizer`.
+
+    Raises:
+        CheckpointError: the rows were made with another tokenizer.
+        DataError: the folder is missing or unreadable.
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        check_tokenizer(meta["tokenizer_sha256"], tokenizer, where=f"packed data {directory}")
+        train = np.load(directory / "train.npy", mmap_mode="r")
+        val = np.load(directory / "val.npy", mmap_mode="r")
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{directory}: cannot read packed data ({e}); delete the folder to rebuild it") from None
+    weights = list(weights) if weights is not None else [1.0] * len(meta["sources"])
+    return PackedData(train, val, tokenizer, mixture_row_weights(meta, weights), meta, directory)
+
+
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: Path) -> PackedData:
+    """Read every source, split by document, train (or load) the tokenizer on the train split, pack, cache.
+
+    Everything is keyed by content: the same documents and settings find the same cache folders
+    (`cache_dir/tokenizers/<key>/`, `cache_dir/data/<key>/`), and any edit to a file makes new ones.
+
+    Raises:
+        DataError: missing, malformed or too little data. ConfigError: a vocab size that does not fit.
+    """
+    cache_dir = Path(cache_dir)
+    docs = read_sources(data_cfg)
+    hashes = [corpus_hash(d) for d in docs]
+    splits = [split_documents(len(d), data_cfg.val_fraction, data_cfg.split_seed,
+                              where=_label(s, source_keys(data_cfg, i)[0], i))
+              for i, (d, s) in enumerate(zip(docs, data_cfg.sources))]
+    train_texts = [docs[i][j] for i, (train, _) in enumerate(splits) for j in train]
+    tokenizer = load_or_train_tokenizer(tok_cfg, train_texts, corpus_hash(train_texts), cache_dir)
+    key = content_key({"version": FORMAT_VERSION, "corpora": hashes, "tokenizer": tokenizer.sha256,
+                       "seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction,
+                       "split_seed": data_cfg.split_seed})
+    directory = cache_dir / "data" / key
+    if not (directory / "meta.json").is_file():
+        _write_packed(directory, data_cfg, docs, hashes, splits, tokenizer)
+    return load_packed(directory, tokenizer, [s.weight for s in data_cfg.sources])

@@ -1,0 +1,169 @@
+"""The life of one run: typed config, device, MLflow run, resume decision, stage, final status.
+
+Every path out of `execute` ends the MLflow run: FINISHED, or FAILED with the one-line error as
+the tag `lab.error` (Ctrl-C included), never RUNNING.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from lab import checkpoint as ckpt
+from lab.config import RunConfig, config_hash, flatten, to_run_config
+from lab.errors import CheckpointError, ConfigError
+from lab.hardware import check_device, resolve_precision
+from lab.tracking import Tracker, git_state, parent_run_id, ui_command
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class HydraInfo:
+    """What Hydra knows about this job; defaults stand in when called outside a Hydra app."""
+
+    output_dir: Path
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    sweep_dir: Optional[Path] = None  # set in a multirun
+    job_num: Optional[int] = None
+
+    @classmethod
+    def current(cls, cfg: RunConfig) -> "HydraInfo":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return cls(output_dir=Path(cfg.paths.outputs) / "runs" / "direct")
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        return cls(
+            output_dir=Path(hc.runtime.output_dir),
+            choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+            overrides=list(hc.overrides.task),
+            sweep_dir=Path(hc.sweep.dir) if multirun else None,
+            job_num=hc.job.num if multirun else None,
+        )
+
+
+@dataclass
+class Run:
+    """Everything a stage needs besides its own builders."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    tracker: Tracker
+    info: HydraInfo
+    config_hash: str
+    ckpt_dir: Path  # this run's checkpoints: <paths.checkpoints>/<MLflow run id>
+    resume_from: Optional[Path] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(message, flush=True)
+
+
+def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
+    """Run the stage `stage.name` under an MLflow run; return its metric (for sweepers)."""
+    cfg = to_run_config(dcfg)
+    if cfg.stage.name not in stages:
+        raise ConfigError(f"stage.name={cfg.stage.name!r} is unknown; choose one of {', '.join(sorted(stages))}")
+    check_device(cfg.hardware)
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu")
+    set_seed(cfg.train.seed)
+    info = HydraInfo.current(cfg)
+    tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
+    run = _open_run(cfg, dcfg, accelerator, tracker, info)
+    try:
+        result = stages[cfg.stage.name](run)
+    except KeyboardInterrupt:
+        tracker.finish("FAILED", "interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as e:
+        tracker.finish("FAILED", f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    tracker.finish("FINISHED")
+    run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r})")
+    run.say(f"Browse it:  {ui_command(tracker.uri)}")
+    return result
+
+
+def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker, info: HydraInfo) -> Run:
+    """Start (or, to resume, reopen) the MLflow run on rank 0 and tell every rank its id."""
+    chash = config_hash(cfg)
+    run_id, resume_from = "", None
+    if accelerator.is_main_process:
+        run_id, resume_from = _find_resume(cfg, tracker, chash)
+        if run_id:
+            tracker.reopen(run_id)
+        else:
+            run_name = f"{cfg.stage.name}-{cfg.model.name}" + (f"-{info.job_num}" if info.job_num is not None else "")
+            parent = parent_run_id(info.sweep_dir) if info.sweep_dir else None
+            run_id = tracker.start(run_name, _tags(cfg, info, chash), parent_run_id=parent)
+            tracker.log_params(flatten(dataclasses.asdict(cfg)))
+        tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
+                          "lab.output_dir": str(info.output_dir)})
+        _log_config(tracker, dcfg, info.output_dir)
+    if accelerator.num_processes > 1:
+        shared = broadcast_object_list([run_id, resume_from])
+        run_id, resume_from = shared
+    return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from)
+
+
+def _find_resume(cfg: RunConfig, tracker: Tracker, chash: str) -> tuple[str, Optional[Path]]:
+    """(MLflow run id to reopen or "", checkpoint to load or None) for `train.resume`."""
+    resume = cfg.train.resume
+    if resume == "never":
+        return "", None
+    if resume == "auto":
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id], filter_string=f"tags.`lab.config_hash` = '{chash}'",
+            order_by=["attributes.start_time DESC"], max_results=20,
+        )
+        for r in runs:
+            found = ckpt.latest_checkpoint(Path(cfg.paths.checkpoints) / r.info.run_id)
+            if found is not None:
+                return r.info.run_id, found
+        log.info("no checkpoint of this config yet; starting fresh <train.resume=auto>")
+        return "", None
+    path = Path(resume).expanduser()
+    found = path if (path / "meta.json").exists() else ckpt.latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"train.resume={resume}: no checkpoint there; give a step_* folder, a run's checkpoint folder, or auto")
+    return "", found
+
+
+def _tags(cfg: RunConfig, info: HydraInfo, chash: str) -> dict[str, str]:
+    return {
+        "lab.stage": cfg.stage.name,
+        "lab.hardware": cfg.hardware.name,
+        "lab.overrides": " ".join(info.overrides),
+        "lab.config_hash": chash,
+        **{f"lab.choice.{group}": option for group, option in info.choices.items()},
+        **git_state(REPO_ROOT),
+    }
+
+
+def _log_config(tracker: Tracker, dcfg: DictConfig, output_dir: Path) -> None:
+    """The resolved config, as it ran, beside the run's output and in MLflow."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "resolved_config.yaml"
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved.pop("hydra", None)
+    path.write_text(OmegaConf.to_yaml(resolved))
+    tracker.log_artifact(path)

@@ -1,0 +1,34 @@
+"""Sample generations at each evaluation, kept in a text file that is logged to MLflow."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lab.tracking import Tracker
+
+
+class SampleWriter:
+    """Generates from fixed prompts with its own seeded generator, so training RNG is untouched."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, path: Path, tracker: Tracker, seed: int):
+        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
+        self.path, self.tracker, self.seed = path, tracker, seed
+        self.last: list[str] = []
+
+    def __call__(self, model: torch.nn.Module, step: int) -> None:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        self.last = []
+        for prompt in self.prompts:
+            ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+            idx = torch.tensor([ids], device=device)
+            out = model.generate(idx, self.max_new_tokens, generator=generator, eos_id=self.tokenizer.eos_id)
+            self.last.append(self.tokenizer.decode(out[0].tolist()))  # decode skips bos/eos
+        model.train(was_training)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(f"=== step {step} ===\n" + "\n---\n".join(self.last) + "\n\n")
+        self.tracker.log_artifact(self.path)

@@ -1,0 +1,8 @@
+"""Stage name -> function. A literal dict, so `grep STAGES` finds every stage."""
+from lab.stages.bench import bench
+from lab.stages.pretrain import pretrain
+
+STAGES = {
+    "pretrain": pretrain,
+    "bench": bench,
+}
