@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from lab.errors import CheckpointError
 
@@ -74,7 +74,7 @@ def write_checkpoint(
 ) -> Path:
     """Fill the temp folder (rank 0), rename it into place, and prune old checkpoints."""
     tmp = tmp_dir(run_dir, step)
-    save_model(model, str(tmp / WEIGHTS))
+    save_file(weights_of(model), str(tmp / WEIGHTS))
     config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
     (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
     torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -101,13 +101,22 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return json.loads(meta_file.read_text())
 
 
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with a tied output head stored once, under the embedding's name."""
+    tied = getattr(model.config, "tie_embeddings", False)
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False)
+    expected = set(weights_of(model))
+    tensors = load_file(str(ckpt / WEIGHTS))
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt / WEIGHTS} does not fit model={model.config.name}: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}; use the model config the checkpoint was made with"
         )
+    model.load_state_dict(tensors, strict=False)  # strict=False: a tied head is absent by design
 
 
 def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:

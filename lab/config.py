@@ -218,12 +218,11 @@ def register_schemas() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Turn a composed config into typed objects, running every cross-field check."""
-    try:
-        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    try:  # resolved node by node, leaving out Hydra's own settings
+        data = {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True)
+                for k in cfg if k not in ("hydra", "sweeps")}
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is not set (???); pass it on the command line, e.g. {e.full_key}=...") from None
-    data.pop("hydra", None)
-    data.pop("sweeps", None)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
     except OmegaConfBaseException as e:  # e.g. `+model.dimm=3` adds a key Hydra let through

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ class Trainer:
         )
         self.state = TrainState()
         self.bar: Optional[tqdm] = None
+        if run.resume_from is not None:  # before the stage logs anything: a wrong tokenizer stops here
+            self.restore(run.resume_from)
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -174,8 +177,6 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to `train.max_steps` (or `train.stop_at_step`), evaluating and saving on schedule."""
         tc = self.cfg.train
-        if self.run.resume_from is not None:
-            self.restore(self.run.resume_from)
         stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
         self.bar = tqdm(
             total=tc.max_steps, initial=self.state.step, desc=self.cfg.stage.name, unit="step",
@@ -227,6 +228,15 @@ class Trainer:
         if acc.is_main_process:
             ckpt.tmp_dir(run_dir, step).mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        try:
+            self._write(step, run_dir)
+        except BaseException:  # Ctrl-C or a full disk mid-write: leave no half checkpoint behind
+            shutil.rmtree(ckpt.tmp_dir(run_dir, step), ignore_errors=True)
+            raise
+        return ckpt.step_dir(run_dir, step)
+
+    def _write(self, step: int, run_dir: Path) -> None:
+        acc = self.acc
         ckpt.write_rank_rng(run_dir, step, acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -240,7 +250,6 @@ class Trainer:
             meta = self.run.checkpoint_meta() | {"tokenizer_sha256": self.data.tokenizer.sha256}
             ckpt.write_checkpoint(run_dir, step, self.raw_model, trainer_state, meta, self.data.tokenizer, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
-        return ckpt.step_dir(run_dir, step)
 
     def restore(self, path: Path) -> None:
         """Load weights, optimizer, scheduler, data position and RNG: the run continues bit for bit."""

@@ -23,6 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 from lab.config import TrackingConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table-creation INFO lines are noise to a user
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 _BATCH = 1000  # MLflow accepts at most 1000 metrics, 100 params, 100 tags per log_batch
@@ -174,7 +175,7 @@ class SweepCallback(Callback):
         run_id = self.tracker.start(f"sweep-{sweep_dir.name}", tags)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(run_id)
-        self.tracker.set_tags({"lab.sweep_params": str(dict(config.hydra.sweeper.get("params") or {}))})
+        self.tracker.set_tags({"lab.sweep_overrides": " ".join(config.hydra.overrides.task)})
         atexit.register(self.tracker.finish, "FAILED", "sweep interrupted")  # Ctrl-C skips on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

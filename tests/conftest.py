@@ -1,32 +1,13 @@
 """Shared fixtures: compose configs through Hydra, and run the real `lab` CLI in a subprocess."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from lab.config import register_schemas
-
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
-
-# A fast, small run: micro model, short sequences, a few steps, no progress bar.
-FAST = [
-    "model=micro",
-    "tokenizer.vocab_size=512",
-    "data.seq_len=64",
-    "hardware.micro_batch=4",
-    "train.max_steps=12",
-    "train.warmup_steps=2",
-    "train.eval_every=6",
-    "train.eval_batches=2",
-    "train.sample_tokens=8",
-    "train.progress=false",
-]
+from labtest import CONF_DIR, run_lab
 
 
 @pytest.fixture(scope="session")
@@ -59,15 +40,6 @@ def compose_cfg():
     return _compose
 
 
-def run_lab(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m lab ARGS` in `cwd` (its outputs/ and MLflow store land there)."""
-    full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "lab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"lab {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
-
 
 @pytest.fixture
 def lab_cli(tmp_path, shared_cache):
@@ -76,9 +48,3 @@ def lab_cli(tmp_path, shared_cache):
         return run_lab(*args, f"paths.cache={shared_cache}", cwd=cwd or tmp_path, check=check, **kw)
 
     return _run
-
-
-def mlflow_client(cwd: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")

@@ -18,13 +18,14 @@ def pretrain(run: Run) -> float:
     with run.accelerator.main_process_first():  # rank 0 trains the tokenizer and packs; the others read the cache
         data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache))
     model = build_model(cfg.model, data.tokenizer.vocab_size)
+    samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
+                           run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
+    trainer = Trainer(run, model, lm_loss, data, on_eval=samples)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "data.n_train_rows": len(data.train),
                             "data.n_val_rows": len(data.val), "tokenizer.sha256": data.tokenizer.sha256})
     run.say(f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
             f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val sequences of {cfg.data.seq_len} tokens")
-    samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
-                           run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
-    result = Trainer(run, model, lm_loss, data, on_eval=samples).fit()
+    result = trainer.fit()
     if result.stopped_early:
         run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
         return float("nan")

@@ -1,0 +1,140 @@
+"""`lab` end to end on the micro model: training, MLflow records, multirun, resume, DDP."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from labtest import FAST, all_runs, loss_history, mlflow_client, run_lab
+
+
+@pytest.fixture(scope="module")
+def kjv_run(tmp_path_factory):
+    """One FAST pretraining run on KJV, shared by the assertions below."""
+    cwd = tmp_path_factory.mktemp("kjv_run")
+    cache = tmp_path_factory.getbasetemp() / "cache_kjv"
+    proc = run_lab(*FAST, "train.save_every=6", f"paths.cache={cache}", cwd=cwd)
+    (run,) = all_runs(cwd)
+    return cwd, proc, run
+
+
+def test_micro_model_loss_falls_on_kjv(kjv_run):
+    cwd, proc, run = kjv_run
+    losses = loss_history(cwd, run.info.run_id)
+    assert sorted(losses) == list(range(1, 13))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.5, (first, last)
+    assert run.data.metrics["val/loss"] < 6.24  # below the uniform guess, ln(512 tokens)
+
+
+def test_run_summary_is_printed(kjv_run):
+    _, proc, run = kjv_run
+    assert "val loss" in proc.stdout and "perplexity" in proc.stdout
+    assert "sample: In the beginning" in proc.stdout
+    assert f"MLflow run: {run.info.run_id}" in proc.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+
+
+def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
+    cwd, _, run = kjv_run
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert params["model.name"] == "micro" and params["model.dim"] == "64"
+    assert params["train.max_steps"] == "12" and params["data.seq_len"] == "64"
+    assert params["tokenizer.vocab_size"] == "512" and float(params["train.lr"]) == 3e-3
+    assert tags["lab.stage"] == "pretrain" and tags["lab.hardware"] == "cpu"
+    assert tags["lab.choice.model"] == "micro" and tags["lab.choice.data"] == "kjv"
+    assert "model=micro" in tags["lab.overrides"].split()
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["lab.git_dirty"] in ("true", "false")
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen"):
+        assert len(mlflow_client(cwd).get_metric_history(run.info.run_id, key)) == 12, key
+    assert metrics["train/tokens_seen"] == 12 * 4 * 64
+    val = mlflow_client(cwd).get_metric_history(run.info.run_id, "val/loss")
+    assert [m.step for m in val] == [6, 12]
+    assert metrics["val/ppl"] == pytest.approx(2.718281828 ** metrics["val/loss"], rel=1e-6)
+    artifacts = _artifact_files(cwd, run.info.run_id)
+    assert {"resolved_config.yaml", "samples.txt", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json",
+            "model/model.safetensors", "model/model_config.json"} <= artifacts
+
+
+def _artifact_files(cwd: Path, run_id: str) -> set[str]:
+    client, out, todo = mlflow_client(cwd), set(), [None]
+    while todo:
+        for f in client.list_artifacts(run_id, todo.pop()):
+            (todo.append(f.path) if f.is_dir else out.add(f.path))
+    return out
+
+
+def test_checkpoint_holds_weights_state_and_tokenizer_hash(kjv_run):
+    cwd, _, run = kjv_run
+    ckpt_dir = cwd / "outputs" / "checkpoints" / run.info.run_id
+    steps = sorted(p.name for p in ckpt_dir.iterdir())
+    assert steps == ["step_0000006", "step_0000012"]  # no .tmp leftovers
+    last = ckpt_dir / "step_0000012"
+    meta = json.loads((last / "meta.json").read_text())
+    tok = json.loads((last / "tokenizer" / "tokenizer.json").read_text())
+    assert meta["step"] == 12 and meta["run_id"] == run.info.run_id
+    assert meta["tokenizer_sha256"] == tok["sha256"] == run.data.params["tokenizer.sha256"]
+    assert {"trainer_state.pt", "rng_rank0.pt", "model_config.json"} <= {p.name for p in last.iterdir()}
+    assert "tok_emb.weight" in load_file(last / "model.safetensors")
+
+
+def test_stop_and_resume_replays_the_same_losses_bitwise(lab_cli, tmp_path):
+    lab_cli(*FAST, "tracking.experiment=whole")
+    lab_cli(*FAST, "tracking.experiment=parts", "train.stop_at_step=5", "train.save_every=4")
+    lab_cli(*FAST, "tracking.experiment=parts", "train.resume=auto")
+    client = mlflow_client(tmp_path)
+    whole = client.search_runs([client.get_experiment_by_name("whole").experiment_id])[0]
+    (parts,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
+    assert parts.info.status == "FINISHED"
+    assert loss_history(tmp_path, parts.info.run_id) == loss_history(tmp_path, whole.info.run_id)
+    assert parts.data.metrics["val/loss"] == whole.data.metrics["val/loss"]
+    w = load_file(tmp_path / "outputs/checkpoints" / whole.info.run_id / "step_0000012/model.safetensors")
+    p = load_file(tmp_path / "outputs/checkpoints" / parts.info.run_id / "step_0000012/model.safetensors")
+    assert all((w[k] == p[k]).all() for k in w)
+
+
+def test_multirun_jobs_are_children_of_one_parent(lab_cli, tmp_path):
+    lab_cli("-m", *FAST, "train.lr=1e-3,3e-3")
+    runs = all_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("lab.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [1e-3, 3e-3]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_two_process_torchrun_records_one_run(lab_cli, tmp_path):
+    lab_cli(*FAST, "train.max_steps=6", "train.eval_every=3",
+            launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lab"))
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train/tokens_seen"] == 6 * 4 * 64 * 2  # both ranks' tokens
+    ckpt = tmp_path / "outputs/checkpoints" / run.info.run_id / "step_0000006"
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_ctrl_c_marks_the_run_failed_and_keeps_complete_checkpoints(tmp_path, shared_cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*FAST, "train.max_steps=100000", "train.warmup_steps=1", "train.save_every=3", f"paths.cache={shared_cache}"]
+    proc = subprocess.Popen([sys.executable, "-m", "lab", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    deadline = time.time() + 120
+    while not list((tmp_path / "outputs" / "checkpoints").glob("*/step_*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and "interrupted" in run.data.tags["lab.error"]
+    ckpts = tmp_path / "outputs" / "checkpoints" / run.info.run_id
+    assert not list(ckpts.glob(".*.tmp"))
+    assert all((p / "meta.json").exists() for p in ckpts.glob("step_*"))
