@@ -23,9 +23,9 @@ from lab.errors import ConfigError
 @dataclass
 class StageConfig:
     name: str = "pretrain"  # key into lab.stages.STAGES
-    bench_steps: int = 20  # bench: timed steps per loop (engine and bare)
-    bench_warmup: int = 3  # bench: untimed steps before timing each loop
-    bench_rounds: int = 2  # bench: alternate engine/bare this many times, keep the best of each
+    bench_steps: int = 10  # bench: timed steps per loop in each round
+    bench_warmup: int = 3  # bench: untimed steps of each loop before timing
+    bench_rounds: int = 6  # bench: rounds of engine and bare chunks, interleaved; medians are reported
 
 
 @dataclass

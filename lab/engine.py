@@ -121,7 +121,8 @@ class Trainer:
             batch = to_device(self.stream.next_batch(), self.acc.device)
             tokens += batch_tokens(batch)
             last = micro == accum - 1
-            with (nullcontext() if last else self.acc.no_sync(self.model)), self.acc.autocast():
+            # autocast wraps the prepared model's forward only: losses are computed in fp32
+            with nullcontext() if last else self.acc.no_sync(self.model):
                 loss, metrics = self.objective(self.model, batch)
             self.acc.backward(loss / accum)
             for k, v in {"loss": loss, **metrics}.items():
@@ -210,8 +211,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         batches = list(val_batches(self.data.val, hw.micro_batch, self.cfg.train.eval_batches, acc.process_index, acc.num_processes))
         for batch in batches:
-            with acc.autocast():
-                loss, metrics = self.objective(self.model, to_device(batch, acc.device))
+            loss, metrics = self.objective(self.model, to_device(batch, acc.device))
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / len(batches)
         values = {f"val/{k}": v for k, v in self._mean_over_ranks(sums).items()}

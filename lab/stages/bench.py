@@ -6,6 +6,7 @@ adds: accelerate, metric buffering, the NaN check, the progress bookkeeping.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -74,17 +75,18 @@ def bench(run: Run) -> float:
     bare_steps = _bare_loop(run, data, sc.bench_steps)
     for warm in (engine_steps, bare_steps):
         warm(sc.bench_warmup)
-    best = {"engine": float("inf"), "bare": float("inf")}
-    for r in range(sc.bench_rounds):  # alternate the order so drift in machine speed hits both
+    times: dict[str, list[float]] = {"engine": [], "bare": []}
+    for r in range(sc.bench_rounds):  # interleaved short chunks: drift in machine speed hits both loops alike
         order = [("engine", engine_steps), ("bare", bare_steps)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            best[name] = min(best[name], _timed(fn, sc.bench_steps, device))
+            times[name].append(_timed(fn, sc.bench_steps, device))
     tokens = sc.bench_steps * cfg.hardware.micro_batch * cfg.hardware.grad_accum * cfg.data.seq_len
-    tps = {k: tokens / v for k, v in best.items()}
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    ratio = statistics.median(b / e for e, b in zip(times["engine"], times["bare"]))  # per-round pairs
     metrics = {
         "bench/engine_tokens_per_sec": tps["engine"],
         "bench/bare_tokens_per_sec": tps["bare"],
-        "bench/engine_over_bare": tps["engine"] / tps["bare"],
+        "bench/engine_over_bare": ratio,
         "bench/peak_memory_mb": peak_memory_mb(device),
         "bench/n_params": model.num_parameters(),
     }
@@ -101,7 +103,7 @@ def _report(run: Run, m: dict[str, float]) -> None:
     cfg = run.cfg
     run.say(f"bench: model={cfg.model.name} ({m['bench/n_params'] / 1e6:.2f}M params), hardware={cfg.hardware.name} "
             f"({run.accelerator.mixed_precision}), batch {cfg.hardware.micro_batch}x{cfg.hardware.grad_accum} of "
-            f"{cfg.data.seq_len} tokens, best of {cfg.stage.bench_rounds} rounds of {cfg.stage.bench_steps} steps")
+            f"{cfg.data.seq_len} tokens; median of {cfg.stage.bench_rounds} interleaved rounds of {cfg.stage.bench_steps} steps")
     run.say(f"  engine      {m['bench/engine_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  bare loop   {m['bench/bare_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  engine/bare {m['bench/engine_over_bare']:>12.3f}")

@@ -1,0 +1,29 @@
+"""`lab stage=bench` prints engine and bare-loop throughput and logs them to MLflow."""
+from __future__ import annotations
+
+import re
+
+from labtest import FAST, all_runs
+
+
+def test_bench_reports_and_logs_throughput(lab_cli, tmp_path):
+    proc = lab_cli("stage=bench", *FAST, "stage.bench_steps=3", "stage.bench_warmup=1", "stage.bench_rounds=1")
+    (run,) = all_runs(tmp_path)
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["lab.stage"] == "bench"
+    assert m["bench/engine_tokens_per_sec"] > 0 and m["bench/bare_tokens_per_sec"] > 0
+    assert 0.2 < m["bench/engine_over_bare"] < 5  # the median of per-round ratios
+    assert m["bench/peak_memory_mb"] > 10
+    printed = float(re.search(r"engine/bare\s+([\d.]+)", proc.stdout)[1])
+    assert abs(printed - m["bench/engine_over_bare"]) < 1e-3
+    assert "MFU" in proc.stdout and "n/a" in proc.stdout  # the cpu profile has no known peak
+
+
+def test_bench_reports_mfu_when_the_peak_is_known(lab_cli, tmp_path):
+    lab_cli("stage=bench", *FAST, "stage.bench_steps=2", "stage.bench_warmup=1", "stage.bench_rounds=1",
+            "hardware.peak_tflops=1.0")
+    (run,) = all_runs(tmp_path)
+    m = run.data.metrics
+    flops = 6 * (m["bench/n_params"]) + 12 * 2 * 64 * 64  # micro: tied head counted once, 2 layers, dim 64
+    assert 0 < m["bench/mfu_engine"] < 1
+    assert abs(m["bench/mfu_engine"] - m["bench/engine_tokens_per_sec"] * flops / 1e12) / m["bench/mfu_engine"] < 1e-6

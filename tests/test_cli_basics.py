@@ -1,0 +1,31 @@
+"""The CLI surface: help, printing the config, other tokenizers, DeepNorm, and mixtures end to end."""
+from __future__ import annotations
+
+from labtest import FAST, all_runs, loss_history
+
+
+def test_help_lists_groups_and_options(lab_cli):
+    out = lab_cli("--help").stdout
+    assert "hardware: cpu, mps, rtx4070, rtx4090, rtx5070ti, t2000" in out
+    assert "stage: bench, pretrain" in out and "tokenizer: bpe, byte, unigram" in out
+    assert "deep_narrow_48" in out and "theos_small" in out
+
+
+def test_cfg_job_prints_the_composed_config(lab_cli):
+    out = lab_cli("--cfg", "job", "model=tiny", "train.lr=1e-4").stdout
+    assert "name: tiny" in out and "lr: 0.0001" in out and "hydra:" not in out
+
+
+def test_byte_tokenizer_with_deepnorm_trains(lab_cli, tmp_path):
+    lab_cli(*FAST, "tokenizer=byte", "model.deepnorm=true", "model.n_layers=6")
+    (run,) = all_runs(tmp_path)
+    losses = loss_history(tmp_path, run.info.run_id)
+    assert run.data.params["model.deepnorm"] == "True" and run.data.tags["lab.choice.tokenizer"] == "byte"
+    assert losses[12] < losses[1] - 0.5
+
+
+def test_weighted_mixture_trains_on_kjv_and_local_text(lab_cli, tmp_path, small_corpus):
+    lab_cli(*FAST, "data=kjv_text_mix", f"data.sources.1.path={small_corpus}")
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.sources.0.weight"] == "3.0" and run.data.params["data.sources.1.kind"] == "text"
