@@ -88,8 +88,8 @@ def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
     set_seed(cfg.train.seed)
     info = HydraInfo.current(cfg)
     tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
-    run = _open_run(cfg, dcfg, accelerator, tracker, info)
     try:
+        run = _open_run(cfg, dcfg, accelerator, tracker, info)
         result = stages[cfg.stage.name](run)
     except KeyboardInterrupt:
         tracker.finish("FAILED", "interrupted (KeyboardInterrupt)")

@@ -16,11 +16,13 @@ def test_cfg_job_prints_the_composed_config(lab_cli):
     assert "name: tiny" in out and "lr: 0.0001" in out and "hydra:" not in out
 
 
-def test_byte_tokenizer_with_deepnorm_trains(lab_cli, tmp_path):
-    lab_cli(*FAST, "tokenizer=byte", "model.deepnorm=true", "model.n_layers=6")
+def test_byte_tokenizer_deepnorm_accumulation_and_checkpointing_train(lab_cli, tmp_path):
+    lab_cli(*FAST, "tokenizer=byte", "model.deepnorm=true", "model.n_layers=6",
+            "hardware.grad_accum=2", "hardware.grad_checkpointing=true")
     (run,) = all_runs(tmp_path)
     losses = loss_history(tmp_path, run.info.run_id)
     assert run.data.params["model.deepnorm"] == "True" and run.data.tags["lab.choice.tokenizer"] == "byte"
+    assert run.data.metrics["train/tokens_seen"] == 12 * 2 * 4 * 64  # two micro-batches a step
     assert losses[12] < losses[1] - 0.5
 
 
