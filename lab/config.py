@@ -180,6 +180,40 @@ class PathsConfig:
 
 
 @dataclass
+class SweepConfig:
+    metric: str = "val/loss"  # what a sweep optimises: the job's return value, and "best" on the parent
+    mode: str = "min"  # min | max
+    force: bool = False  # re-run jobs whose exact config already FINISHED in this experiment
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"sweep.mode={self.mode!r} is unknown; use min or max")
+
+
+@dataclass
+class CompareConfig:
+    experiment: Optional[str] = None  # runs of this experiment; None: tracking.experiment
+    experiments: list[str] = field(default_factory=list)  # several experiments, mixed on purpose
+    parent: Optional[str] = None  # a sweep's parent run id: compare its children
+    filter: Optional[str] = None  # an MLflow filter string, e.g. "params.`model.name` = 'micro'"
+    runs: list[str] = field(default_factory=list)  # explicit run ids
+    metrics: list[str] = field(default_factory=lambda: ["val/loss"])  # columns; the first orders the table
+    mode: str = "min"  # min: lowest first; max: highest first
+    curve: str = "train/loss"  # metric drawn over steps, one line per run
+    param: Optional[str] = None  # x axis of the final-metric plot; None: the first param that differs
+    diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
+    max_runs: int = 500
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"compare.mode={self.mode!r} is unknown; use min or max")
+        if not self.metrics:
+            raise ConfigError("compare.metrics is empty; name at least one metric, e.g. compare.metrics=[val/loss]")
+        if self.diff and len(self.diff) != 2:
+            raise ConfigError(f"compare.diff lists {len(self.diff)} runs; give exactly two run ids")
+
+
+@dataclass
 class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,6 +224,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
@@ -200,8 +236,8 @@ class RunConfig:
 
 
 # Keys that do not change what a run computes; left out of the config hash that identifies a run.
-RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "train.resume", "train.stop_at_step", "train.save_every",
-                       "train.keep_checkpoints", "train.progress")
+RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "sweep.", "compare.", "train.resume", "train.stop_at_step",
+                       "train.save_every", "train.keep_checkpoints", "train.progress")
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -47,7 +47,7 @@ class HeldStderr:
             self._released = True
             text = self._held.getvalue()
             failed = exc_type is SystemExit and exc.code not in (0, None)
-            if failed and text.strip():
+            if failed and text.strip() and "Traceback" not in text:  # a real traceback is a bug: keep it whole
                 self._real.write(fold(text) + "\n")
                 raise SystemExit(2) from None
             self._real.write(text)
@@ -67,3 +67,6 @@ class HeldStderr:
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...
         return getattr(self._real, name)
+
+
+held_stderr = HeldStderr()

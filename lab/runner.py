@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,10 +17,11 @@ from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from lab import checkpoint as ckpt
+from lab import sweeps
 from lab.config import RunConfig, config_hash, flatten, to_run_config
 from lab.errors import CheckpointError, ConfigError
 from lab.hardware import check_device, resolve_precision
-from lab.tracking import Tracker, git_state, parent_run_id, ui_command
+from lab.tracking import Tracker, git_state, ui_command
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +81,7 @@ class Run:
 
 
 def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
-    """Run the stage `stage.name` under an MLflow run; return its metric (for sweepers)."""
+    """Run the stage `stage.name` under an MLflow run; return `sweep.metric` (for sweepers)."""
     cfg = to_run_config(dcfg)
     if cfg.stage.name not in stages:
         raise ConfigError(f"stage.name={cfg.stage.name!r} is unknown; choose one of {', '.join(sorted(stages))}")
@@ -88,19 +90,38 @@ def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
     set_seed(cfg.train.seed)
     info = HydraInfo.current(cfg)
     tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
+    if info.sweep_dir and accelerator.num_processes == 1 and not cfg.sweep.force:
+        twin = sweeps.finished_twin(tracker, config_hash(cfg))
+        if twin is not None:
+            return _skip(cfg, info, twin)
+    status, value = "failed", math.nan
     try:
         run = _open_run(cfg, dcfg, accelerator, tracker, info)
         result = stages[cfg.stage.name](run)
+        value = tracker.latest.get(cfg.sweep.metric, result)
+        tracker.finish("FINISHED")
+        status = "finished"
     except KeyboardInterrupt:
         tracker.finish("FAILED", "interrupted (KeyboardInterrupt)")
         raise
     except BaseException as e:
         tracker.finish("FAILED", f"{type(e).__name__}: {e}".splitlines()[0])
         raise
-    tracker.finish("FINISHED")
+    finally:
+        if info.sweep_dir and accelerator.is_main_process:
+            sweeps.write_job_record(info.output_dir, status, tracker.run_id, value)
     run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r})")
     run.say(f"Browse it:  {ui_command(tracker.uri)}")
-    return result
+    return value
+
+
+def _skip(cfg: RunConfig, info: HydraInfo, twin: Any) -> float:
+    """A sweep job whose exact config already FINISHED: report that run's metric, run nothing."""
+    value = twin.data.metrics.get(cfg.sweep.metric, math.nan)
+    sweeps.write_job_record(info.output_dir, "skipped", twin.info.run_id, value)
+    print(f"skipped: this config already FINISHED as run {twin.info.run_id} "
+          f"({cfg.sweep.metric}={value:.4g}); re-run it with sweep.force=true", flush=True)
+    return value
 
 
 def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker, info: HydraInfo) -> Run:
@@ -113,8 +134,9 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
             tracker.reopen(run_id)
         else:
             run_name = f"{cfg.stage.name}-{cfg.model.name}" + (f"-{info.job_num}" if info.job_num is not None else "")
-            parent = parent_run_id(info.sweep_dir) if info.sweep_dir else None
-            run_id = tracker.start(run_name, _tags(cfg, info, chash), parent_run_id=parent)
+            parent = sweeps.parent_run_id(info.sweep_dir) if info.sweep_dir else None
+            tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
+            run_id = tracker.start(run_name, tags, parent_run_id=parent)
             tracker.log_params(flatten(dataclasses.asdict(cfg)))
         tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
                           "lab.output_dir": str(info.output_dir)})

@@ -5,7 +5,6 @@ one `log_metric` call costs about 50 ms, a batch of 1000 about 150 ms.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import subprocess
@@ -15,17 +14,14 @@ from typing import Any, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing leaves the machine at run time
 
-from hydra.experimental.callback import Callback  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
 from lab.config import TrackingConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table-creation INFO lines are noise to a user
 
-PARENT_RUN_FILE = "mlflow_parent_run_id"
 _BATCH = 1000  # MLflow accepts at most 1000 metrics, 100 params, 100 tags per log_batch
 
 
@@ -68,6 +64,7 @@ class Tracker:
         self.enabled = enabled
         self.uri = store_uri(cfg, outputs)
         self.run_id: Optional[str] = None
+        self.latest: dict[str, float] = {}  # the last value logged for each metric
         self._buffer: list[Metric] = []
         self._finished = False
         if enabled:
@@ -105,6 +102,7 @@ class Tracker:
         if not self.enabled:
             return
         now = int(time.time() * 1000)
+        self.latest.update({k: float(v) for k, v in metrics.items()})
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         if len(self._buffer) >= _BATCH:
             self.flush()
@@ -150,33 +148,3 @@ def git_state(path: str | Path) -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"mlflow.source.git.commit": commit, "lab.git_dirty": str(dirty).lower()}
-
-
-def parent_run_id(sweep_dir: str | Path) -> Optional[str]:
-    """The sweep's parent run, written by `SweepCallback` into the sweep folder."""
-    f = Path(sweep_dir) / PARENT_RUN_FILE
-    return f.read_text().strip() if f.exists() else None
-
-
-class SweepCallback(Callback):
-    """Hydra callback: a multirun gets one parent MLflow run, and every job becomes its child.
-
-    The parent's id is written into the sweep folder, so jobs in other processes (joblib, SLURM)
-    find it too.
-    """
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from lab.config import to_run_config
-
-        run_cfg = to_run_config(config)
-        self.tracker = Tracker(run_cfg.tracking, run_cfg.paths.outputs)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        tags = {"lab.sweep": "true", "lab.sweep_dir": str(sweep_dir), "lab.stage": run_cfg.stage.name}
-        run_id = self.tracker.start(f"sweep-{sweep_dir.name}", tags)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_RUN_FILE).write_text(run_id)
-        self.tracker.set_tags({"lab.sweep_overrides": " ".join(config.hydra.overrides.task)})
-        atexit.register(self.tracker.finish, "FAILED", "sweep interrupted")  # Ctrl-C skips on_multirun_end
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.tracker.finish("FINISHED")

@@ -35,7 +35,7 @@ def compose_cfg():
 
     def _compose(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=False)
+            return compose("config", overrides=list(overrides), return_hydra_config=True)
 
     return _compose
 

@@ -1,6 +1,9 @@
 """Every YAML under conf/ composes and validates; cross-field checks name their keys."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from lab.config import config_hash, to_run_config
@@ -14,9 +17,11 @@ NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x
 
 
 def group_options():
-    for path in sorted(CONF_DIR.rglob("*.yaml")):
-        if path.parent != CONF_DIR:
-            yield path.parent.relative_to(CONF_DIR).as_posix(), path.stem
+    """(group, option) for every YAML below conf/, following the conf/sweeps link to sweeps/."""
+    for folder, _, files in sorted(os.walk(CONF_DIR, followlinks=True)):
+        for name in sorted(files):
+            if name.endswith(".yaml") and Path(folder) != CONF_DIR:
+                yield Path(folder).relative_to(CONF_DIR).as_posix(), name[: -len(".yaml")]
 
 
 @pytest.mark.parametrize("group,option", list(group_options()))
@@ -24,8 +29,18 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
     if group == "model":  # the default data.seq_len must fit every context
         overrides.append("data.seq_len=128")
-    cfg = to_run_config(compose_cfg(*overrides))
-    assert getattr(cfg, group).name == option
+    composed = compose_cfg(*overrides)
+    cfg = to_run_config(composed)
+    if group == "sweeps":  # a sweep sets Hydra's multirun mode and the metric it optimises
+        assert composed.hydra.mode.name == "MULTIRUN" and cfg.sweep.metric == "val/loss"
+    elif group == "hydra/launcher":
+        assert "submitit" in composed.hydra.launcher._target_
+    else:
+        assert getattr(cfg, group).name == option
+
+
+def test_sweeps_are_found_through_conf():
+    assert {o for g, o in group_options() if g == "sweeps"} >= {"lr_grid", "batch_lr", "scaling", "optuna_lr"}
 
 
 def test_conf_has_every_group_the_lab_promises():

@@ -1,0 +1,123 @@
+"""Sweeps: one parent MLflow run per multirun, children tagged with what they sweep, de-duplication.
+
+Jobs may run in other processes (joblib) or on other machines (SLURM), so the parent and its jobs
+talk through small files in the sweep folder, which every launcher shares:
+    mlflow_parent_run_id    written at the start, read by each job to nest under the parent
+    swept_keys.json         the keys the sweep varies, so each child tags its values
+    <job>/lab_job.json      each job's outcome (finished, failed, skipped), read at the end
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lab.tracking import Tracker
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+SWEPT_KEYS_FILE = "swept_keys.json"
+JOB_FILE = "lab_job.json"
+
+
+def parent_run_id(sweep_dir: Path) -> Optional[str]:
+    f = Path(sweep_dir) / PARENT_RUN_FILE
+    return f.read_text().strip() if f.exists() else None
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """Keys the sweep varies: sweeper params, and command-line overrides with several values."""
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    params = config.hydra.sweeper.get("params") or {}
+    return sorted(set(keys) | set(params))
+
+
+def swept_tags(sweep_dir: Optional[Path], overrides: list[str]) -> dict[str, str]:
+    """`lab.swept.<key>` tags: this job's value of every swept key."""
+    f = Path(sweep_dir or "") / SWEPT_KEYS_FILE
+    if sweep_dir is None or not f.exists():
+        return {}
+    keys = set(json.loads(f.read_text()))
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    return {f"lab.swept.{k.lstrip('+~')}": v for k, v in values.items() if k.lstrip("+~") in keys}
+
+
+def finished_twin(tracker: Tracker, chash: str) -> Any:
+    """A FINISHED run with this config hash in this experiment, or None."""
+    if not tracker.enabled:
+        return None
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`lab.config_hash` = '{chash}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def write_job_record(output_dir: Path, status: str, run_id: Optional[str], value: Any) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metric = float(value) if isinstance(value, (int, float)) else math.nan
+    (output_dir / JOB_FILE).write_text(json.dumps({"status": status, "run_id": run_id, "value": metric}))
+
+
+def read_job_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob(f"*/{JOB_FILE}"))]
+
+
+def summarize(records: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """Counts by outcome, and the best run among those that report a finite value."""
+    counts = {s: sum(r["status"] == s for r in records) for s in ("finished", "failed", "skipped")}
+    scored = [r for r in records if r["status"] != "failed" and math.isfinite(r["value"])]
+    best = (min if mode == "min" else max)(scored, key=lambda r: r["value"], default=None)
+    return {"counts": counts, "best": best}
+
+
+class SweepCallback(Callback):
+    """Hydra callback: a multirun gets one parent run that holds the sweep's definition and summary."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # only the nodes the parent needs: a job's own keys (e.g. a swept data.path) may be unset here
+        tracking, paths = OmegaConf.to_object(config.tracking), OmegaConf.to_object(config.paths)
+        self.sweep_cfg = OmegaConf.to_object(config.sweep)
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(tracking, paths.outputs)
+        name = config.hydra.runtime.choices.get("sweeps") or "cli"
+        keys = swept_keys(config)
+        run_id = self.tracker.start(f"sweep-{name}", {
+            "lab.sweep": "true", "lab.sweep.name": name, "lab.stage": str(config.stage.name),
+            "lab.sweep.dir": str(self.sweep_dir), "lab.sweep.metric": self.sweep_cfg.metric,
+            "lab.sweep.keys": ",".join(keys), "lab.overrides": " ".join(config.hydra.overrides.task),
+        })
+        (self.sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps(keys))
+        (self.sweep_dir / PARENT_RUN_FILE).write_text(run_id)
+        self._log_definition(config)
+        atexit.register(self.tracker.finish, "FAILED", "sweep interrupted")  # Ctrl-C skips on_multirun_end
+
+    def _log_definition(self, config: DictConfig) -> None:
+        definition = {
+            "sweeper": OmegaConf.to_container(config.hydra.sweeper, resolve=False),
+            "launcher": OmegaConf.to_container(config.hydra.launcher, resolve=False),
+            "overrides": list(config.hydra.overrides.task),
+        }
+        path = self.sweep_dir / "sweep_definition.yaml"
+        path.write_text(OmegaConf.to_yaml(definition))
+        self.tracker.log_artifact(path)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary = summarize(read_job_records(self.sweep_dir), self.sweep_cfg.mode)
+        counts, best = summary["counts"], summary["best"]
+        self.tracker.log_metrics({f"sweep/n_{k}": v for k, v in counts.items()}, step=0)
+        if best is not None:
+            self.tracker.log_metrics({"sweep/best_value": best["value"]}, step=0)
+            self.tracker.set_tags({"lab.sweep.best_run": best["run_id"]})
+        self.tracker.finish("FINISHED")
+        best_text = f"best {self.sweep_cfg.metric}={best['value']:.4g} in run {best['run_id']}" if best else "no scored job"
+        print(f"sweep: {counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} skipped; "
+              f"{best_text}; parent run {self.tracker.run_id}", flush=True)
