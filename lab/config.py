@@ -236,7 +236,7 @@ class RunConfig:
 
 
 # Keys that do not change what a run computes; left out of the config hash that identifies a run.
-RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "sweep.", "compare.", "train.resume", "train.stop_at_step",
+RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "sweep.", "train.resume", "train.stop_at_step",
                        "train.save_every", "train.keep_checkpoints", "train.progress")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -106,6 +107,7 @@ class Trainer:
             rank=acc.process_index, world_size=acc.num_processes, row_weights=data.row_weights,
         )
         self.state = TrainState()
+        self.steps_here = 0  # steps taken by this process (a resumed run starts above 0)
         self.bar: Optional[tqdm] = None
         if run.resume_from is not None:  # before the stage logs anything: a wrong tokenizer stops here
             self.restore(run.resume_from)
@@ -158,6 +160,9 @@ class Trainer:
         per_step = self.cfg.hardware.micro_batch * self.cfg.hardware.grad_accum * self.acc.num_processes
         metrics["train/tokens_per_sec"] = per_step * self.cfg.data.seq_len / (time.perf_counter() - t0)
         metrics["train/tokens_seen"] = self.state.tokens_seen
+        self.steps_here += 1
+        if self.steps_here == 1:  # the first step this process took
+            metrics |= self._startup_times()
         self.run.tracker.log_metrics(metrics, step)
         if step % self.cfg.tracking.flush_every == 0:
             self.run.tracker.flush()
@@ -165,6 +170,12 @@ class Trainer:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_sec']:,.0f}")
         return metrics
+
+    def _startup_times(self) -> dict[str, float]:
+        """Seconds from the job's start, and from the process's start, to the end of the first step."""
+        now = time.time()
+        return {"time/job_to_first_step_s": now - self.run.started_at,
+                "time/process_to_first_step_s": now - psutil.Process().create_time()}
 
     def _diverged(self, loss: float) -> None:
         last = ckpt.latest_checkpoint(self.run.ckpt_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -66,6 +67,7 @@ class Run:
     config_hash: str
     ckpt_dir: Path  # this run's checkpoints: <paths.checkpoints>/<MLflow run id>
     resume_from: Optional[Path] = None
+    started_at: float = field(default_factory=time.time)  # when this job began (wall clock)
 
     @property
     def is_main(self) -> bool:
@@ -94,9 +96,10 @@ def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
         twin = sweeps.finished_twin(tracker, config_hash(cfg))
         if twin is not None:
             return _skip(cfg, info, twin)
-    status, value = "failed", math.nan
+    status, value, started_at = "failed", math.nan, time.time()
     try:
         run = _open_run(cfg, dcfg, accelerator, tracker, info)
+        run.started_at = started_at
         result = stages[cfg.stage.name](run)
         value = tracker.latest.get(cfg.sweep.metric, result)
         tracker.finish("FINISHED")

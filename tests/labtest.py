@@ -1,6 +1,7 @@
 """Helpers shared by the tests (importable as `labtest`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -51,3 +52,68 @@ def all_runs(cwd: Path):
 def loss_history(cwd: Path, run_id: str, key: str = "train/loss") -> dict[int, float]:
     """step -> value; a resumed run may log a step twice, with the same value."""
     return {m.step: m.value for m in mlflow_client(cwd).get_metric_history(run_id, key)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path: Path, timeout: float = 60.0):
+    """Start `mlflow server` on 127.0.0.1 (sqlite store and artifacts under tmp_path); yield its URI.
+
+    The server runs in its own process group, so stopping it also stops its workers: SIGTERM to
+    the group, then SIGKILL if it is still there after 10 s.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts")]
+    log = open(tmp_path / "mlflow_server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner process
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited {proc.returncode}" if proc.poll() is not None else f"no answer in {timeout:.0f} s"
+                raise RuntimeError(f"mlflow server {why}; log:\n{(tmp_path / 'mlflow_server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    try:  # workers left behind by a leader that exited on its own
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,334 @@
+"""Compare recorded runs: select them in MLflow, tabulate what differs, diff two configs, plot.
+
+Nothing here trains. Everything goes through one `MlflowClient`, so the same code reads the
+embedded sqlite store and an `mlflow server`. The stage that drives it is `lab/stages/compare.py`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pandas as pd
+from mlflow.entities import Run as MlflowRun
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from lab.config import RESULT_NEUTRAL_KEYS, CompareConfig
+from lab.errors import LabError
+
+
+class CompareError(LabError):
+    """A comparison that cannot be made: no runs, an unknown metric or param, a mixed selection."""
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+def describe_selection(cfg: CompareConfig, default_experiment: str) -> str:
+    """The selection in the words of its config keys, for messages: `compare.parent=ab12 compare.filter=...`."""
+    if cfg.runs:
+        what = f"compare.runs=[{','.join(cfg.runs)}]"
+    elif cfg.parent:
+        what = f"compare.parent={cfg.parent}"
+    elif cfg.experiments:
+        what = f"compare.experiments=[{','.join(cfg.experiments)}]"
+    elif cfg.experiment or not cfg.filter:
+        what = f"compare.experiment={cfg.experiment or default_experiment}"
+    else:
+        return f"compare.filter={cfg.filter!r} in every experiment"
+    return what + (f" compare.filter={cfg.filter!r}" if cfg.filter else "")
+
+
+def select_runs(client: MlflowClient, cfg: CompareConfig, default_experiment: str,
+                exclude: Iterable[str] = ()) -> list[MlflowRun]:
+    """The runs to compare, by precedence: `runs`, `parent`, `experiments`, `experiment`.
+
+    Each is narrowed by `compare.filter`. A filter alone (no experiment named) searches every
+    experiment. Compare runs, sweep parents and the ids in `exclude` are left out.
+
+    Raises:
+        CompareError: nothing matches, a named run or experiment does not exist, or the runs span
+            several experiments without `compare.experiments` naming them.
+    """
+    names = _experiment_names(client)
+    if cfg.runs:
+        exp_ids = {_get_run(client, rid).info.experiment_id for rid in cfg.runs}
+        quoted = ", ".join(f"'{rid}'" for rid in cfg.runs)
+        runs = _search(client, sorted(exp_ids), _and(f"attributes.run_id IN ({quoted})", cfg.filter),
+                       cfg.max_runs, exclude)
+    elif cfg.parent:
+        _get_run(client, cfg.parent, key="compare.parent")
+        runs = _search(client, sorted(names), _and(f"tags.`mlflow.parentRunId` = '{cfg.parent}'", cfg.filter),
+                       cfg.max_runs, exclude)
+    elif cfg.experiments:
+        runs = _search(client, _experiment_ids(cfg.experiments, names), cfg.filter, cfg.max_runs, exclude)
+    elif cfg.experiment or not cfg.filter:
+        ids = [i for i, n in names.items() if n == (cfg.experiment or default_experiment)]
+        runs = _search(client, ids, cfg.filter, cfg.max_runs, exclude) if ids else []
+    else:
+        runs = _search(client, sorted(names), cfg.filter, cfg.max_runs, exclude)
+    if not runs:
+        raise CompareError(f"no runs match {describe_selection(cfg, default_experiment)}; experiments here: "
+                           f"{', '.join(sorted(names.values()))}; try lab stage=compare compare.experiment=<name>")
+    _check_one_experiment(runs, cfg, names)
+    return runs
+
+
+def _experiment_names(client: MlflowClient) -> dict[str, str]:
+    return {e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
+
+
+def _experiment_ids(wanted: list[str], names: dict[str, str]) -> list[str]:
+    unknown = [w for w in wanted if w not in names.values()]
+    if unknown:
+        raise CompareError(f"compare.experiments: no experiment {', '.join(unknown)}; "
+                           f"experiments here: {', '.join(sorted(names.values()))}")
+    return [i for i, n in names.items() if n in wanted]
+
+
+def _get_run(client: MlflowClient, run_id: str, key: str = "compare.runs") -> MlflowRun:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise CompareError(f"{key}: no run {run_id} in {client.tracking_uri}; give a full MLflow run id") from None
+
+
+def _and(condition: str, extra: Optional[str]) -> str:
+    return f"{condition} AND {extra}" if extra else condition
+
+
+def _search(client: MlflowClient, exp_ids: list[str], filter_string: Optional[str], max_runs: int,
+            exclude: Iterable[str]) -> list[MlflowRun]:
+    """Page through `search_runs`, newest first, keeping at most `max_runs` comparable runs."""
+    skip, kept, token = set(exclude), [], None
+    while len(kept) < max_runs:
+        try:
+            page = client.search_runs(exp_ids, filter_string or "", run_view_type=ViewType.ACTIVE_ONLY,
+                                      max_results=min(1000, max_runs), order_by=["attributes.start_time DESC"],
+                                      page_token=token)
+        except MlflowException as e:
+            raise CompareError(f"compare.filter={filter_string!r} is not a valid MLflow filter: "
+                               f"{str(e).splitlines()[0]}") from None
+        kept += [r for r in page if r.info.run_id not in skip and r.data.tags.get("lab.stage") != "compare"
+                 and r.data.tags.get("lab.sweep") != "true"]
+        token = page.token
+        if not token:
+            break
+    return kept[:max_runs]
+
+
+def _check_one_experiment(runs: list[MlflowRun], cfg: CompareConfig, names: dict[str, str]) -> None:
+    """Runs picked by id or filter may span experiments only where `compare.experiments` names them all."""
+    found = sorted({names.get(r.info.experiment_id, r.info.experiment_id) for r in runs})
+    if cfg.parent and not cfg.runs:
+        return  # a sweep is one explicit group, wherever its jobs were recorded
+    if cfg.experiments:
+        outside = [n for n in found if n not in cfg.experiments]
+        if outside:
+            named = ",".join(cfg.experiments)
+            raise CompareError(f"selected runs are in {', '.join(outside)}, outside compare.experiments=[{named}]; "
+                               f"use compare.experiments=[{','.join(found)}]")
+    elif len(found) > 1:
+        raise CompareError(f"selected runs span experiments {', '.join(found)}; to compare across them say so "
+                           f"with compare.experiments=[{','.join(found)}]")
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def check_metrics(runs: list[MlflowRun], metrics: list[str], key: str = "compare.metrics") -> None:
+    """Every metric asked for must be logged by at least one selected run."""
+    have = sorted({m for r in runs for m in r.data.metrics})
+    for metric in metrics:
+        if metric not in have:
+            raise CompareError(f"{key}: no selected run has the metric {metric!r}; "
+                               f"their metrics: {', '.join(have) or '(none)'}")
+
+
+def differing_params(runs: list[MlflowRun], ignore: tuple[str, ...] = RESULT_NEUTRAL_KEYS) -> list[str]:
+    """Params whose value (or presence) is not the same in every run, sorted by key.
+
+    Keys that do not change results (`tracking.`, `paths.`, ... as in the config hash) are left out
+    of the table; the config diff shows them.
+    """
+    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(ignore)})
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def build_table(runs: list[MlflowRun], metrics: list[str], mode: str,
+                names: Optional[dict[str, str]] = None) -> tuple[pd.DataFrame, list[MlflowRun]]:
+    """One row per run, best first by `metrics[0]`; runs without it go last.
+
+    Args:
+        runs: the selected runs.
+        metrics: metric columns (last value); the first orders the rows.
+        mode: "min" (lowest first) or "max".
+        names: experiment id -> name; given when the runs span experiments, adds an `experiment` column.
+
+    Returns:
+        The table, and the runs in the table's order.
+    """
+    params = differing_params(runs)
+    rows = []
+    for r in runs:
+        row = {"run": r.info.run_id[:8], "name": r.info.run_name, "status": r.info.status}
+        if names:
+            row["experiment"] = names.get(r.info.experiment_id, r.info.experiment_id)
+        row |= {p: r.data.params.get(p) for p in params}
+        row |= {m: r.data.metrics.get(m, math.nan) for m in metrics}
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = table.sort_values(metrics[0], ascending=mode == "min", na_position="last", kind="stable").index
+    return table.loc[order].reset_index(drop=True), [runs[i] for i in order]
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no `tabulate` needed)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.6g}"
+        return "" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(table: pd.DataFrame, runs: list[MlflowRun], out: Path) -> list[Path]:
+    """`table.csv` (with the full run ids) and `table.md` under `out`."""
+    csv, md = out / "table.csv", out / "table.md"
+    table.assign(run=[r.info.run_id for r in runs]).rename(columns={"run": "run_id"}).to_csv(csv, index=False)
+    md.write_text(to_markdown(table))
+    return [csv, md]
+
+
+def pick_param(runs: list[MlflowRun], param: Optional[str], differing: list[str]) -> Optional[str]:
+    """The x axis of the final-metric plot: `compare.param`, else the first swept key that differs
+    (tags `lab.swept.<key>`), else the first differing param; None where nothing differs."""
+    if param is None:
+        swept = sorted({t.removeprefix("lab.swept.") for r in runs for t in r.data.tags if t.startswith("lab.swept.")})
+        return next((p for p in swept if p in differing), differing[0] if differing else None)
+    if not any(param in r.data.params for r in runs):
+        raise CompareError(f"compare.param={param} is not a param of the selected runs; "
+                           f"params that differ: {', '.join(differing) or '(none)'}")
+    return param
+
+
+# --- config diff -------------------------------------------------------------------------------
+
+def pick_pair(runs: list[MlflowRun], ids: list[str]) -> Optional[tuple[MlflowRun, MlflowRun]]:
+    """The two runs to diff: `compare.diff` (full ids or unique prefixes), else the best two."""
+    if not ids:
+        return (runs[0], runs[1]) if len(runs) >= 2 else None
+    pair = []
+    for rid in ids:
+        hits = [r for r in runs if r.info.run_id.startswith(rid)]
+        if len(hits) != 1:
+            why = "is not among" if not hits else "matches several of"
+            raise CompareError(f"compare.diff: {rid} {why} the {len(runs)} selected runs "
+                               f"({', '.join(r.info.run_id[:8] for r in runs[:10])}{', ...' * (len(runs) > 10)}); "
+                               "widen the selection or fix the id")
+        pair.append(hits[0])
+    return pair[0], pair[1]
+
+
+def config_diff(a: MlflowRun, b: MlflowRun) -> list[str]:
+    """`key: a -> b` for every param whose value differs (`(unset)` where a run lacks it)."""
+    pa, pb = a.data.params, b.data.params
+    return [f"{k}: {pa.get(k, '(unset)')} -> {pb.get(k, '(unset)')}"
+            for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)]
+
+
+def write_diff(a: MlflowRun, b: MlflowRun, lines: list[str], path: Path) -> Path:
+    """`config_diff.md`: which two runs, then one bullet per differing key."""
+    head = ["# Config diff", "", f"- a: `{a.info.run_id}` ({a.info.run_name})",
+            f"- b: `{b.info.run_id}` ({b.info.run_name})", ""]
+    body = [f"- `{ln.split(': ', 1)[0]}`: {ln.split(': ', 1)[1]}" for ln in lines] or ["(no params differ)"]
+    path.write_text("\n".join(head + body) + "\n")
+    return path
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a metric or param key: `val/loss` -> `val_loss`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def run_labels(runs: list[MlflowRun], params: list[str]) -> dict[str, str]:
+    """run id -> `name  lr=0.001 warmup_steps=1` (the last part of each key, unless that is ambiguous)."""
+    short = [p.rsplit(".", 1)[-1] for p in params]
+    keys = short if len(set(short)) == len(short) else params
+    return {r.info.run_id: " ".join([r.info.run_name or r.info.run_id[:8]]
+                                    + [f"{k}={r.data.params.get(p)}" for k, p in zip(keys, params)])
+            for r in runs}
+
+
+def _pyplot():
+    import matplotlib  # lazily: `import lab` stays fast
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(client: MlflowClient, runs: list[MlflowRun], metric: str, labels: dict[str, str], path: Path) -> Path:
+    """`metric` over steps, one line per run (from the full metric history)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in runs:
+        history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: (m.step, m.timestamp))
+        if history:
+            ax.plot([m.step for m in history], [m.value for m in history], label=labels[r.info.run_id], linewidth=1.2)
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric} over steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_final_vs_param(runs: list[MlflowRun], metric: str, param: str, others: list[str], path: Path) -> Path:
+    """Final `metric` against `param`, one point per run; numeric axis (log if it spans > 10x) or categorical.
+
+    Runs that share the values of the `others` (the other differing params) form one series, so a
+    grid sweep reads as one line per setting of the remaining keys.
+    """
+    plt = _pyplot()
+    points = [r for r in runs if param in r.data.params and metric in r.data.metrics]
+    numeric = all(_is_float(r.data.params[param]) for r in points)
+    cats = sorted({r.data.params[param] for r in points})
+    x_of = (lambda v: float(v)) if numeric else cats.index
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in points:
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={r.data.params.get(k)}" for k in others if k != param)
+        series.setdefault(label, []).append((x_of(r.data.params[param]), r.data.metrics[metric]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, xy in sorted(series.items()):
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="-" if numeric else "none",
+                label=label or None)
+    xs = [x for xy in series.values() for x, _ in xy]
+    if numeric and xs and min(xs) > 0 and max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+    ax.set(xlabel=param, ylabel=f"final {metric}", title=f"final {metric} against {param} ({len(points)} runs)")
+    ax.grid(alpha=0.3)
+    if any(series):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True

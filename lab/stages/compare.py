@@ -1,0 +1,52 @@
+"""Compare: recorded runs side by side, with no training. The logic lives in `lab/compare.py`."""
+from __future__ import annotations
+
+from typing import Optional
+
+from lab import compare as cmp
+from lab.runner import Run
+
+
+def compare(run: Run) -> Optional[float]:
+    """Select runs, print and export the table, diff two configs, plot, log it all as artifacts.
+
+    Returns the best value of the first of `compare.metrics`.
+    """
+    if not run.is_main:  # analysis reads MLflow once; other ranks have nothing to do
+        return None
+    cfg, client = run.cfg.compare, run.tracker.client
+    runs = cmp.select_runs(client, cfg, run.cfg.tracking.experiment, exclude=[run.tracker.run_id])
+    cmp.check_metrics(runs, cfg.metrics)
+    names = {e.experiment_id: e.name for e in map(client.get_experiment, {r.info.experiment_id for r in runs})}
+    table, ordered = cmp.build_table(runs, cfg.metrics, cfg.mode, names if len(names) > 1 else None)
+    differing = cmp.differing_params(runs)
+    param = cmp.pick_param(runs, cfg.param, differing)
+    pair = cmp.pick_pair(ordered, cfg.diff)
+    out = run.info.output_dir / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+
+    run.say(f"compare: {len(runs)} runs of {cmp.describe_selection(cfg, run.cfg.tracking.experiment)}, "
+            f"best first by {cfg.metrics[0]} <compare.mode={cfg.mode}>")
+    run.say(table.to_string(index=False))
+    cmp.write_tables(table, ordered, out)
+    if pair:
+        lines = cmp.config_diff(*pair)
+        cmp.write_diff(*pair, lines, out / "config_diff.md")
+        run.say(f"config diff {pair[0].info.run_name} -> {pair[1].info.run_name}:")
+        run.say("\n".join(f"  {ln}" for ln in lines) or "  (no params differ)")
+
+    has_curve = any(cfg.curve in r.data.metrics for r in runs)
+    if has_curve:
+        labels = cmp.run_labels(ordered, differing)
+        cmp.plot_curves(client, ordered, cfg.curve, labels, out / f"curve_{cmp.safe_name(cfg.curve)}.png")
+    else:
+        run.say(f"no curve plot: no selected run has compare.curve={cfg.curve}")
+    if param:
+        cmp.plot_final_vs_param(ordered, cfg.metrics[0], param, differing,
+                                out / f"{cmp.safe_name(cfg.metrics[0])}_vs_{cmp.safe_name(param)}.png")
+
+    run.tracker.log_artifacts(out, "compare")
+    run.tracker.log_metrics({"compare/n_runs": len(runs)}, step=0)
+    run.tracker.set_tags({"lab.compare.best_run": ordered[0].info.run_id})
+    run.say(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} under {out}")
+    return float(ordered[0].data.metrics[cfg.metrics[0]])
