@@ -71,10 +71,15 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "kjv"  # kjv | text | jsonl
-    path: Optional[str] = None  # text: a file, glob or folder; jsonl: a file or glob
+    kind: str = "kjv"  # kjv | text | jsonl (pretraining); kjv_sft | chat (SFT)
+    path: Optional[str] = None  # text: a file, glob or folder; jsonl and chat: a file or glob
     text_field: str = "text"  # jsonl: the field holding the text
+    format: str = "auto"  # chat: alpaca | messages | sharegpt | auto (detected per record)
     weight: float = 1.0  # share of training sequences drawn from this source in a mixture
+
+
+SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat")
+TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
 
 
 @dataclass
@@ -85,6 +90,7 @@ class DataConfig:
     text_field: Optional[str] = None  # shortcut for sources[0].text_field when there is one source
     seq_len: int = 256  # tokens per packed training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
+    template: str = "chatml"  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
     split_seed: int = 1234  # seeds the document-level train/val split
 
     def __post_init__(self) -> None:
@@ -92,12 +98,14 @@ class DataConfig:
             raise ConfigError("data.sources is empty; name at least one source (kind: kjv, text or jsonl)")
         self._apply_shortcuts()
         for i, s in enumerate(self.sources):
-            if s.kind not in ("kjv", "text", "jsonl"):
-                raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use kjv, text or jsonl")
-            if s.kind != "kjv" and not s.path:
+            if s.kind not in SOURCE_KINDS:
+                raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
+            if s.kind not in ("kjv", "kjv_sft") and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{s.kind.replace('text', 'txt')}")
             if s.weight <= 0:
                 raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"data.template={self.template!r} is unknown; use one of {', '.join(TEMPLATES)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
 
@@ -113,7 +121,26 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    name: str = "none"  # none = full fine-tuning; the LoRA family arrives with the SFT stage
+    name: str = "none"
+    kind: str = "none"  # none (full fine-tuning) | lora | dora | relora | rank1
+    rank: int = 8  # r; rank1 always uses 1
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # among q k v o gate up down
+    merge_every: int = 0  # relora and rank1: steps between merging the adapter into the base and restarting it
+    optimizer_reset: float = 0.99  # relora: share of each adapter's optimizer state zeroed at a merge (by magnitude)
+    rewarmup_steps: int = 10  # relora: the learning rate re-warms over this many steps after each merge
+    merge: bool = False  # at the end, also export full weights with the adapter merged in
+
+    def __post_init__(self) -> None:
+        kinds = ("none", "lora", "dora", "relora", "rank1")
+        if self.kind not in kinds:
+            raise ConfigError(f"adapter.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
+        unknown = sorted(set(self.targets) - {"q", "k", "v", "o", "gate", "up", "down"})
+        if unknown:
+            raise ConfigError(f"adapter.targets has {unknown}; use names among q, k, v, o, gate, up, down")
+        if self.kind in ("relora", "rank1") and self.merge_every < 1:
+            raise ConfigError(f"adapter={self.name} merges periodically: set adapter.merge_every to a positive step count")
 
 
 @dataclass
