@@ -34,7 +34,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The complete checkpoint with the highest step, or None."""
+    """The complete checkpoint with the highest step, or None. (`export/` is not a step.)"""
     done = [p for p in run_dir.glob("step_*") if (p / "meta.json").exists()]
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
@@ -86,6 +86,28 @@ def write_checkpoint(
     tmp.rename(final)
     _prune(run_dir, keep)
     return final
+
+
+def write_export(
+    export: Path, state: dict[str, torch.Tensor], model: torch.nn.Module, tokenizer: Any, meta: dict[str, Any]
+) -> Path:
+    """Plain full weights (adapters merged in) that `init_from` loads into a model without adapters."""
+    tmp = export.with_name(f".{export.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tied = model.config.tie_embeddings
+    save_file({k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")},
+              str(tmp / WEIGHTS))
+    config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
+    (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(tmp / "tokenizer")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    for kept in ("adapter",):  # the adapter may already sit in the export folder
+        if (export / kept).exists():
+            (export / kept).rename(tmp / kept)
+    shutil.rmtree(export, ignore_errors=True)
+    tmp.rename(export)
+    return export
 
 
 def _prune(run_dir: Path, keep: int) -> None:

@@ -28,7 +28,7 @@ def job(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return execute(cfg, STAGES)
+        return execute(cfg, STAGES).value
     except LabError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if multirun:

@@ -80,6 +80,7 @@ class SourceConfig:
 
 SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat")
 TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
+CHAT_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 
 
 @dataclass
@@ -95,15 +96,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ConfigError("data.sources is empty; name at least one source (kind: kjv, text or jsonl)")
+            raise ConfigError(f"data.sources is empty; name at least one source (kind: {', '.join(SOURCE_KINDS)})")
         self._apply_shortcuts()
         for i, s in enumerate(self.sources):
             if s.kind not in SOURCE_KINDS:
                 raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
             if s.kind not in ("kjv", "kjv_sft") and not s.path:
-                raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{s.kind.replace('text', 'txt')}")
+                raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
             if s.weight <= 0:
                 raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
+        for i, s in enumerate(self.sources):
+            if s.format not in CHAT_FORMATS:
+                raise ConfigError(f"data.sources[{i}].format={s.format!r} is unknown; use one of {', '.join(CHAT_FORMATS)}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"data.template={self.template!r} is unknown; use one of {', '.join(TEMPLATES)}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -136,9 +140,6 @@ class AdapterConfig:
         kinds = ("none", "lora", "dora", "relora", "rank1")
         if self.kind not in kinds:
             raise ConfigError(f"adapter.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
-        unknown = sorted(set(self.targets) - {"q", "k", "v", "o", "gate", "up", "down"})
-        if unknown:
-            raise ConfigError(f"adapter.targets has {unknown}; use names among q, k, v, o, gate, up, down")
         if self.kind in ("relora", "rank1") and self.merge_every < 1:
             raise ConfigError(f"adapter={self.name} merges periodically: set adapter.merge_every to a positive step count")
 
@@ -241,6 +242,18 @@ class CompareConfig:
 
 
 @dataclass
+class PipelineStep:
+    name: str = "pretrain"  # a label: the step's output folder and MLflow run name
+    overrides: list[str] = field(default_factory=list)  # Hydra overrides of this step, e.g. [stage=sft, data=kjv_sft]
+
+
+@dataclass
+class PipelineConfig:
+    steps: list[PipelineStep] = field(default_factory=list)  # run in order; each starts from the one before
+    force: bool = False  # re-run steps whose exact config already FINISHED in this experiment
+
+
+@dataclass
 class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,8 +266,13 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    init_from: Optional[str] = None  # start from an earlier run: a checkpoint path, an MLflow run id, or runs:/<id>
 
     def __post_init__(self) -> None:
+        self.check_context()
+
+    def check_context(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
@@ -263,7 +281,7 @@ class RunConfig:
 
 
 # Keys that do not change what a run computes; left out of the config hash that identifies a run.
-RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "sweep.", "train.resume", "train.stop_at_step",
+RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "sweep.", "pipeline.force", "train.resume", "train.stop_at_step",
                        "train.save_every", "train.keep_checkpoints", "train.progress")
 
 
@@ -282,8 +300,8 @@ def register_schemas() -> None:
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Turn a composed config into typed objects, running every cross-field check."""
     try:  # resolved node by node, leaving out Hydra's own settings
-        data = {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True)
-                for k in cfg if k not in ("hydra", "sweeps")}
+        data = {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True) if OmegaConf.is_config(cfg[k])
+                else cfg[k] for k in cfg if k not in ("hydra", "sweeps")}
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is not set (???); pass it on the command line, e.g. {e.full_key}=...") from None
     try:

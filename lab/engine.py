@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lab import checkpoint as ckpt
 from lab.config import TrainConfig
-from lab.data import BatchStream, PackedData, val_batches
+from lab.data import PackedData
 from lab.errors import TrainingDiverged
 from lab.runner import Run
 
@@ -91,21 +91,23 @@ class Trainer:
         objective: Objective,
         data: PackedData,
         on_eval: Optional[Callable[[torch.nn.Module, int], None]] = None,
+        adapter: Any = None,
     ):
+        """`adapter` (from lab.adapters.apply_adapter) may merge itself into the base every few
+        steps (`after_step`) and reshape the schedule (`lr_factor`, ReLoRA's jagged re-warmups)."""
         cfg, acc = run.cfg, run.accelerator
         self.run, self.cfg, self.acc = run, cfg, acc
-        self.objective, self.data, self.on_eval = objective, data, on_eval
+        self.objective, self.data, self.on_eval, self.adapter = objective, data, on_eval, adapter
         self.raw_model = model.to(acc.device)
         self.raw_model.gradient_checkpointing = cfg.hardware.grad_checkpointing
         optimizer = build_optimizer(self.raw_model, cfg.train)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
+        jagged = adapter.lr_factor if adapter is not None else (lambda s: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train) * jagged(s))
         compiled = torch.compile(self.raw_model) if cfg.hardware.compile else self.raw_model
         # The scheduler is stepped by hand: accelerate would step it once per process.
         self.model, self.optimizer = acc.prepare(compiled, optimizer)
-        self.stream = BatchStream(
-            data.train, cfg.hardware.micro_batch, seed=cfg.train.seed,
-            rank=acc.process_index, world_size=acc.num_processes, row_weights=data.row_weights,
-        )
+        self.stream = data.stream(cfg.hardware.micro_batch, seed=cfg.train.seed,
+                                  rank=acc.process_index, world_size=acc.num_processes)
         self.state = TrainState()
         self.steps_here = 0  # steps taken by this process (a resumed run starts above 0)
         self.bar: Optional[tqdm] = None
@@ -155,6 +157,8 @@ class Trainer:
         metrics = self.train_step()
         self.state.step += 1
         step = self.state.step
+        if self.adapter is not None and self.adapter.after_step(step, getattr(self.optimizer, "optimizer", self.optimizer)):
+            metrics["train/adapter_merges"] = step // self.cfg.adapter.merge_every
         if not math.isfinite(metrics["train/loss"]):
             self._diverged(metrics["train/loss"])
         per_step = self.cfg.hardware.micro_batch * self.cfg.hardware.grad_accum * self.acc.num_processes
@@ -220,7 +224,7 @@ class Trainer:
         self.model.eval()
         hw, acc = self.cfg.hardware, self.acc
         sums: dict[str, torch.Tensor] = {}
-        batches = list(val_batches(self.data.val, hw.micro_batch, self.cfg.train.eval_batches, acc.process_index, acc.num_processes))
+        batches = list(self.data.val_batches(hw.micro_batch, self.cfg.train.eval_batches, acc.process_index, acc.num_processes))
         for batch in batches:
             loss, metrics = self.objective(self.model, to_device(batch, acc.device))
             for k, v in {"loss": loss, **metrics}.items():

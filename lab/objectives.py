@@ -11,3 +11,15 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
     logits = model(inputs)  # (B, T, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     return loss, {}
+
+
+def masked_lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy on the positions whose target is not -100 (SFT: the assistant's tokens).
+
+    batch: inputs (B, T), targets (B, T) with -100 where the loss must not count, and segment
+    ids (B, T) so packed examples do not attend to each other.
+    """
+    inputs, targets, segments = batch
+    logits = model(inputs, segment_ids=segments)  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return loss, {"target_tokens": (targets != -100).sum().float()}

@@ -18,10 +18,12 @@ from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from lab import checkpoint as ckpt
+from lab import lineage
 from lab import sweeps
 from lab.config import RunConfig, config_hash, flatten, to_run_config
 from lab.errors import CheckpointError, ConfigError
 from lab.hardware import check_device, resolve_precision
+from lab.lineage import Pretrained
 from lab.tracking import Tracker, git_state, ui_command
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class Run:
     config_hash: str
     ckpt_dir: Path  # this run's checkpoints: <paths.checkpoints>/<MLflow run id>
     resume_from: Optional[Path] = None
+    pretrained: Optional[Pretrained] = None  # what init_from named, if anything
     started_at: float = field(default_factory=time.time)  # when this job began (wall clock)
 
     @property
@@ -82,15 +85,29 @@ class Run:
             print(message, flush=True)
 
 
-def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
-    """Run the stage `stage.name` under an MLflow run; return `sweep.metric` (for sweepers)."""
+@dataclass
+class Outcome:
+    run_id: str  # the MLflow run that ran, or the earlier one that was reused
+    value: float  # `sweep.metric`, or the stage's return value
+    reused: bool = False
+
+
+def execute(dcfg: DictConfig, stages: dict, info: Optional[HydraInfo] = None, parent: Optional[str] = None) -> Outcome:
+    """Run the stage `stage.name` under an MLflow run.
+
+    Args:
+        dcfg: the composed config.
+        stages: stage name -> function.
+        info: the job's Hydra facts; taken from Hydra when None.
+        parent: nest the run under this MLflow run (a pipeline); a sweep's parent is found by itself.
+    """
     cfg = to_run_config(dcfg)
     if cfg.stage.name not in stages:
         raise ConfigError(f"stage.name={cfg.stage.name!r} is unknown; choose one of {', '.join(sorted(stages))}")
     check_device(cfg.hardware)
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu")
     set_seed(cfg.train.seed)
-    info = HydraInfo.current(cfg)
+    info = info or HydraInfo.current(cfg)
     tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
     if info.sweep_dir and accelerator.num_processes == 1 and not cfg.sweep.force:
         twin = sweeps.finished_twin(tracker, config_hash(cfg))
@@ -98,7 +115,7 @@ def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
             return _skip(cfg, info, twin)
     status, value, started_at = "failed", math.nan, time.time()
     try:
-        run = _open_run(cfg, dcfg, accelerator, tracker, info)
+        run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
         result = stages[cfg.stage.name](run)
         value = tracker.latest.get(cfg.sweep.metric, result)
@@ -115,39 +132,55 @@ def execute(dcfg: DictConfig, stages: dict) -> Optional[float]:
             sweeps.write_job_record(info.output_dir, status, tracker.run_id, value)
     run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r})")
     run.say(f"Browse it:  {ui_command(tracker.uri)}")
-    return value
+    return Outcome(run.tracker.run_id or "", value)
 
 
-def _skip(cfg: RunConfig, info: HydraInfo, twin: Any) -> float:
+def _skip(cfg: RunConfig, info: HydraInfo, twin: Any) -> Outcome:
     """A sweep job whose exact config already FINISHED: report that run's metric, run nothing."""
     value = twin.data.metrics.get(cfg.sweep.metric, math.nan)
     sweeps.write_job_record(info.output_dir, "skipped", twin.info.run_id, value)
     print(f"skipped: this config already FINISHED as run {twin.info.run_id} "
           f"({cfg.sweep.metric}={value:.4g}); re-run it with sweep.force=true", flush=True)
-    return value
+    return Outcome(twin.info.run_id, value, reused=True)
 
 
-def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker, info: HydraInfo) -> Run:
+def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker, info: HydraInfo,
+              parent: Optional[str]) -> Run:
     """Start (or, to resume, reopen) the MLflow run on rank 0 and tell every rank its id."""
     chash = config_hash(cfg)
-    run_id, resume_from = "", None
+    run_id, resume_from, pretrained = "", None, None
     if accelerator.is_main_process:
+        pretrained = _init_from(cfg, tracker)
         run_id, resume_from = _find_resume(cfg, tracker, chash)
         if run_id:
             tracker.reopen(run_id)
         else:
             run_name = f"{cfg.stage.name}-{cfg.model.name}" + (f"-{info.job_num}" if info.job_num is not None else "")
-            parent = sweeps.parent_run_id(info.sweep_dir) if info.sweep_dir else None
+            parent = parent or (sweeps.parent_run_id(info.sweep_dir) if info.sweep_dir else None)
             tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
+            if pretrained is not None:  # lineage: which run this one grew from
+                tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or ""}
             run_id = tracker.start(run_name, tags, parent_run_id=parent)
             tracker.log_params(flatten(dataclasses.asdict(cfg)))
         tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
                           "lab.output_dir": str(info.output_dir)})
         _log_config(tracker, dcfg, info.output_dir)
     if accelerator.num_processes > 1:
-        shared = broadcast_object_list([run_id, resume_from])
-        run_id, resume_from = shared
-    return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from)
+        run_id, resume_from, pretrained = broadcast_object_list([run_id, resume_from, pretrained])
+        if pretrained is not None:
+            cfg.model = pretrained.model
+    return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained)
+
+
+def _init_from(cfg: RunConfig, tracker: Tracker) -> Optional[Pretrained]:
+    """Resolve `init_from`; the checkpoint's model config replaces the model group's."""
+    if not cfg.init_from:
+        return None
+    pretrained = lineage.resolve(cfg.init_from, tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache))
+    cfg.model = pretrained.model
+    cfg.check_context()
+    log.info("model config taken from %s <init_from=%s>", pretrained.path, cfg.init_from)
+    return pretrained
 
 
 def _find_resume(cfg: RunConfig, tracker: Tracker, chash: str) -> tuple[str, Optional[Path]]:

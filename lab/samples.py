@@ -11,9 +11,11 @@ from lab.tracking import Tracker
 class SampleWriter:
     """Generates from fixed prompts with its own seeded generator, so training RNG is untouched."""
 
-    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, path: Path, tracker: Tracker, seed: int):
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, path: Path, tracker: Tracker, seed: int,
+                 stop_id: int | None = None):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
         self.path, self.tracker, self.seed = path, tracker, seed
+        self.stop_id = tokenizer.eos_id if stop_id is None else stop_id  # chatml stops at <|im_end|>
         self.last: list[str] = []
 
     def __call__(self, model: torch.nn.Module, step: int) -> None:
@@ -25,7 +27,7 @@ class SampleWriter:
         for prompt in self.prompts:
             ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
             idx = torch.tensor([ids], device=device)
-            out = model.generate(idx, self.max_new_tokens, generator=generator, eos_id=self.tokenizer.eos_id)
+            out = model.generate(idx, self.max_new_tokens, generator=generator, eos_id=self.stop_id)
             self.last.append(self.tokenizer.decode(out[0].tolist()))  # decode skips bos/eos
         model.train(was_training)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from labtest import CONF_DIR
 
 # Options whose YAML leaves a required value open (???), with a value to fill it for the test.
 NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x.jsonl"],
-         ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"]}
+         ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl"]}
 
 
 def group_options():
@@ -33,6 +33,8 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
     cfg = to_run_config(composed)
     if group == "sweeps":  # a sweep sets Hydra's multirun mode and the metric it optimises
         assert composed.hydra.mode.name == "MULTIRUN" and cfg.sweep.metric == "val/loss"
+    elif group == "experiment":  # an experiment chains stages in a pipeline
+        assert cfg.stage.name == "pipeline" and len(cfg.pipeline.steps) >= 2
     elif group == "hydra/launcher":
         assert "submitit" in composed.hydra.launcher._target_
     else:

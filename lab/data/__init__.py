@@ -1,8 +1,15 @@
 """Data: sources -> documents -> train/val split -> tokenizer -> packed rows (cached) -> batches.
 
 Entry point: `prepare_data(cfg.data, cfg.tokenizer, cache_dir)` returns `PackedData`; feed its
-`train` rows to a `BatchStream` and its `val` rows to `val_batches`.
+`train` rows to a `BatchStream` and its `val` rows to `val_batches` (or call its `stream` and
+`val_batches` methods).
+
+SFT: `prepare_sft_data(cfg.data, tokenizer, cache_dir)` reads chat / kjv_sft sources, renders them
+with `data.template` (`lab.data.templates`), packs examples with loss masks and segment ids, and
+returns `SFTPackedData`, whose batches are `(inputs, targets with -100, segment_ids)`.
 """
+from lab.data.chat import FORMATS, Conversation, Message, parse_record, read_chat_files
+from lab.data.kjv_sft import build_kjv_sft, read_kjv_verses
 from lab.data.packing import (
     PackedData,
     load_packed,
@@ -12,23 +19,62 @@ from lab.data.packing import (
     split_documents,
     tokenize_documents,
 )
+from lab.data.sft import (
+    IGNORE_INDEX,
+    SFTBatchStream,
+    SFTPackedData,
+    load_sft_packed,
+    pack_examples,
+    prepare_sft_data,
+)
 from lab.data.sources import corpus_hash, kjv_path, read_kjv, read_source, read_sources, resolve_paths
 from lab.data.stream import BatchStream, val_batches
+from lab.data.templates import (
+    TEMPLATES,
+    Template,
+    encode_conversation,
+    encode_conversations,
+    get_template,
+    prompt_text,
+    render,
+    stop_token_id,
+)
 
 __all__ = [
     "BatchStream",
+    "Conversation",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "Message",
     "PackedData",
+    "SFTBatchStream",
+    "SFTPackedData",
+    "TEMPLATES",
+    "Template",
+    "build_kjv_sft",
     "corpus_hash",
+    "encode_conversation",
+    "encode_conversations",
+    "get_template",
     "kjv_path",
     "load_packed",
+    "load_sft_packed",
     "mixture_row_weights",
+    "pack_examples",
     "pack_rows",
+    "parse_record",
     "prepare_data",
+    "prepare_sft_data",
+    "prompt_text",
+    "read_chat_files",
     "read_kjv",
+    "read_kjv_verses",
     "read_source",
     "read_sources",
+    "render",
     "resolve_paths",
     "split_documents",
+    "stop_token_id",
     "tokenize_documents",
     "val_batches",
 ]

@@ -13,13 +13,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 
 from lab.config import DataConfig, SourceConfig, TokenizerConfig
 from lab.data.cache import atomic_directory, content_key
 from lab.data.sources import corpus_hash, read_sources, source_keys
+from lab.data.stream import BatchStream
+from lab.data.stream import val_batches as _val_batches
 from lab.errors import DataError
 from lab.tokenizers import Tokenizer, check_tokenizer, load_or_train_tokenizer
 
@@ -38,6 +41,15 @@ class PackedData:
     row_weights: Optional[np.ndarray]  # (N,) sampling weight of each train row in a mixture; None for one source
     meta: dict = field(default_factory=dict)
     directory: Optional[Path] = None  # the cache folder the rows live in
+
+    def stream(self, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchStream:
+        """Endless, resumable training batches (inputs, targets) over `train`, mixture weights applied."""
+        return BatchStream(self.train, micro_batch, seed, rank, world_size, self.row_weights)
+
+    def val_batches(self, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
+                    world_size: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Fixed evaluation batches (inputs, targets) over `val` (see `lab.data.stream.val_batches`)."""
+        return _val_batches(self.val, micro_batch, max_batches, rank, world_size)
 
 
 def _scramble(x: np.ndarray) -> np.ndarray:

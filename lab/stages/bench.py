@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lab.data import BatchStream, prepare_data
+from lab.data import prepare_data
 from lab.engine import Trainer, build_optimizer, lr_factor
 from lab.hardware import autocast_dtype, peak_memory_mb
 from lab.models import build_model
@@ -30,7 +30,7 @@ def _bare_loop(run: Run, data, steps: int):
     optimizer = build_optimizer(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
     fwd = torch.compile(model) if cfg.hardware.compile else model
-    stream = BatchStream(data.train, cfg.hardware.micro_batch, seed=cfg.train.seed)
+    stream = data.stream(cfg.hardware.micro_batch, seed=cfg.train.seed)
     dtype = autocast_dtype(run.accelerator.mixed_precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     accum = cfg.hardware.grad_accum
