@@ -138,3 +138,16 @@ def test_ctrl_c_marks_the_run_failed_and_keeps_complete_checkpoints(tmp_path, sh
     ckpts = tmp_path / "outputs" / "checkpoints" / run.info.run_id
     assert not list(ckpts.glob(".*.tmp"))
     assert all((p / "meta.json").exists() for p in ckpts.glob("step_*"))
+
+
+def test_continued_pretraining_starts_from_the_earlier_weights(kjv_run, tmp_path_factory):
+    cwd, _, first = kjv_run
+    cache = tmp_path_factory.getbasetemp() / "cache_kjv"
+    run_lab(*FAST, f"init_from={first.info.run_id}", "model=nano", "tracking.experiment=continued",
+            "train.max_steps=3", f"paths.cache={cache}", cwd=cwd)
+    client = mlflow_client(cwd)
+    (run,) = client.search_runs([client.get_experiment_by_name("continued").experiment_id])
+    assert run.data.tags["lab.lineage.parent_run"] == first.info.run_id
+    assert run.data.params["model.name"] == "micro"  # the checkpoint's model, not model=nano
+    assert run.data.params["tokenizer.sha256"] == first.data.params["tokenizer.sha256"]
+    assert loss_history(cwd, run.info.run_id)[1] < loss_history(cwd, first.info.run_id)[1] - 0.5

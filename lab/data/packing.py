@@ -184,8 +184,11 @@ def load_packed(directory: Path, tokenizer: Tokenizer, weights: Optional[Sequenc
     return PackedData(train, val, tokenizer, mixture_row_weights(meta, weights), meta, directory)
 
 
-def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: Path) -> PackedData:
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: Path,
+                 tokenizer: Optional[Tokenizer] = None) -> PackedData:
     """Read every source, split by document, train (or load) the tokenizer on the train split, pack, cache.
+
+    A given `tokenizer` (continued pretraining from `init_from`) is used as it is, never retrained.
 
     Everything is keyed by content: the same documents and settings find the same cache folders
     (`cache_dir/tokenizers/<key>/`, `cache_dir/data/<key>/`), and any edit to a file makes new ones.
@@ -200,7 +203,7 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: Path
                               where=_label(s, source_keys(data_cfg, i)[0], i))
               for i, (d, s) in enumerate(zip(docs, data_cfg.sources))]
     train_texts = [docs[i][j] for i, (train, _) in enumerate(splits) for j in train]
-    tokenizer = load_or_train_tokenizer(tok_cfg, train_texts, corpus_hash(train_texts), cache_dir)
+    tokenizer = tokenizer or load_or_train_tokenizer(tok_cfg, train_texts, corpus_hash(train_texts), cache_dir)
     key = content_key({"version": FORMAT_VERSION, "corpora": hashes, "tokenizer": tokenizer.sha256,
                        "seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction,
                        "split_seed": data_cfg.split_seed})

@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lab.checkpoint import load_weights
 from lab.data import prepare_data
 from lab.engine import Trainer
+from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
 from lab.runner import Run
@@ -15,9 +17,13 @@ from lab.samples import SampleWriter
 def pretrain(run: Run) -> float:
     """Prepare data, build the model, fit, log the final weights. Returns the final val loss."""
     cfg = run.cfg
+    start = run.pretrained  # continued pretraining: the earlier run's weights and tokenizer
+    tokenizer = load_tokenizer_checked(start) if start else None
     with run.accelerator.main_process_first():  # rank 0 trains the tokenizer and packs; the others read the cache
-        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache))
+        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
     model = build_model(cfg.model, data.tokenizer.vocab_size)
+    if start:
+        load_weights(model, start.path)
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
     trainer = Trainer(run, model, lm_loss, data, on_eval=samples)
