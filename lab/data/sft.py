@@ -33,7 +33,7 @@ from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
 from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, split_documents
 from lab.data.sources import resolve_paths, source_keys
-from lab.data.stream import BatchStream
+from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
 from lab.errors import ConfigError, DataError
 from lab.tokenizers import Tokenizer, check_tokenizer
@@ -124,15 +124,8 @@ def sft_val_batches(tokens: np.ndarray, mask: np.ndarray, segments: np.ndarray, 
                     max_batches: Optional[int] = None, rank: int = 0,
                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fixed evaluation batches in row order, laid out exactly as `lab.data.stream.val_batches`."""
-    if len(tokens) == 0:
-        raise DataError("no validation rows; raise data.val_fraction")
-    step = micro_batch * world_size
-    n_steps = max(1, len(tokens) // step)
-    if max_batches:
-        n_steps = min(n_steps, max_batches)
-    for b in range(n_steps):
-        start = b * step + rank * micro_batch
-        yield sft_batch(tokens, mask, segments, np.arange(start, start + micro_batch) % len(tokens))
+    for idx in val_indices(len(tokens), micro_batch, max_batches, rank, world_size):
+        yield sft_batch(tokens, mask, segments, idx)
 
 
 @dataclass

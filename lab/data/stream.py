@@ -110,20 +110,27 @@ class BatchStream:
         self.consumed = int(state["consumed"])
 
 
-def val_batches(rows: np.ndarray, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
-                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed evaluation batches in row order; every rank yields the same number of batches.
+def val_indices(n_rows: int, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[np.ndarray]:
+    """Row indices of fixed evaluation batches in row order; every rank yields the same number.
 
     Step b covers rows [b*G, (b+1)*G) with G = micro_batch * world_size, and rank r takes its slice.
     A partial last step is dropped, except when there are fewer rows than G: then one step wraps
     around, so evaluation always has at least one batch. `max_batches` None or 0 means all.
     """
-    if len(rows) == 0:
+    if n_rows == 0:
         raise DataError("no validation rows; lower data.seq_len or raise data.val_fraction")
     step = micro_batch * world_size
-    n_steps = max(1, len(rows) // step)
+    n_steps = max(1, n_rows // step)
     if max_batches:
         n_steps = min(n_steps, max_batches)
     for b in range(n_steps):
         start = b * step + rank * micro_batch
-        yield _to_batch(rows, np.arange(start, start + micro_batch) % len(rows))
+        yield np.arange(start, start + micro_batch) % n_rows
+
+
+def val_batches(rows: np.ndarray, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed evaluation batches (inputs, targets), laid out by `val_indices`."""
+    for idx in val_indices(len(rows), micro_batch, max_batches, rank, world_size):
+        yield _to_batch(rows, idx)
