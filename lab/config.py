@@ -140,6 +140,12 @@ class AdapterConfig:
         kinds = ("none", "lora", "dora", "relora", "rank1")
         if self.kind not in kinds:
             raise ConfigError(f"adapter.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank={self.rank} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.optimizer_reset <= 1.0:
+            raise ConfigError(f"adapter.optimizer_reset={self.optimizer_reset} must be in [0, 1]")
         if self.kind in ("relora", "rank1") and self.merge_every < 1:
             raise ConfigError(f"adapter={self.name} merges periodically: set adapter.merge_every to a positive step count")
 
@@ -297,11 +303,16 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data, interpolations resolved, node by node, leaving out Hydra's own settings."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True) if OmegaConf.is_config(cfg[k])
+            else cfg[k] for k in cfg if k not in ("hydra", "sweeps")}
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Turn a composed config into typed objects, running every cross-field check."""
-    try:  # resolved node by node, leaving out Hydra's own settings
-        data = {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True) if OmegaConf.is_config(cfg[k])
-                else cfg[k] for k in cfg if k not in ("hydra", "sweeps")}
+    try:
+        data = resolved(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is not set (???); pass it on the command line, e.g. {e.full_key}=...") from None
     try:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import RunConfig, config_hash, flatten, to_run_config
+from lab.config import RunConfig, config_hash, flatten, resolved, to_run_config
 from lab.errors import CheckpointError, ConfigError
 from lab.hardware import check_device, resolve_precision
 from lab.lineage import Pretrained
@@ -221,7 +221,5 @@ def _log_config(tracker: Tracker, dcfg: DictConfig, output_dir: Path) -> None:
     """The resolved config, as it ran, beside the run's output and in MLflow."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "resolved_config.yaml"
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
-    resolved.pop("hydra", None)
-    path.write_text(OmegaConf.to_yaml(resolved))
+    path.write_text(OmegaConf.to_yaml(resolved(dcfg)))
     tracker.log_artifact(path)

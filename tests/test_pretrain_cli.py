@@ -70,8 +70,9 @@ def _artifact_files(cwd: Path, run_id: str) -> set[str]:
 def test_checkpoint_holds_weights_state_and_tokenizer_hash(kjv_run):
     cwd, _, run = kjv_run
     ckpt_dir = cwd / "outputs" / "checkpoints" / run.info.run_id
-    steps = sorted(p.name for p in ckpt_dir.iterdir())
-    assert steps == ["step_0000006", "step_0000012"]  # no .tmp leftovers
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["export", "step_0000006", "step_0000012"]  # no .tmp
+    export = load_file(ckpt_dir / "export" / "model.safetensors")
+    assert set(export) == set(load_file(ckpt_dir / "step_0000012" / "model.safetensors"))
     last = ckpt_dir / "step_0000012"
     meta = json.loads((last / "meta.json").read_text())
     tok = json.loads((last / "tokenizer" / "tokenizer.json").read_text())

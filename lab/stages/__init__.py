@@ -1,10 +1,14 @@
 """Stage name -> function. A literal dict, so `grep STAGES` finds every stage."""
 from lab.stages.bench import bench
 from lab.stages.compare import compare
+from lab.stages.pipeline import pipeline
 from lab.stages.pretrain import pretrain
+from lab.stages.sft import sft
 
 STAGES = {
     "pretrain": pretrain,
+    "sft": sft,
+    "pipeline": pipeline,
     "bench": bench,
     "compare": compare,
 }

@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lab.adapters import apply_adapter
 from lab.checkpoint import load_weights
 from lab.data import prepare_data
 from lab.engine import Trainer
+from lab.export import export_final
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
@@ -24,9 +26,10 @@ def pretrain(run: Run) -> float:
     model = build_model(cfg.model, data.tokenizer.vocab_size)
     if start:
         load_weights(model, start.path)
+    adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
-    trainer = Trainer(run, model, lm_loss, data, on_eval=samples)
+    trainer = Trainer(run, model, lm_loss, data, on_eval=samples, adapter=adapter)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "data.n_train_rows": len(data.train),
                             "data.n_val_rows": len(data.val), "tokenizer.sha256": data.tokenizer.sha256})
     run.say(f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
@@ -36,9 +39,7 @@ def pretrain(run: Run) -> float:
         run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
         return float("nan")
     if run.is_main:
-        run.tracker.log_artifacts(result.checkpoint / "tokenizer", "tokenizer")
-        for name in ("model.safetensors", "model_config.json"):
-            run.tracker.log_artifact(result.checkpoint / name, "model")
+        export_final(run, model, adapter, data.tokenizer, result.checkpoint)
         run.tracker.log_metrics({"final/val_loss": result.val_loss, "final/val_ppl": math.exp(min(result.val_loss, 50))}, result.step)
         run.tracker.flush()
     run.say(f"val loss {result.val_loss:.4f}   perplexity {math.exp(min(result.val_loss, 50)):.2f}   ({result.tokens_seen:,} tokens seen)")

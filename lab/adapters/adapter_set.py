@@ -1,0 +1,249 @@
+"""Wrapping a model's linear layers in adapters, and what the engine and stages do with them.
+
+`apply_adapter(model, cfg)` swaps every target `nn.Linear` for a `LoRALinear` holding it as
+`.base`, so the wrapped model's state-dict keys gain infixes:
+
+    layers.0.attn.q_proj.weight  ->  layers.0.attn.q_proj.base.weight
+                                     layers.0.attn.q_proj.lora_A.weight       (r, in)
+                                     layers.0.attn.q_proj.lora_B.weight       (out, r)
+                                     layers.0.attn.q_proj.lora_magnitude_vector  (out,)  DoRA
+
+Checkpoints of the wrapped model resume into the same wrapped model; `merged_state_dict()` gives
+the plain names back for export.
+
+Step conventions match the engine: `after_step(step)` takes the number of optimizer steps done
+(the engine's `state.step` after the increment), `lr_factor(step)` the 0-based index of the step
+about to be taken (what `LambdaLR` passes its lambda). So a merge after step 5 is followed by a
+step whose index is 5, the first of the re-warmup.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from lab import checkpoint as ckpt
+from lab.adapters import peft_format as pf
+from lab.adapters.lora import LoRALinear
+from lab.config import AdapterConfig
+from lab.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterSet:
+    """The adapters of one model. With kind none it holds none and every method is a no-op.
+
+    Attributes:
+        model: the (wrapped) model.
+        cfg: the adapter config it was built from.
+        modules: module path (e.g. "layers.0.attn.q_proj") -> its LoRALinear, in model order.
+    """
+
+    model: nn.Module
+    cfg: AdapterConfig
+    modules: dict[str, LoRALinear] = field(default_factory=dict)
+
+    # ---- parameters --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that train: the adapters' (all of the model's with kind none)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules.values() for n, p in m.named_parameters() if not n.startswith("base.")]
+
+    # ---- switching and merging ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Every adapter off (the forward is exactly the base model's); the previous state after.
+
+        DPO's reference model at no extra memory: `with adapters.disabled(): ref = model(x)`.
+        """
+        before = {path: m.disabled for path, m in self.modules.items()}
+        for m in self.modules.values():
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for path, m in self.modules.items():
+                m.disabled = before[path]
+
+    def merge_into_base(self) -> None:
+        """Fold every adapter into its base weight and start fresh adapters (output unchanged)."""
+        for m in self.modules.values():
+            m.merge()
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """ReLoRA and rank1: every `merge_every` steps, merge, restart and reset optimizer state.
+
+        Args:
+            step: optimizer steps done so far (1 after the first).
+            optimizer: the optimizer holding the adapter parameters (accelerate's wrapper is fine).
+
+        Returns:
+            True if it merged at this step.
+        """
+        every = self.cfg.merge_every
+        if self.cfg.kind not in ("relora", "rank1") or step <= 0 or step % every:
+            return False
+        self.merge_into_base()
+        state = getattr(optimizer, "optimizer", optimizer).state  # accelerate wraps the optimizer
+        for p in self.adapter_parameters():
+            if self.cfg.kind == "rank1":
+                state.pop(p, None)  # a fresh adapter gets fresh Adam moments, bias correction included
+            elif p in state:
+                reset_moments_(state[p], self.cfg.optimizer_reset)
+        return True
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at step index `step`: ReLoRA's jagged re-warmup, else 1.
+
+        After each merge the rate ramps linearly from 1/rewarmup_steps back to 1, so the fresh
+        adapter's first updates (with pruned optimizer state) stay small. A pure function of
+        step, so a resumed run replays it.
+        """
+        cfg = self.cfg
+        if cfg.kind != "relora" or step < cfg.merge_every or cfg.rewarmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step % cfg.merge_every + 1) / cfg.rewarmup_steps)
+
+    # ---- export ------------------------------------------------------------------------------
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`, ...)."""
+        out = {}
+        for path, m in self.modules.items():
+            out[f"{pf.PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
+            out[f"{pf.PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
+            if m.use_dora:
+                out[f"{pf.PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def save(self, directory: Path, base_model_name: str = "") -> Path:
+        """Write the adapter alone, in PEFT's layout (adapter_config.json, adapter_model.safetensors).
+
+        For relora and rank1 the file holds only the current cycle's adapter: the earlier cycles
+        live in the base weights, so such runs should be exported with `merged_state_dict()`.
+        """
+        if not self.modules:
+            raise ConfigError("adapter.kind=none has no adapter to save; set adapter=lora (or dora) to train one")
+        if self.cfg.kind in ("relora", "rank1"):
+            log.warning("the saved adapter holds only the last cycle <adapter.kind=%s>; export full weights with adapter.merge=true", self.cfg.kind)
+        rank = next(iter(self.modules.values())).rank
+        config = pf.peft_config(pf.module_names(self.cfg.targets), rank, self.cfg.alpha, self.cfg.dropout,
+                                self.cfg.kind == "dora", base_model_name)
+        return pf.write_adapter(directory, config, self.peft_state_dict())
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights with every adapter merged, under the plain model's names; the model is untouched.
+
+        Same keys as `lab.checkpoint.weights_of` on a model without adapters (a tied head stored
+        once), so it loads into a fresh `build_model(...)` and can go straight to `save_file`.
+        """
+        weights = ckpt.weights_of(self.model)
+        for path, m in self.modules.items():
+            for key in [k for k in weights if k.startswith(path + ".")]:
+                del weights[key]
+            weights[f"{path}.weight"] = m.merged_weight().detach().contiguous()
+            if m.base.bias is not None:
+                weights[f"{path}.bias"] = m.base.bias.detach().contiguous()
+        return weights
+
+
+def reset_moments_(state: dict, share: float) -> None:
+    """ReLoRA's optimizer reset of one parameter: prune `share` of each Adam moment by magnitude.
+
+    Then also zero the first moment wherever the second is zero. ReLoRA prunes the two
+    independently, which can leave m != 0 over v == 0; right after a merge lora_A's gradient is
+    exactly 0 (B is 0), so v stays 0 there and Adam steps by m / eps, about 1e8 times too far.
+    """
+    if "exp_avg_sq" not in state:
+        return
+    prune_smallest_(state["exp_avg_sq"], share)
+    if "exp_avg" in state:
+        prune_smallest_(state["exp_avg"], share)
+        state["exp_avg"].masked_fill_(state["exp_avg_sq"] == 0, 0.0)
+
+
+def prune_smallest_(t: torch.Tensor, share: float) -> None:
+    """Zero, in place, the `share` of entries of t with the smallest magnitude (ReLoRA's reset).
+
+    Exactly round(share * numel) entries are zeroed (ties broken by position), so the share is
+    what the config asks, not what a quantile threshold happens to catch.
+    """
+    k = round(share * t.numel())
+    if k <= 0:
+        return
+    flat = t.view(-1)
+    smallest = flat.abs().argsort(stable=True)[:k]
+    flat[smallest] = 0
+
+
+def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
+    """Freeze the model and wrap its target linear layers in adapters.
+
+    Args:
+        model: a decoder (or any module whose linear layers are named like `q_proj`).
+        cfg: the adapter config; kind none changes nothing and every parameter stays trainable.
+
+    Returns:
+        The AdapterSet; the model is modified in place.
+
+    Raises:
+        ConfigError: if adapter.targets name no linear layer of this model.
+    """
+    if cfg.kind == "none":
+        return AdapterSet(model, cfg)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ConfigError(f"the model already has adapters; apply adapter={cfg.name} to a model built without one")
+    names = dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear))
+    wanted = {t: pf.TARGET_MODULES.get(t, t) for t in cfg.targets}  # q -> q_proj; full names pass as they are
+    unmatched = [t for t, module in wanted.items() if module not in names]
+    if unmatched:
+        raise ConfigError(f"adapter.targets {unmatched} match no module; modules here: {', '.join(names)}; "
+                          f"pick adapter.targets among q, k, v, o, gate, up, down")
+    found = [(path, m) for path, m in model.named_modules()
+             if isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in wanted.values()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rank = 1 if cfg.kind == "rank1" else cfg.rank
+    modules = {}
+    for path, linear in found:
+        parent_path, _, name = path.rpartition(".")
+        wrapper = LoRALinear(linear, rank, cfg.alpha, cfg.dropout, dora=cfg.kind == "dora")
+        setattr(model.get_submodule(parent_path), name, wrapper)
+        modules[path] = wrapper
+    return AdapterSet(model, cfg, modules)
+
+
+def load_adapter(model: nn.Module, directory: Path) -> AdapterSet:
+    """Apply the adapter saved in `directory` (PEFT layout) to `model`, weights included.
+
+    The model must be built like the one the adapter was trained on and carry no adapter yet.
+
+    Raises:
+        CheckpointError: if the files are missing, or their tensors do not fit this model.
+    """
+    config, tensors = pf.read_adapter(directory)
+    adapters = apply_adapter(model, pf.adapter_config_from_peft(config, directory))
+    expected = adapters.peft_state_dict()
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    wrong = [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{directory} does not fit this model: missing {sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]}, shape differs {sorted(wrong)[:2]}; load it into the model it was trained on")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            path, suffix = pf.split_key(key)
+            module = adapters.modules[path]
+            target = module.lora_magnitude_vector if suffix == "lora_magnitude_vector" else module.get_parameter(suffix)
+            target.copy_(value)
+    return adapters

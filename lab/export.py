@@ -1,0 +1,29 @@
+"""The end of a training stage: weights a next stage can `init_from`, and what goes to MLflow."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lab import checkpoint as ckpt
+from lab.runner import Run
+
+
+def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Path) -> Path:
+    """Write `<run's checkpoints>/export/` and log it.
+
+    The export holds plain full weights (any adapter merged in), the model config and the tokenizer,
+    so `init_from=<this run>` loads it into a model without adapters. MLflow gets the tokenizer, the
+    adapter alone in PEFT's layout (if there is one), and the full weights when there is no adapter
+    or `adapter.merge=true`.
+    """
+    export = run.ckpt_dir / "export"
+    ckpt.write_export(export, adapter.merged_state_dict(), model, tokenizer, ckpt.read_meta(last))
+    run.tracker.log_artifacts(export / "tokenizer", "tokenizer")
+    if run.cfg.adapter.kind != "none":
+        adapter.save(export / "adapter")
+        run.tracker.log_artifacts(export / "adapter", "adapter")
+    if run.cfg.adapter.kind == "none" or run.cfg.adapter.merge:
+        for name in ("model.safetensors", "model_config.json"):
+            run.tracker.log_artifact(export / name, "model")
+    return export

@@ -1,0 +1,56 @@
+"""Supervised fine-tuning: chat data rendered with a template, loss on the assistant's tokens only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab import checkpoint as ckpt
+from lab.adapters import apply_adapter
+from lab.data import prepare_sft_data
+from lab.data.templates import prompt_text, stop_token_id
+from lab.engine import Trainer
+from lab.export import export_final
+from lab.errors import ConfigError
+from lab.lineage import load_tokenizer_checked
+from lab.models import build_model
+from lab.objectives import masked_lm_loss
+from lab.runner import Run
+from lab.samples import SampleWriter
+
+# Fixed prompts, rendered with the run's template at every evaluation.
+SAMPLE_PROMPTS = [
+    "Quote Genesis 1:3.",
+    "Continue: In the beginning God created the heaven and the earth.",
+    "Which book is this verse from? Jesus wept.",
+]
+
+
+def sft(run: Run) -> float:
+    """Start from `init_from`, optionally wrap the model in an adapter, and fit on chat data."""
+    cfg = run.cfg
+    if run.pretrained is None:
+        raise ConfigError("stage=sft starts from a trained model: set init_from=<run id | runs:/<id> | checkpoint path>")
+    tokenizer = load_tokenizer_checked(run.pretrained)
+    with run.accelerator.main_process_first():
+        data = prepare_sft_data(cfg.data, tokenizer, Path(cfg.paths.cache))
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    ckpt.load_weights(model, run.pretrained.path)
+    adapter = apply_adapter(model, cfg.adapter)
+    prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
+    samples = SampleWriter(tokenizer, prompts, cfg.train.sample_tokens, run.info.output_dir / "samples.txt",
+                           run.tracker, seed=cfg.train.seed, stop_id=stop_token_id(cfg.data.template, tokenizer))
+    trainer = Trainer(run, model, masked_lm_loss, data, on_eval=samples, adapter=adapter)
+    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
+                            "data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val)})
+    run.say(f"sft from {run.pretrained.path}: adapter={cfg.adapter.name}, "
+            f"{adapter.num_trainable():,} of {model.num_parameters():,} parameters train; "
+            f"data={cfg.data.name} ({cfg.data.template}): {len(data.train):,} train / {len(data.val):,} val rows")
+    result = trainer.fit()
+    if result.stopped_early:
+        run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
+        return float("nan")
+    if run.is_main:
+        export_final(run, model, adapter, tokenizer, result.checkpoint)
+    run.say(f"val loss {result.val_loss:.4f} on assistant tokens")
+    for text in samples.last:
+        run.say("sample: " + text.replace("\n", " | "))
+    return result.val_loss
