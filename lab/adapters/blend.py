@@ -114,3 +114,31 @@ def _svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     a[:n] = root[:, None] * vh[:n]
     b[:, :n] = u[:, :n] * root
     return a.float(), b.float()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m lab.adapters.blend OUT DIR:WEIGHT DIR:WEIGHT ... [--method svd --rank 8]`."""
+    import argparse
+
+    from lab.errors import LabError
+
+    parser = argparse.ArgumentParser(description="Blend saved LoRA adapters (PEFT layout) into one.")
+    parser.add_argument("out", type=Path, help="folder for the blended adapter")
+    parser.add_argument("adapters", nargs="+", help="DIR:WEIGHT, e.g. outputs/checkpoints/<run>/export/adapter:0.5")
+    parser.add_argument("--method", choices=["linear", "svd"], default="linear")
+    parser.add_argument("--rank", type=int, default=None, help="svd: rank of the result (default: the largest input rank)")
+    args = parser.parse_args(argv)
+    try:
+        pairs = [a.rsplit(":", 1) for a in args.adapters]
+        dirs, weights = [Path(d) for d, _ in pairs], [float(w) for _, w in pairs]
+    except ValueError:
+        parser.error("give each adapter as DIR:WEIGHT, e.g. runs/a/adapter:0.5")
+    try:
+        out = blend_adapters(dirs, weights, args.out, method=args.method, rank=args.rank)
+    except LabError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"blended {len(dirs)} adapters ({args.method}) into {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -308,3 +308,17 @@ def test_blend_rejects_inputs_that_do_not_fit(tmp_path):
     dora.save(tmp_path / "dora")
     with pytest.raises(ConfigError, match="DoRA"):
         blend_adapters([d1, tmp_path / "dora"], [1.0, 1.0], tmp_path / "x")
+
+
+def test_blend_command_line(tmp_path, capsys):
+    from lab.adapters.blend import main
+
+    d1, delta1 = random_adapter(tmp_path, "a", seed=1, rank=2, alpha=8.0)
+    d2, delta2 = random_adapter(tmp_path, "b", seed=2, rank=3, alpha=6.0)
+    main([str(tmp_path / "cli"), f"{d1}:0.25", f"{d2}:0.75", "--method", "svd", "--rank", "5"])
+    assert "blended 2 adapters (svd)" in capsys.readouterr().out
+    _, deltas = blended_deltas(tmp_path / "cli")
+    for p in deltas:
+        torch.testing.assert_close(deltas[p], 0.25 * delta1[p] + 0.75 * delta2[p], atol=1e-5, rtol=1e-4)
+    with pytest.raises(SystemExit, match=r"^error: .*missing/adapter_config.json is missing"):
+        main([str(tmp_path / "bad"), f"{d1}:1", f"{tmp_path / 'missing'}:1"])
