@@ -6,7 +6,18 @@ from pathlib import Path
 import torch
 
 from lab import checkpoint as ckpt
+from lab.engine import FitResult, Trainer
 from lab.runner import Run
+
+
+def fit_and_export(run: Run, trainer: Trainer, model: torch.nn.Module, adapter, tokenizer) -> FitResult:
+    """Fit; then export the final weights, unless `train.stop_at_step` paused the run early."""
+    result = trainer.fit()
+    if result.stopped_early:
+        run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
+    elif run.is_main:
+        export_final(run, model, adapter, tokenizer, result.checkpoint)
+    return result
 
 
 def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Path) -> Path:

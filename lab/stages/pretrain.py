@@ -8,7 +8,7 @@ from lab.adapters import apply_adapter
 from lab.checkpoint import load_weights
 from lab.data import prepare_data
 from lab.engine import Trainer
-from lab.export import export_final
+from lab.export import fit_and_export
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
@@ -30,18 +30,16 @@ def pretrain(run: Run) -> float:
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
     trainer = Trainer(run, model, lm_loss, data, on_eval=samples, adapter=adapter)
-    run.tracker.log_params({"model.n_params": model.num_parameters(), "data.n_train_rows": len(data.train),
+    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
+                            "data.n_train_rows": len(data.train),
                             "data.n_val_rows": len(data.val), "tokenizer.sha256": data.tokenizer.sha256})
     run.say(f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
             f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val sequences of {cfg.data.seq_len} tokens")
-    result = trainer.fit()
+    result = fit_and_export(run, trainer, model, adapter, data.tokenizer)
     if result.stopped_early:
-        run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
         return float("nan")
-    if run.is_main:
-        export_final(run, model, adapter, data.tokenizer, result.checkpoint)
-        run.tracker.log_metrics({"final/val_loss": result.val_loss, "final/val_ppl": math.exp(min(result.val_loss, 50))}, result.step)
-        run.tracker.flush()
+    run.tracker.log_metrics({"final/val_loss": result.val_loss, "final/val_ppl": math.exp(min(result.val_loss, 50))}, result.step)
+    run.tracker.flush()
     run.say(f"val loss {result.val_loss:.4f}   perplexity {math.exp(min(result.val_loss, 50)):.2f}   ({result.tokens_seen:,} tokens seen)")
     run.say("sample: " + (samples.last[0] if samples.last else ""))
     return result.val_loss

@@ -8,7 +8,7 @@ from lab.adapters import apply_adapter
 from lab.data import prepare_sft_data
 from lab.data.templates import prompt_text, stop_token_id
 from lab.engine import Trainer
-from lab.export import export_final
+from lab.export import fit_and_export
 from lab.errors import ConfigError
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
@@ -44,12 +44,9 @@ def sft(run: Run) -> float:
     run.say(f"sft from {run.pretrained.path}: adapter={cfg.adapter.name}, "
             f"{adapter.num_trainable():,} of {model.num_parameters():,} parameters train; "
             f"data={cfg.data.name} ({cfg.data.template}): {len(data.train):,} train / {len(data.val):,} val rows")
-    result = trainer.fit()
+    result = fit_and_export(run, trainer, model, adapter, tokenizer)
     if result.stopped_early:
-        run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
         return float("nan")
-    if run.is_main:
-        export_final(run, model, adapter, tokenizer, result.checkpoint)
     run.say(f"val loss {result.val_loss:.4f} on assistant tokens")
     for text in samples.last:
         run.say("sample: " + text.replace("\n", " | "))
