@@ -78,7 +78,7 @@ class SourceConfig:
     weight: float = 1.0  # share of training sequences drawn from this source in a mixture
 
 
-SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat")
+SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference")
 TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
 CHAT_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 
@@ -101,7 +101,7 @@ class DataConfig:
         for i, s in enumerate(self.sources):
             if s.kind not in SOURCE_KINDS:
                 raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
-            if s.kind not in ("kjv", "kjv_sft") and not s.path:
+            if s.kind not in ("kjv", "kjv_sft", "kjv_pref") and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
             if s.weight <= 0:
                 raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
@@ -248,6 +248,28 @@ class CompareConfig:
 
 
 @dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
+    beta: float = 0.1  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
+    label_smoothing: float = 0.0  # sigmoid only: conservative DPO, the assumed share of flipped labels
+    simpo_gamma: float = 0.5  # simpo only: the target margin, as gamma / beta
+    reference: str = "cached"  # full fine-tuning: cached (log-probs computed once) | copy (a frozen model copy)
+
+    def __post_init__(self) -> None:
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"dpo.loss={self.loss!r} is unknown; use one of {', '.join(DPO_LOSSES)}")
+        if self.reference not in ("cached", "copy"):
+            raise ConfigError(f"dpo.reference={self.reference!r} is unknown; use cached or copy")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be positive")
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+@dataclass
 class PipelineStep:
     name: str = "pretrain"  # a label: the step's output folder and MLflow run name
     overrides: list[str] = field(default_factory=list)  # Hydra overrides of this step, e.g. [stage=sft, data=kjv_sft]
@@ -273,6 +295,7 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     init_from: Optional[str] = None  # start from an earlier run: a checkpoint path, an MLflow run id, or runs:/<id>
 
     def __post_init__(self) -> None:

@@ -13,7 +13,8 @@ from labtest import CONF_DIR
 
 # Options whose YAML leaves a required value open (???), with a value to fill it for the test.
 NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x.jsonl"],
-         ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl"]}
+         ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl"],
+         ("data", "preference"): ["data.path=x.jsonl"]}
 
 
 def group_options():

@@ -7,9 +7,13 @@ Entry point: `prepare_data(cfg.data, cfg.tokenizer, cache_dir)` returns `PackedD
 SFT: `prepare_sft_data(cfg.data, tokenizer, cache_dir)` reads chat / kjv_sft sources, renders them
 with `data.template` (`lab.data.templates`), packs examples with loss masks and segment ids, and
 returns `SFTPackedData`, whose batches are `(inputs, targets with -100, segment_ids)`.
+
+DPO: `prepare_preference_data(cfg.data, tokenizer, cache_dir)` reads preference / kjv_pref sources
+and returns `PreferenceData`, whose batches are dicts of chosen/rejected inputs and masked targets.
 """
 from lab.data.chat import FORMATS, Conversation, Message, parse_record, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft, read_kjv_verses
+from lab.data.kjv_pref import build_kjv_pref
 from lab.data.packing import (
     PackedData,
     load_packed,
@@ -18,6 +22,15 @@ from lab.data.packing import (
     prepare_data,
     split_documents,
     tokenize_documents,
+)
+from lab.data.preference import (
+    PreferenceBatchStream,
+    PreferenceData,
+    PreferencePair,
+    load_preference_data,
+    parse_preference_record,
+    prepare_preference_data,
+    read_preference_files,
 )
 from lab.data.sft import (
     IGNORE_INDEX,
@@ -47,10 +60,14 @@ __all__ = [
     "IGNORE_INDEX",
     "Message",
     "PackedData",
+    "PreferenceBatchStream",
+    "PreferenceData",
+    "PreferencePair",
     "SFTBatchStream",
     "SFTPackedData",
     "TEMPLATES",
     "Template",
+    "build_kjv_pref",
     "build_kjv_sft",
     "corpus_hash",
     "encode_conversation",
@@ -58,17 +75,21 @@ __all__ = [
     "get_template",
     "kjv_path",
     "load_packed",
+    "load_preference_data",
     "load_sft_packed",
     "mixture_row_weights",
     "pack_examples",
     "pack_rows",
+    "parse_preference_record",
     "parse_record",
     "prepare_data",
+    "prepare_preference_data",
     "prepare_sft_data",
     "prompt_text",
     "read_chat_files",
     "read_kjv",
     "read_kjv_verses",
+    "read_preference_files",
     "read_source",
     "read_sources",
     "render",

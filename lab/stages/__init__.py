@@ -1,6 +1,7 @@
 """Stage name -> function. A literal dict, so `grep STAGES` finds every stage."""
 from lab.stages.bench import bench
 from lab.stages.compare import compare
+from lab.stages.dpo import dpo
 from lab.stages.pipeline import pipeline
 from lab.stages.pretrain import pretrain
 from lab.stages.sft import sft
@@ -8,6 +9,7 @@ from lab.stages.sft import sft
 STAGES = {
     "pretrain": pretrain,
     "sft": sft,
+    "dpo": dpo,
     "pipeline": pipeline,
     "bench": bench,
     "compare": compare,

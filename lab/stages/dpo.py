@@ -1,0 +1,123 @@
+"""DPO: preference tuning from `init_from`, against a reference that costs no second model copy.
+
+With an adapter, the reference is the same model with its adapter switched off. With full
+fine-tuning it is either log-probs computed once before training and carried in the batches
+(`dpo.reference=cached`, the default) or a frozen copy of the starting model (`dpo.reference=copy`).
+SimPO needs no reference at all.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lab import checkpoint as ckpt
+from lab.adapters import apply_adapter
+from lab.data import prepare_preference_data
+from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
+from lab.engine import Trainer, to_device
+from lab.errors import ConfigError
+from lab.export import fit_and_export
+from lab.lineage import load_tokenizer_checked
+from lab.models import build_model
+from lab.runner import Run
+
+
+class WithReference:
+    """Preference data whose batches also carry the cached reference log-probs of their pairs."""
+
+    def __init__(self, data: Any, train_ref: torch.Tensor, val_ref: torch.Tensor):
+        self.data, self.refs = data, {"train": train_ref, "val": val_ref}
+        self.train, self.val, self.tokenizer = data.train, data.val, data.tokenizer
+
+    def _add(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        ref = self.refs[split][batch["index"]]  # (B, 2)
+        return batch | {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+
+    def stream(self, *args: Any, **kwargs: Any) -> "_RefStream":
+        return _RefStream(self.data.stream(*args, **kwargs), self)
+
+    def val_batches(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        return (self._add(b, "val") for b in self.data.val_batches(*args, **kwargs))
+
+
+class _RefStream:
+    def __init__(self, inner: Any, owner: WithReference):
+        self.inner, self.owner = inner, owner
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.owner._add(self.inner.next_batch(), "train")
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+@torch.no_grad()
+def reference_logps(run: Run, model: torch.nn.Module, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2) chosen/rejected log-probs of the starting model for every train and val pair.
+
+    Computed once and kept beside the run's checkpoints, so a resumed run reads them back.
+    """
+    path = run.ckpt_dir / "reference_logps.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return saved["train"], saved["val"]
+    model.eval()
+    tables = {}
+    for split in ("train", "val"):
+        rows = []
+        for batch in data.all_batches(split, run.cfg.hardware.micro_batch):
+            with run.accelerator.autocast():  # the precision the policy trains in
+                pi_w, pi_l, _, _ = pair_logps(model, to_device(batch, run.accelerator.device))
+            rows.append(torch.stack([pi_w, pi_l], dim=1).float().cpu())
+        tables[split] = torch.cat(rows)
+    if run.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tables, path)
+    return tables["train"], tables["val"]
+
+
+def dpo(run: Run) -> float:
+    """Start from `init_from`, pick the reference, fit the preference loss. Returns val loss."""
+    cfg = run.cfg
+    if run.pretrained is None:
+        raise ConfigError("stage=dpo starts from a trained model (e.g. an SFT run): set init_from=<run id | runs:/<id> | path>")
+    tokenizer = load_tokenizer_checked(run.pretrained)
+    with run.accelerator.main_process_first():
+        data = prepare_preference_data(cfg.data, tokenizer, Path(cfg.paths.cache))
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    ckpt.load_weights(model, run.pretrained.path)
+    reference, trained = None, data
+    if cfg.dpo.loss != "simpo" and cfg.adapter.kind == "none":
+        if cfg.dpo.reference == "copy":
+            frozen = copy.deepcopy(model).to(run.accelerator.device).eval().requires_grad_(False)
+            reference = copy_reference(frozen)
+        else:
+            train_ref, val_ref = reference_logps(run, model.to(run.accelerator.device), data)
+            trained, reference = WithReference(data, train_ref, val_ref), cached_reference
+    adapter = apply_adapter(model, cfg.adapter)
+    if cfg.dpo.loss != "simpo" and cfg.adapter.kind != "none":
+        reference = adapter_reference(adapter)
+    trainer = Trainer(run, model, dpo_objective(cfg.dpo, reference), trained, adapter=adapter)
+    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
+                            "data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val),
+                            "dpo.reference_used": _reference_name(cfg)})
+    run.say(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: reference={_reference_name(cfg)}; "
+            f"{len(data.train):,} train / {len(data.val):,} val pairs")
+    result = fit_and_export(run, trainer, model, adapter, tokenizer)
+    if result.stopped_early:
+        return float("nan")
+    acc = run.tracker.latest.get("val/rewards/accuracies", float("nan"))
+    run.say(f"val loss {result.val_loss:.4f}   val rewards/accuracies {acc:.3f}")
+    return result.val_loss
+
+
+def _reference_name(cfg: Any) -> str:
+    if cfg.dpo.loss == "simpo":
+        return "none (simpo)"
+    return "adapter disabled" if cfg.adapter.kind != "none" else cfg.dpo.reference
