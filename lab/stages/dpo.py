@@ -106,7 +106,8 @@ def dpo(run: Run) -> float:
     trainer = Trainer(run, model, dpo_objective(cfg.dpo, reference), trained, adapter=adapter)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
                             "data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val),
-                            "dpo.reference_used": _reference_name(cfg)})
+                            "dpo.reference_used": _reference_name(cfg),
+                            **{f"data.{k}": data.meta[k] for k in ("n_skipped_identical", "n_skipped_long_prompt", "n_truncated")}})
     run.say(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: reference={_reference_name(cfg)}; "
             f"{len(data.train):,} train / {len(data.val):,} val pairs")
     result = fit_and_export(run, trainer, model, adapter, tokenizer)

@@ -1,0 +1,84 @@
+"""DPO end to end on the micro model: learning on the built-in set, resume, references, bad records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labtest import FAST, loss_history, mlflow_client, run_lab
+
+DPO = ["stage=dpo", "data=kjv_pref", "train.lr=1e-3", "train.max_steps=40", "train.eval_every=20",
+       "train.eval_batches=8", "hardware.micro_batch=8"]
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A FAST pretraining run to start DPO from: (cwd, cache, run id)."""
+    cwd = tmp_path_factory.mktemp("dpo")
+    cache = tmp_path_factory.getbasetemp() / "cache_dpo"
+    run_lab(*FAST, "train.max_steps=40", f"paths.cache={cache}", "tracking.experiment=pre", cwd=cwd)
+    client = mlflow_client(cwd)
+    (run,) = client.search_runs([client.get_experiment_by_name("pre").experiment_id])
+    return cwd, cache, run.info.run_id
+
+
+def dpo(start, *args, check=True):
+    cwd, cache, pre = start
+    return run_lab(*FAST, *DPO, f"init_from={pre}", f"paths.cache={cache}", *args, cwd=cwd, check=check)
+
+
+def only_run(cwd, experiment):
+    client = mlflow_client(cwd)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def test_dpo_trains_from_a_cached_reference_with_trl_metrics(start):
+    cwd, _, pre = start
+    dpo(start, "tracking.experiment=dpo_a")
+    run = only_run(cwd, "dpo_a")
+    assert run.info.status == "FINISHED" and run.data.tags["lab.lineage.parent_run"] == pre
+    assert run.data.params["dpo.reference_used"] == "cached"
+    assert (cwd / "outputs/checkpoints" / run.info.run_id / "reference_logps.pt").exists()
+    for key in ("rewards/accuracies", "rewards/margins", "loss"):
+        assert f"val/{key}" in run.data.metrics, key
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm", "loss"):
+        assert f"train/{key}" in run.data.metrics, key
+    assert loss_history(cwd, run.info.run_id)[1] == pytest.approx(0.6931, abs=2e-3)  # policy == reference
+
+
+def test_resumed_dpo_run_replays_the_same_losses(start):
+    cwd, _, _ = start
+    dpo(start, "tracking.experiment=dpo_whole", "train.max_steps=10")
+    dpo(start, "tracking.experiment=dpo_parts", "train.max_steps=10", "train.stop_at_step=4")
+    dpo(start, "tracking.experiment=dpo_parts", "train.max_steps=10", "train.resume=auto")
+    whole, parts = only_run(cwd, "dpo_whole"), only_run(cwd, "dpo_parts")
+    assert parts.info.status == "FINISHED"
+    assert loss_history(cwd, parts.info.run_id) == loss_history(cwd, whole.info.run_id)
+
+
+@pytest.mark.parametrize("extra,reference", [(["adapter=lora"], "adapter disabled"), (["dpo.reference=copy"], "copy"),
+                                             (["dpo.loss=simpo", "dpo.beta=2.0"], "none (simpo)")])
+def test_other_references_and_losses_run(start, extra, reference):
+    cwd, _, _ = start
+    experiment = f"dpo_{reference.split()[0]}"
+    dpo(start, f"tracking.experiment={experiment}", "train.max_steps=3", *extra)
+    run = only_run(cwd, experiment)
+    assert run.info.status == "FINISHED" and run.data.params["dpo.reference_used"] == reference
+
+
+def test_bad_preference_records(start, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"prompt": "Continue: Jesus wept.", "chosen": "Then said the Jews, Behold how he loved him!",
+            "rejected": "And the LORD spake unto Moses."}
+    lines = [good] * 12 + [good | {"rejected": good["chosen"]}] * 3 + [{"prompt": "x" * 400, **{k: good[k] for k in ("chosen", "rejected")}}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    proc = dpo(start, "data=preference", f"data.path={pairs}", "train.max_steps=2", "tracking.experiment=dpo_bad",
+               "data.val_fraction=0.2")
+    run = only_run(start[0], "dpo_bad")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.n_skipped_long_prompt"] == "1"  # counted and logged, not an error
+    assert int(run.data.params["data.n_skipped_identical"]) >= 3
+    pairs.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    proc = dpo(start, "data=preference", f"data.path={pairs}", check=False)
+    assert proc.returncode == 2 and "pairs.jsonl:2" in proc.stderr and "rejected" in proc.stderr
