@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from lab.data.sources import corpus_hash
+from lab.data.sources import corpus_hash, iter_jsonl
 from lab.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -156,25 +156,7 @@ def read_chat_files(files: Sequence[Path], fmt: str, format_key: str = "data.sou
     """
     if fmt not in FORMATS:
         raise ConfigError(f"{format_key}={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    out: list[Conversation] = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 at byte {e.start} ({e.reason}); convert the file to UTF-8") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror}); check the file's permissions") from None
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-                raise DataError(f"{where}: malformed JSON ({reason}); fix or delete the line") from None
-            out.append(parse_record(record, fmt, where))
-    return out
+    return [parse_record(record, fmt, where) for where, record in iter_jsonl(files)]
 
 
 def conversations_hash(conversations: Sequence[Conversation]) -> str:

@@ -48,7 +48,7 @@ from lab.config import DataConfig
 from lab.data.cache import atomic_directory, content_key
 from lab.data.chat import ROLES, Message
 from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, split_documents
-from lab.data.sources import corpus_hash, resolve_paths, source_keys
+from lab.data.sources import corpus_hash, iter_jsonl, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
 from lab.errors import ConfigError, DataError
@@ -128,24 +128,7 @@ def read_preference_files(files: Sequence[Path]) -> list[PreferencePair]:
     Raises:
         DataError: a file that cannot be read, or a bad line (named file:line).
     """
-    out: list[PreferencePair] = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 at byte {e.start} ({e.reason}); convert the file to UTF-8") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror}); check the file's permissions") from None
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-                raise DataError(f"{path}:{lineno}: malformed JSON ({reason}); fix or delete the line") from None
-            out.append(parse_preference_record(record, f"{path}:{lineno}"))
-    return out
+    return [parse_preference_record(record, where) for where, record in iter_jsonl(files)]
 
 
 def pairs_hash(pairs: Sequence[PreferencePair]) -> str:

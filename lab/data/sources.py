@@ -17,7 +17,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from hydra.utils import to_absolute_path
 
@@ -119,25 +119,35 @@ def read_text_files(files: Sequence[Path]) -> list[str]:
     return [doc for path in files for doc in split_large(_read_utf8(path))]
 
 
-def read_jsonl_files(files: Sequence[Path], field: str, field_key: str) -> list[str]:
-    """`obj[field]` of every non-empty line; `field_key` names the config key for error messages."""
-    docs: list[str] = []
+def iter_jsonl(files: Sequence[Path]) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed record) for every non-blank line of `files`, in file then line order.
+
+    Raises:
+        DataError: a file that cannot be read, or malformed JSON, naming file:line.
+    """
     for path in files:
         for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                record = json.loads(line)
             except ValueError as e:
                 reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
                 raise DataError(f"{path}:{lineno}: malformed JSON ({reason}); fix or delete the line") from None
-            value = obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(value, str):
-                found = f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
-                what = "is not a string" if isinstance(obj, dict) and field in obj else "is missing"
-                raise DataError(f"{path}:{lineno}: text field {field!r} {what} (found {found}); "
-                                f"set {field_key} to the field that holds the text")
-            docs.append(value)
+            yield f"{path}:{lineno}", record
+
+
+def read_jsonl_files(files: Sequence[Path], field: str, field_key: str) -> list[str]:
+    """`obj[field]` of every non-empty line; `field_key` names the config key for error messages."""
+    docs: list[str] = []
+    for where, obj in iter_jsonl(files):
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            found = f"keys {sorted(obj)[:8]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+            what = "is not a string" if isinstance(obj, dict) and field in obj else "is missing"
+            raise DataError(f"{where}: text field {field!r} {what} (found {found}); "
+                            f"set {field_key} to the field that holds the text")
+        docs.append(value)
     return docs
 
 
