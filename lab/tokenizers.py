@@ -15,6 +15,7 @@ import io
 import json
 import re
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -25,7 +26,7 @@ FORMAT_VERSION = 1  # bump when training settings change, so old cache entries a
 MAX_SENTENCE_CHARS = 8192  # SentencePiece silently skips longer training sentences; we cut lines to this
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """The interface every tokenizer offers (see `ByteTokenizer`, `SentencePieceTokenizer`)."""
 
     kind: str
@@ -36,21 +37,21 @@ class Tokenizer:
     special_tokens: list[str]
     sha256: str
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, without bos/eos; each special token in the text becomes one id."""
-        raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` over many texts (SentencePiece does it in C++)."""
         return [self.encode(t) for t in texts]
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, skipping bos/eos/pad."""
-        raise NotImplementedError
 
+    @abstractmethod
     def token_id(self, piece: str) -> int:
         """The single id of a special token listed in `tokenizer.special_tokens`."""
-        raise NotImplementedError
 
     def save(self, directory: Path) -> None:
         """Write `tokenizer.json` (and `tokenizer.model` for SentencePiece) into `directory`."""
