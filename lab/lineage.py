@@ -29,6 +29,14 @@ class Pretrained:
     vocab_size: int
     run_id: Optional[str]  # the MLflow run that made it, for lineage
 
+    def build(self):
+        """The model it describes, with its weights loaded."""
+        from lab.models import build_model
+
+        model = build_model(self.model, self.vocab_size)
+        ckpt.load_weights(model, self.path)
+        return model
+
 
 def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path) -> Pretrained:
     """Find the checkpoint `init_from=spec` names and read its model config."""

@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import torch
 
-from lab import checkpoint as ckpt
 from lab.adapters import apply_adapter
 from lab.data import prepare_preference_data
 from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
@@ -21,7 +20,6 @@ from lab.engine import Trainer, to_device
 from lab.errors import ConfigError
 from lab.export import fit_and_export
 from lab.lineage import load_tokenizer_checked
-from lab.models import build_model
 from lab.runner import Run
 
 
@@ -90,8 +88,7 @@ def dpo(run: Run) -> float:
     tokenizer = load_tokenizer_checked(run.pretrained)
     with run.accelerator.main_process_first():
         data = prepare_preference_data(cfg.data, tokenizer, Path(cfg.paths.cache))
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    ckpt.load_weights(model, run.pretrained.path)
+    model = run.pretrained.build()
     reference, trained = None, data
     if cfg.dpo.loss != "simpo" and cfg.adapter.kind == "none":
         if cfg.dpo.reference == "copy":

@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 from lab.adapters import apply_adapter
-from lab.checkpoint import load_weights
 from lab.data import prepare_data
 from lab.engine import Trainer
 from lab.export import fit_and_export
@@ -23,9 +22,7 @@ def pretrain(run: Run) -> float:
     tokenizer = load_tokenizer_checked(start) if start else None
     with run.accelerator.main_process_first():  # rank 0 trains the tokenizer and packs; the others read the cache
         data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
-    model = build_model(cfg.model, data.tokenizer.vocab_size)
-    if start:
-        load_weights(model, start.path)
+    model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
     adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lab import checkpoint as ckpt
 from lab.adapters import apply_adapter
 from lab.data import prepare_sft_data
 from lab.data.templates import prompt_text, stop_token_id
@@ -11,7 +10,6 @@ from lab.engine import Trainer
 from lab.export import fit_and_export
 from lab.errors import ConfigError
 from lab.lineage import load_tokenizer_checked
-from lab.models import build_model
 from lab.objectives import masked_lm_loss
 from lab.runner import Run
 from lab.samples import SampleWriter
@@ -32,8 +30,7 @@ def sft(run: Run) -> float:
     tokenizer = load_tokenizer_checked(run.pretrained)
     with run.accelerator.main_process_first():
         data = prepare_sft_data(cfg.data, tokenizer, Path(cfg.paths.cache))
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    ckpt.load_weights(model, run.pretrained.path)
+    model = run.pretrained.build()
     adapter = apply_adapter(model, cfg.adapter)
     prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
     samples = SampleWriter(tokenizer, prompts, cfg.train.sample_tokens, run.info.output_dir / "samples.txt",
