@@ -1,4 +1,4 @@
-"""DPO end to end on the micro model: learning on the built-in set, resume, references, bad records."""
+"""DPO end to end: learning on the built-in set (nano), resume, references and bad records (micro)."""
 from __future__ import annotations
 
 import json
@@ -82,3 +82,24 @@ def test_bad_preference_records(start, tmp_path):
     pairs.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
     proc = dpo(start, "data=preference", f"data.path={pairs}", check=False)
     assert proc.returncode == 2 and "pairs.jsonl:2" in proc.stderr and "rejected" in proc.stderr
+
+
+def test_dpo_raises_val_accuracy_well_above_chance(tmp_path):
+    """A briefly pretrained nano model, then 200 full fine-tuning DPO steps on kjv_pref (~1.5 min in all).
+
+    Measured: val rewards/accuracies 0.50 -> 0.715 over the 151 held-out pairs (chance is 0.5; one
+    standard error there is 0.04), val loss 0.693 -> 0.616.
+    """
+    small = ["model=nano", "tokenizer.vocab_size=2048", "data.seq_len=128", "train.progress=false",
+             f"paths.cache={tmp_path / 'cache'}"]
+    run_lab(*small, "hardware.micro_batch=16", "train.max_steps=300", "train.warmup_steps=20", "train.lr=3e-3",
+            "train.eval_every=300", "train.eval_batches=2", "tracking.experiment=pre", cwd=tmp_path)
+    pre = only_run(tmp_path, "pre").info.run_id
+    run_lab(*small, "stage=dpo", "data=kjv_pref", f"init_from={pre}", "hardware.micro_batch=8", "train.max_steps=200",
+            "train.warmup_steps=10", "train.lr=3e-4", "train.eval_every=100", "train.eval_batches=19",
+            "tracking.experiment=dpo", cwd=tmp_path)
+    run = only_run(tmp_path, "dpo")
+    history = loss_history(tmp_path, run.info.run_id, "val/rewards/accuracies")
+    assert sorted(history) == [100, 200]
+    assert history[200] > 0.62, history  # three standard errors above chance
+    assert run.data.metrics["val/loss"] < 0.66 and run.data.metrics["val/rewards/margins"] > 0.2

@@ -123,11 +123,14 @@ def test_pipeline_nests_stages_and_reuses_finished_ones(pretrained):
     runs = runs_of(cwd, "pipe")
     (pipe,) = [r for r in runs if r.data.tags["lab.stage"] == "pipeline"]
     steps = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pipe.info.run_id]
-    assert [r.data.tags["lab.stage"] for r in steps] == ["pretrain", "sft"]
+    assert [r.data.tags["lab.stage"] for r in steps] == ["pretrain", "sft", "dpo"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert steps[1].data.tags["lab.lineage.parent_run"] == steps[0].info.run_id
-    run_lab(*args, cwd=cwd)  # again: both steps are reused, nothing trains
+    assert steps[2].data.tags["lab.lineage.parent_run"] == steps[1].info.run_id
+    assert steps[2].data.params["dpo.reference_used"] == "adapter disabled"
+    run_lab(*args, cwd=cwd)  # again: every step is reused, nothing trains
     runs = runs_of(cwd, "pipe")
-    assert len(runs) == 4 and sum(r.data.tags["lab.stage"] == "pipeline" for r in runs) == 2
+    assert len(runs) == 5 and sum(r.data.tags["lab.stage"] == "pipeline" for r in runs) == 2
     again = runs[-1].data.tags
     assert again[f"lab.pipeline.step1.sft"] == f"{steps[1].info.run_id} (reused)"
+    assert again[f"lab.pipeline.step2.dpo"] == f"{steps[2].info.run_id} (reused)"
