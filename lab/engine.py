@@ -92,12 +92,15 @@ class Trainer:
         data: PackedData,
         on_eval: Optional[Callable[[torch.nn.Module, int], None]] = None,
         adapter: Any = None,
+        perplexity: bool = True,
     ):
         """`adapter` (from lab.adapters.apply_adapter) may merge itself into the base every few
-        steps (`after_step`) and reshape the schedule (`lr_factor`, ReLoRA's jagged re-warmups)."""
+        steps (`after_step`) and reshape the schedule (`lr_factor`, ReLoRA's jagged re-warmups).
+        `perplexity`: log val/ppl = exp(val/loss); only meaningful when the loss is per-token cross-entropy."""
         cfg, acc = run.cfg, run.accelerator
         self.run, self.cfg, self.acc = run, cfg, acc
         self.objective, self.data, self.on_eval, self.adapter = objective, data, on_eval, adapter
+        self.perplexity = perplexity
         self.raw_model = model.to(acc.device)
         self.raw_model.gradient_checkpointing = cfg.hardware.grad_checkpointing
         optimizer = build_optimizer(self.raw_model, cfg.train)
@@ -220,7 +223,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean objective over the fixed validation batches; logs val/loss and val/ppl."""
+        """Mean objective over the fixed validation batches; logs val/loss (and val/ppl), val/<metric>."""
         self.model.eval()
         hw, acc = self.cfg.hardware, self.acc
         sums: dict[str, torch.Tensor] = {}
@@ -230,7 +233,8 @@ class Trainer:
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / len(batches)
         values = {f"val/{k}": v for k, v in self._mean_over_ranks(sums).items()}
-        values["val/ppl"] = math.exp(min(values["val/loss"], 50.0))
+        if self.perplexity:
+            values["val/ppl"] = math.exp(min(values["val/loss"], 50.0))
         self.run.tracker.log_metrics(values, self.state.step)
         if self.on_eval is not None and acc.is_main_process:
             self.on_eval(self.raw_model, self.state.step)

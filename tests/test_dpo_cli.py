@@ -44,6 +44,7 @@ def test_dpo_trains_from_a_cached_reference_with_trl_metrics(start):
         assert f"val/{key}" in run.data.metrics, key
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm", "loss"):
         assert f"train/{key}" in run.data.metrics, key
+    assert "val/ppl" not in run.data.metrics  # exp of a preference loss means nothing
     assert loss_history(cwd, run.info.run_id)[1] == pytest.approx(0.6931, abs=2e-3)  # policy == reference
 
 

@@ -100,7 +100,7 @@ def dpo(run: Run) -> float:
     adapter = apply_adapter(model, cfg.adapter)
     if cfg.dpo.loss != "simpo" and cfg.adapter.kind != "none":
         reference = adapter_reference(adapter)
-    trainer = Trainer(run, model, dpo_objective(cfg.dpo, reference), trained, adapter=adapter)
+    trainer = Trainer(run, model, dpo_objective(cfg.dpo, reference), trained, adapter=adapter, perplexity=False)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
                             "data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val),
                             "dpo.reference_used": _reference_name(cfg),

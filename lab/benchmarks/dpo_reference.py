@@ -1,0 +1,106 @@
+"""DPO's reference model: LoRA with its adapter switched off against a frozen full copy (and cached log-probs).
+
+    python -m lab.benchmarks.dpo_reference               # batch 8 pairs x 256 tokens, fp32, CPU
+    python -m lab.benchmarks.dpo_reference --modes lora,copy --steps 5
+
+Each step is one real DPO step (`lab.dpo.dpo_objective`, sigmoid loss, beta 0.1) on random token
+pairs whose first half is the prompt:
+- lora:   LoRA r=8 on q,k,v,o; the reference is the same model with the adapter disabled.
+- copy:   full fine-tuning; the reference is a frozen deep copy of the starting model.
+- cached: full fine-tuning; reference log-probs computed once beforehand (not timed) and read from
+          the batch, the default for full fine-tuning.
+The model and the memory columns are described in `lab.benchmarks.harness`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+from lab.benchmarks.harness import (MODEL_LABEL, VOCAB, add_common_args, build_bench_model, measure_modes,
+                                    peak_rss_mib, timed_steps)
+
+MODULE = "lab.benchmarks.dpo_reference"
+
+
+def pair_batch(args: argparse.Namespace) -> dict:
+    """Random chosen/rejected sequences sharing a prompt that fills the first half; targets -100 there."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (args.batch, args.seq // 2), generator=g)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        tokens = torch.cat([prompt, torch.randint(0, VOCAB, (args.batch, args.seq + 1 - args.seq // 2), generator=g)], 1)
+        targets = tokens[:, 1:].clone()
+        targets[:, : args.seq // 2 - 1] = -100  # the prompt's next-token targets do not count
+        batch[f"{side}_inputs"], batch[f"{side}_targets"] = tokens[:, :-1], targets
+    return batch
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict:
+    """Train `warmup + steps` DPO steps with the mode's reference; time the last `steps`."""
+    import torch
+
+    from lab.adapters import apply_adapter
+    from lab.config import AdapterConfig, DPOConfig
+    from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
+
+    model, batch = build_bench_model(), pair_batch(args)
+    kind = "lora" if mode == "lora" else "none"
+    if mode == "copy":
+        reference = copy_reference(copy.deepcopy(model).eval().requires_grad_(False))
+    elif mode == "cached":
+        with torch.no_grad():
+            ref_w, ref_l, _, _ = pair_logps(model, batch)
+        batch, reference = batch | {"ref_chosen": ref_w, "ref_rejected": ref_l}, cached_reference
+    adapters = apply_adapter(model, AdapterConfig(name=kind, kind=kind, rank=args.rank, alpha=2.0 * args.rank,
+                                                  targets=["q", "k", "v", "o"]))
+    if mode == "lora":
+        reference = adapter_reference(adapters)
+    objective = dpo_objective(DPOConfig(), reference)
+    opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-4)
+    rss_before = peak_rss_mib()
+
+    def step() -> None:
+        loss, _ = objective(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = timed_steps(step, args)
+    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(), "rss_before_mib": rss_before,
+            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+
+
+LABELS = {"lora": "LoRA r={rank}, reference = adapter disabled", "copy": "full fine-tuning, frozen copy",
+          "cached": "full fine-tuning, cached log-probs"}
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    head = (f"{MODEL_LABEL}, DPO batch {args.batch} pairs x {args.seq} tokens, fp32, CPU, {rows[0]['threads']} "
+            f"threads; {args.rounds} rounds x {args.steps} steps after {args.warmup} warmup\n")
+    lines = ["| reference | step (s), median | min | trainable params | peak RSS (MiB) | live peak (MiB) | RSS at start (MiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {LABELS[r['mode']].format(rank=args.rank)} | {r['step_s']:.3f} | {r['min_s']:.3f} | {r['trainable']:,} "
+                     f"| {r['peak_rss_mib']:.0f} | {r['live_mib']:.0f} | {r['rss_before_mib']:.0f} |")
+    return head + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="lora,copy,cached")
+    add_common_args(p, steps=6, warmup=2)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_mode(args.child, args)))
+        return
+    unknown = set(args.modes.split(",")) - set(LABELS)
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; use some of {','.join(LABELS)}")
+    print(table(measure_modes(MODULE, args.modes.split(","), args), args))
+
+
+if __name__ == "__main__":
+    main()
