@@ -42,6 +42,19 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
         assert getattr(cfg, group).name == option
 
 
+@pytest.mark.parametrize("stage,data", [("pretrain", "kjv"), ("sft", "kjv_sft"), ("dpo", "kjv_pref")])
+def test_each_stage_picks_its_own_data_default_and_the_command_line_wins(compose_cfg, stage, data):
+    assert compose_cfg(f"stage={stage}").data.name == data
+    assert compose_cfg(f"stage={stage}", "data=chat", "data.path=x.jsonl").data.name == "chat"
+    assert compose_cfg("data=chat", f"stage={stage}", "data.path=x.jsonl").data.name == "chat"
+
+
+def test_dpo_stage_sets_a_preference_schedule_the_command_line_can_change(compose_cfg):
+    assert compose_cfg("stage=pretrain").train.lr == 3e-3
+    assert (compose_cfg("stage=dpo").train.lr, compose_cfg("stage=dpo").train.max_steps) == (3e-4, 200)
+    assert compose_cfg("stage=dpo", "train.lr=1e-3").train.lr == 1e-3
+
+
 def test_sweeps_are_found_through_conf():
     assert {o for g, o in group_options() if g == "sweeps"} >= {"lr_grid", "batch_lr", "scaling", "optuna_lr"}
 
