@@ -29,6 +29,8 @@ def assert_nothing_left_behind(cwd) -> None:
     (["+model.dimm=3"], ["model.dimm"]),
     (["data.seq_len=512"], ["data.seq_len=512 exceeds model.max_seq_len=128", "model=micro"]),
     (["hardware=rtx4090"], ["hardware=rtx4090", "hardware=cpu"]),
+    (["data=kjv_pref"], ["data.sources[0].kind='kjv_pref' is not read by pretraining", "data=kjv"]),
+    (["data=kjv_sft"], ["data.sources[0].kind='kjv_sft' is not read by pretraining", "kind=jsonl"]),
 ])
 def test_config_errors(lab_cli, tmp_path, args, fragments):
     proc = lab_cli(*FAST, *args, check=False)

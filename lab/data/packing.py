@@ -149,11 +149,13 @@ def _write_packed(directory: Path, cfg: DataConfig, docs: list[list[str]], hashe
              n_train, n_val, cfg.seq_len + 1, meta["pack_seconds"], cfg.seq_len, directory)
 
 
-def mixture_row_weights(meta: dict, weights: Sequence[float]) -> Optional[np.ndarray]:
-    """Per train row weight so that source i fills weights[i]/sum(weights) of the draws; None for one source."""
+def mixture_row_weights(meta: dict, weights: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+    """Per train row weight so that source i fills weights[i]/sum(weights) of the draws (equal shares when
+    `weights` is None); None for one source."""
     sources = meta["sources"]
     if len(sources) == 1:
         return None
+    weights = list(weights) if weights is not None else [1.0] * len(sources)
     if len(weights) != len(sources):
         raise DataError(f"data.sources has {len(weights)} entries but the packed data has {len(sources)}; "
                         "rebuild it by deleting the folder")
@@ -165,23 +167,27 @@ def mixture_row_weights(meta: dict, weights: Sequence[float]) -> Optional[np.nda
     return row_weights
 
 
-def load_packed(directory: Path, tokenizer: Tokenizer, weights: Optional[Sequence[float]] = None) -> PackedData:
-    """Memory-map packed rows that `prepare_data` cached, after checking they were made with `tokenizer`.
+def open_cached(directory: Path, tokenizer: Tokenizer, names: Sequence[str],
+                what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """meta.json and the memory-mapped `<name>.npy` arrays of a cache folder made with `tokenizer`.
 
     Raises:
-        CheckpointError: the rows were made with another tokenizer.
-        DataError: the folder is missing or unreadable.
+        CheckpointError: the folder was made with another tokenizer.
+        DataError: the folder is missing or unreadable (named, with `what` it should hold).
     """
-    directory = Path(directory)
     try:
-        meta = json.loads((directory / "meta.json").read_text())
-        check_tokenizer(meta["tokenizer_sha256"], tokenizer, where=f"packed data {directory}")
-        train = np.load(directory / "train.npy", mmap_mode="r")
-        val = np.load(directory / "val.npy", mmap_mode="r")
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+        check_tokenizer(meta["tokenizer_sha256"], tokenizer, where=f"{what} {directory}")
+        arrays = {name: np.load(Path(directory) / f"{name}.npy", mmap_mode="r") for name in names}
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{directory}: cannot read packed data ({e}); delete the folder to rebuild it") from None
-    weights = list(weights) if weights is not None else [1.0] * len(meta["sources"])
-    return PackedData(train, val, tokenizer, mixture_row_weights(meta, weights), meta, directory)
+        raise DataError(f"{directory}: cannot read {what} ({e}); delete the folder to rebuild it") from None
+    return meta, arrays
+
+
+def load_packed(directory: Path, tokenizer: Tokenizer, weights: Optional[Sequence[float]] = None) -> PackedData:
+    """Memory-map packed rows that `prepare_data` cached (errors as `open_cached`)."""
+    meta, arrays = open_cached(directory, tokenizer, ("train", "val"), "packed data")
+    return PackedData(arrays["train"], arrays["val"], tokenizer, mixture_row_weights(meta, weights), meta, Path(directory))
 
 
 def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: Path,

@@ -47,17 +47,16 @@ import torch
 from lab.config import DataConfig
 from lab.data.cache import atomic_directory, content_key
 from lab.data.chat import ROLES, Message
-from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, split_documents
-from lab.data.sources import corpus_hash, iter_jsonl, resolve_paths, source_keys
+from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents
+from lab.data.sources import corpus_hash, iter_jsonl, require_kinds, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
-from lab.errors import ConfigError, DataError
-from lab.tokenizers import Tokenizer, check_tokenizer
+from lab.errors import DataError
+from lab.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 PREF_FORMAT_VERSION = 1  # bump when the encoding changes, so old cache entries are not reused
 IGNORE_INDEX = -100
-PREF_KINDS = ("kjv_pref", "preference")
 ARRAYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 
 
@@ -137,21 +136,12 @@ def pairs_hash(pairs: Sequence[PreferencePair]) -> str:
                                    ensure_ascii=False) for p in pairs])
 
 
-def check_preference_sources(cfg: DataConfig) -> None:
-    """Raise ConfigError, naming the key, for a source DPO cannot read."""
-    for i, source in enumerate(cfg.sources):
-        if source.kind not in PREF_KINDS:
-            raise ConfigError(f"data.sources[{i}].kind={source.kind!r} is not a preference source; DPO reads "
-                              f"{' or '.join(PREF_KINDS)}, e.g. data=kjv_pref or data.sources[{i}].kind=preference")
-
-
 def read_preference_source(cfg: DataConfig, i: int) -> list[PreferencePair]:
     """The pairs of `cfg.sources[i]` (kind kjv_pref or preference), bad records already refused.
 
     Raises:
-        ConfigError: a source kind DPO cannot use. DataError: missing, malformed or empty data.
+        DataError: missing, malformed or empty data.
     """
-    check_preference_sources(cfg)
     source = cfg.sources[i]
     if source.kind == "kjv_pref":
         from lab.data.kjv_pref import build_kjv_pref  # kjv_pref builds on PreferencePair, defined here
@@ -341,23 +331,12 @@ def _write(directory: Path, cfg: DataConfig, pairs: list[list[PreferencePair]], 
 
 def load_preference_data(directory: Path, tokenizer: Tokenizer,
                          weights: Optional[Sequence[float]] = None) -> PreferenceData:
-    """Memory-map the pairs `prepare_preference_data` cached, after checking they were made with `tokenizer`.
-
-    Raises:
-        CheckpointError: the pairs were made with another tokenizer.
-        DataError: the folder is missing or unreadable.
-    """
-    directory = Path(directory)
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-        check_tokenizer(meta["tokenizer_sha256"], tokenizer, where=f"preference data {directory}")
-        arrays = {split: {name: np.load(directory / f"{split}_{name}.npy", mmap_mode="r") for name in ARRAYS}
-                  for split in ("train", "val")}
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{directory}: cannot read preference data ({e}); delete the folder to rebuild it") from None
-    weights = list(weights) if weights is not None else [1.0] * len(meta["sources"])
+    """Memory-map the pairs `prepare_preference_data` cached (errors as `open_cached`)."""
+    names = [f"{split}_{name}" for split in ("train", "val") for name in ARRAYS]
+    meta, flat = open_cached(directory, tokenizer, names, "preference data")
+    arrays = {split: {name: flat[f"{split}_{name}"] for name in ARRAYS} for split in ("train", "val")}
     return PreferenceData(arrays["train"]["chosen"], arrays["val"]["chosen"], tokenizer,
-                          mixture_row_weights(meta, weights), meta, directory, arrays["train"], arrays["val"])
+                          mixture_row_weights(meta, weights), meta, Path(directory), arrays["train"], arrays["val"])
 
 
 def prepare_preference_data(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path) -> PreferenceData:
@@ -371,7 +350,7 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer: Tokenizer, cache_di
         DataError: missing, malformed or too little data (see the module docstring).
         CheckpointError: a cached entry made with another tokenizer.
     """
-    check_preference_sources(data_cfg)
+    require_kinds(data_cfg, "DPO")  # fail on the config before reading anything
     template = get_template(data_cfg.template)
     pairs = [read_preference_source(data_cfg, i) for i in range(len(data_cfg.sources))]
     hashes = [pairs_hash(p) for p in pairs]

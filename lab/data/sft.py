@@ -31,17 +31,16 @@ from lab.config import DataConfig, SourceConfig
 from lab.data.cache import atomic_directory, content_key
 from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
-from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, split_documents
-from lab.data.sources import resolve_paths, source_keys
+from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents
+from lab.data.sources import require_kinds, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
-from lab.errors import ConfigError, DataError
-from lab.tokenizers import Tokenizer, check_tokenizer
+from lab.errors import DataError
+from lab.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 SFT_FORMAT_VERSION = 1  # bump when SFT packing changes, so old cache entries are not reused
 IGNORE_INDEX = -100  # targets that must not count (F.cross_entropy's default ignore_index)
-SFT_KINDS = ("kjv_sft", "chat")
 Example = tuple[list[int], list[bool]]  # ids and loss mask of one encoded conversation
 
 
@@ -153,22 +152,13 @@ def _label(cfg: DataConfig, i: int) -> str:
     return f"data.sources[{i}] (kjv_sft)" if source.kind == "kjv_sft" else f"{source_keys(cfg, i)[0]}={source.path!r}"
 
 
-def check_sft_sources(cfg: DataConfig) -> None:
-    """Raise ConfigError, naming the key, for a source SFT cannot read (a pretraining kind)."""
-    for i, source in enumerate(cfg.sources):
-        if source.kind not in SFT_KINDS:
-            raise ConfigError(f"data.sources[{i}].kind={source.kind!r} is a pretraining source; SFT reads "
-                              f"{' or '.join(SFT_KINDS)}, e.g. data=kjv_sft or data.sources[{i}].kind=chat")
-
-
 def read_sft_source(cfg: DataConfig, i: int) -> list[Conversation]:
     """The conversations of `cfg.sources[i]` (kind kjv_sft or chat).
 
     Raises:
-        ConfigError: a source kind SFT cannot use. DataError: missing, malformed or empty data.
+        DataError: missing, malformed or empty data.
     """
     source: SourceConfig = cfg.sources[i]
-    check_sft_sources(cfg)
     if source.kind == "kjv_sft":
         return build_kjv_sft()
     path_key = source_keys(cfg, i)[0]
@@ -230,23 +220,11 @@ def _write_sft(directory: Path, cfg: DataConfig, examples: list[list[Example]], 
 
 
 def load_sft_packed(directory: Path, tokenizer: Tokenizer, weights: Optional[Sequence[float]] = None) -> SFTPackedData:
-    """Memory-map packed SFT rows that `prepare_sft_data` cached, after checking they were made with `tokenizer`.
-
-    Raises:
-        CheckpointError: the rows were made with another tokenizer.
-        DataError: the folder is missing or unreadable.
-    """
-    directory = Path(directory)
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-        check_tokenizer(meta["tokenizer_sha256"], tokenizer, where=f"packed SFT data {directory}")
-        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
-                  for name in ("train", "train_mask", "train_segments", "val", "val_mask", "val_segments")}
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{directory}: cannot read packed SFT data ({e}); delete the folder to rebuild it") from None
-    weights = list(weights) if weights is not None else [1.0] * len(meta["sources"])
+    """Memory-map packed SFT rows that `prepare_sft_data` cached (errors as `open_cached`)."""
+    meta, arrays = open_cached(directory, tokenizer, [f"{split}{part}" for split in ("train", "val")
+                                                      for part in ("", "_mask", "_segments")], "packed SFT data")
     return SFTPackedData(arrays["train"], arrays["val"], tokenizer, mixture_row_weights(meta, weights), meta,
-                         directory, arrays["train_mask"], arrays["train_segments"], arrays["val_mask"],
+                         Path(directory), arrays["train_mask"], arrays["train_segments"], arrays["val_mask"],
                          arrays["val_segments"])
 
 
@@ -260,7 +238,7 @@ def prepare_sft_data(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path
         ConfigError: a source kind other than kjv_sft or chat, an unknown template or chat format.
         DataError: missing, malformed or too little data.
     """
-    check_sft_sources(data_cfg)  # fail on the config before reading anything
+    require_kinds(data_cfg, "SFT")  # fail on the config before reading anything
     template = get_template(data_cfg.template)
     conversations = [read_sft_source(data_cfg, i) for i in range(len(data_cfg.sources))]
     hashes = [conversations_hash(c) for c in conversations]

@@ -113,7 +113,7 @@ def test_identical_long_and_truncated_pairs_are_counted(tmp_path: Path, byte: To
     write_jsonl(tmp_path / "same.jsonl", recs[20:23])
     with pytest.raises(DataError, match="every pair has chosen identical to rejected"):
         prepare_preference_data(pref_cfg(tmp_path / "same.jsonl"), byte, tmp_path / "cache")
-    with pytest.raises(ConfigError, match=r"data.sources\[0\].kind='chat' is not a preference source"):
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].kind='chat' is not read by DPO, which reads kjv_pref, preference"):
         prepare_preference_data(DataConfig(sources=[SourceConfig(kind="chat")], path="x"), byte, tmp_path)
 
 

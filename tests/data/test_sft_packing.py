@@ -184,8 +184,10 @@ def test_truncation_is_logged(tmp_path: Path, bpe: Tokenizer, caplog: pytest.Log
 
 
 def test_sft_refuses_pretraining_sources(tmp_path: Path, bpe: Tokenizer) -> None:
-    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.kind='kjv' is a pretraining source; SFT reads kjv_sft or chat"):
+    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.kind='kjv' is not read by SFT, which reads kjv_sft, chat; e\.g\. data=kjv_sft"):
         prepare_sft_data(DataConfig(name="kjv"), bpe, tmp_path)
+    with pytest.raises(ConfigError, match=r"kind='kjv_pref' is not read by SFT"):  # not "a pretraining source"
+        prepare_sft_data(DataConfig(sources=[SourceConfig(kind="kjv_pref")]), bpe, tmp_path)
     with pytest.raises(DataError, match=r"holds no conversations"):
         prepare_sft_data(chat_cfg(write_chats(tmp_path / "empty.jsonl", [])), bpe, tmp_path)
     with pytest.raises(DataError, match=r"1 document\(s\) cannot be split"):
