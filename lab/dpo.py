@@ -35,9 +35,12 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
         logps (B,) in float32, and n_tokens (B,).
     """
     mask = targets != -100  # (B, T)
-    safe = targets.clamp(min=0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (logp * mask).sum(-1), mask.sum(-1)
+    # Normalise only the counted positions: the prompt's and the padding's would be thrown away,
+    # and the vocabulary-wide log-softmax is a large share of a small model's step.
+    counted = torch.log_softmax(logits[mask].float(), dim=-1)  # (N, V)
+    picked = counted.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
+    logp = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+    return logp.sum(-1), mask.sum(-1)
 
 
 def preference_loss(cfg: DPOConfig, pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: Optional[torch.Tensor],

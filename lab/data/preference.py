@@ -30,7 +30,8 @@ Train/val are split by pair (`split_documents`), before any length-dependent ski
 
 Batches are dicts of (B, T) tensors: `chosen_inputs`, `chosen_targets`, `rejected_inputs`,
 `rejected_targets` (targets -100 off the completion), and `index` (B,): the pairs' rows in
-their split, for looking up cached reference log-probs.
+their split, for looking up cached reference log-probs. T is at most seq_len: the trailing
+padding no row of the batch uses is cut off (`used_width`).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 PREF_FORMAT_VERSION = 1  # bump when the encoding changes, so old cache entries are not reused
 IGNORE_INDEX = -100
 ARRAYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
+WIDTH_MULTIPLE = 32  # batch widths are rounded up to this, so compiled kernels see few distinct shapes
 
 
 @dataclass(frozen=True)
@@ -215,12 +217,26 @@ def build_rows(encoded: Sequence[tuple[list[int], list[int], list[int]]], seq_le
                           n_truncated=truncated)
 
 
+def used_width(masks: Sequence[np.ndarray], width: int) -> int:
+    """Columns a batch needs: through its longest row's last completion token, the inputs rounded up to a
+    multiple of WIDTH_MULTIPLE, at most `width`. Every later column is padding on every row."""
+    longest = max(int(np.flatnonzero(m.any(axis=0)).max()) + 1 for m in masks)  # tokens in the longest row
+    inputs = -(-(longest - 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    return min(width, inputs + 1)
+
+
 def preference_batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """Pairs `idx` of one split as the batch dict (module docstring); int64 tensors of (B, T), index (B,)."""
+    """Pairs `idx` of one split as the batch dict (module docstring); int64 tensors of (B, T), index (B,).
+
+    T is cut to what the batch's longest row needs (`used_width`): the padding after it would be
+    computed and thrown away, and at seq_len 256 it is often more than half the row.
+    """
+    rows = {name: np.asarray(arrays[name][idx]) for name in ARRAYS}
+    keep = used_width([rows["chosen_mask"], rows["rejected_mask"]], rows["chosen"].shape[1])
     batch: dict[str, torch.Tensor] = {}
     for name in ("chosen", "rejected"):
-        t = torch.from_numpy(np.asarray(arrays[name][idx], dtype=np.int64))  # (B, T + 1)
-        m = torch.from_numpy(np.asarray(arrays[f"{name}_mask"][idx], dtype=bool))  # (B, T + 1)
+        t = torch.from_numpy(rows[name][:, :keep].astype(np.int64))  # (B, keep)
+        m = torch.from_numpy(rows[f"{name}_mask"][:, :keep])  # (B, keep)
         batch[f"{name}_inputs"] = t[:, :-1].contiguous()
         batch[f"{name}_targets"] = t[:, 1:].masked_fill(~m[:, 1:], IGNORE_INDEX).contiguous()
     batch["index"] = torch.from_numpy(np.asarray(idx, dtype=np.int64))

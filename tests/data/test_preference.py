@@ -222,3 +222,33 @@ def test_stream_resumes_and_index_points_at_rows(tmp_path: Path, byte: Tokenizer
     assert torch.cat([b["index"] for b in every]).tolist() == list(range(len(data.train)))
     with pytest.raises(CheckpointError):
         data.stream(4, seed=8).load_state_dict(stream.state_dict())
+
+
+def test_batches_drop_only_the_padding_no_row_uses(tmp_path: Path, byte: Tokenizer) -> None:
+    """Short pairs at seq_len 200: each batch is cut after its longest row, with the same log-probs."""
+    from lab.config import ModelConfig
+    from lab.data.preference import WIDTH_MULTIPLE
+    from lab.dpo import pair_logps
+    from lab.models import build_model
+
+    data = prepare_preference_data(pref_cfg(write_jsonl(tmp_path / "p.jsonl", records(30)), seq_len=200),
+                                   byte, tmp_path / "cache")
+    arrays = data.train_arrays
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, n_layers=2, n_heads=4, max_seq_len=256), byte.vocab_size).eval()
+    for batch in data.all_batches("train", micro_batch=8):
+        idx = batch["index"].numpy()
+        ends = [int(np.flatnonzero(arrays[f"{side}_mask"][i]).max()) + 1 for side in ("chosen", "rejected") for i in idx]
+        width = batch["chosen_inputs"].shape[1]
+        assert width % WIDTH_MULTIPLE == 0 and max(ends) - 1 <= width < max(ends) - 1 + WIDTH_MULTIPLE
+        for side in ("chosen", "rejected"):  # every completion token is still counted
+            assert int((batch[f"{side}_targets"] != IGNORE_INDEX).sum()) == int(arrays[f"{side}_mask"][idx][:, 1:].sum())
+        untrimmed = {}  # the same pairs at the full seq_len, as batches were before trimming
+        for side in ("chosen", "rejected"):
+            t = torch.from_numpy(np.asarray(arrays[side][idx], dtype=np.int64))
+            m = torch.from_numpy(np.asarray(arrays[f"{side}_mask"][idx]))
+            untrimmed[f"{side}_inputs"], untrimmed[f"{side}_targets"] = t[:, :-1], t[:, 1:].masked_fill(~m[:, 1:], IGNORE_INDEX)
+        assert untrimmed["chosen_inputs"].shape[1] == 200 > width
+        with torch.no_grad():
+            for a, b in zip(pair_logps(model, batch), pair_logps(model, untrimmed)):
+                assert torch.allclose(a.float(), b.float(), atol=1e-4)
