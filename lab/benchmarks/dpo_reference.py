@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 
-from lab.benchmarks.harness import (MODEL_LABEL, VOCAB, add_common_args, build_bench_model, measure_modes,
-                                    peak_rss_mib, timed_steps)
+from lab.benchmarks.harness import VOCAB, bench_main, build_bench_model, peak_rss_mib, timed_steps
 
 MODULE = "lab.benchmarks.dpo_reference"
 
@@ -69,7 +67,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times = timed_steps(step, args)
-    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(), "rss_before_mib": rss_before,
+    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(),
+            "total": sum(p.numel() for p in model.parameters()), "rss_before_mib": rss_before,
             "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
@@ -77,29 +76,8 @@ LABELS = {"lora": "LoRA r={rank}, reference = adapter disabled", "copy": "full f
           "cached": "full fine-tuning, cached log-probs"}
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> str:
-    head = (f"{MODEL_LABEL}, DPO batch {args.batch} pairs x {args.seq} tokens, fp32, CPU, {rows[0]['threads']} "
-            f"threads; {args.rounds} rounds x {args.steps} steps after {args.warmup} warmup\n")
-    lines = ["| reference | step (s), median | min | trainable params | peak RSS (MiB) | live peak (MiB) | RSS at start (MiB) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {LABELS[r['mode']].format(rank=args.rank)} | {r['step_s']:.3f} | {r['min_s']:.3f} | {r['trainable']:,} "
-                     f"| {r['peak_rss_mib']:.0f} | {r['live_mib']:.0f} | {r['rss_before_mib']:.0f} |")
-    return head + "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", default="lora,copy,cached")
-    add_common_args(p, steps=6, warmup=2)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_mode(args.child, args)))
-        return
-    unknown = set(args.modes.split(",")) - set(LABELS)
-    if unknown:
-        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; use some of {','.join(LABELS)}")
-    print(table(measure_modes(MODULE, args.modes.split(","), args), args))
+    bench_main(argv, __doc__, MODULE, run_mode, LABELS, "DPO batch {batch} pairs x {seq} tokens", steps=6, warmup=2)
 
 
 if __name__ == "__main__":

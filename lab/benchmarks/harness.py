@@ -90,3 +90,36 @@ def timed_steps(step: Callable[[], None], args: argparse.Namespace) -> list[floa
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def table(rows: list[dict], args: argparse.Namespace, title: str, labels: dict[str, str]) -> str:
+    """A Markdown table of `measure_modes` rows under a one-line description of the setup."""
+    head = (f"{MODEL_LABEL}, {title.format(**vars(args))}, fp32, CPU, {rows[0]['threads']} threads; "
+            f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warmup\n")
+    lines = ["| mode | step (s), median | min | trainable params | share | peak RSS (MiB) | live peak (MiB) | RSS at start (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {labels[r['mode']].format(**vars(args))} | {r['step_s']:.3f} | {r['min_s']:.3f} | {r['trainable']:,} "
+                     f"| {r['trainable'] / r['total']:.2%} | {r['peak_rss_mib']:.0f} | {r['live_mib']:.0f} | {r['rss_before_mib']:.0f} |")
+    return head + "\n".join(lines)
+
+
+def bench_main(argv: list[str] | None, doc: str, module: str, run_mode: Callable[[str, argparse.Namespace], dict],
+               labels: dict[str, str], title: str, steps: int = 10, warmup: int = 3) -> None:
+    """The command line of a training-mode benchmark: `--modes` (keys of `labels`), sizes, rounds.
+
+    Run as a child (`--child MODE`), it runs one mode and prints its JSON; otherwise it measures
+    every mode in fresh interpreters and prints the table.
+    """
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--modes", default=",".join(labels))
+    add_common_args(p, steps, warmup)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_mode(args.child, args)))
+        return
+    modes = args.modes.split(",")
+    unknown = set(modes) - set(labels)
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; use some of {','.join(labels)}")
+    print(table(measure_modes(module, modes, args), args, title, labels))

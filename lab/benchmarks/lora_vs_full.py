@@ -9,10 +9,8 @@ Plain next-token loss on random tokens; the model and the memory columns are des
 from __future__ import annotations
 
 import argparse
-import json
 
-from lab.benchmarks.harness import (MODEL_LABEL, VOCAB, add_common_args, build_bench_model, measure_modes,
-                                    peak_rss_mib, timed_steps)
+from lab.benchmarks.harness import VOCAB, bench_main, build_bench_model, peak_rss_mib, timed_steps
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -43,27 +41,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
             "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> str:
-    head = (f"{MODEL_LABEL}, batch {args.batch}x{args.seq}, fp32, CPU, {rows[0]['threads']} threads; "
-            f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warmup\n")
-    lines = ["| mode | step (s), median | min | trainable params | share | peak RSS (MiB) | live peak (MiB) | RSS at start (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        label = "full fine-tuning" if r["mode"] == "full" else f"LoRA r={args.rank} q,k,v,o"
-        lines.append(f"| {label} | {r['step_s']:.3f} | {r['min_s']:.3f} | {r['trainable']:,} | {r['trainable'] / r['total']:.2%} "
-                     f"| {r['peak_rss_mib']:.0f} | {r['live_mib']:.0f} | {r['rss_before_mib']:.0f} |")
-    return head + "\n".join(lines)
+LABELS = {"full": "full fine-tuning", "lora": "LoRA r={rank} q,k,v,o"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", default="full,lora")
-    add_common_args(p)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_mode(args.child, args)))
-        return
-    print(table(measure_modes("lab.benchmarks.lora_vs_full", args.modes.split(","), args), args))
+    bench_main(argv, __doc__, "lab.benchmarks.lora_vs_full", run_mode, LABELS, "batch {batch}x{seq}")
 
 
 if __name__ == "__main__":
