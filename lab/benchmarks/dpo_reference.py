@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from lab.benchmarks.harness import VOCAB, bench_main, build_bench_model, peak_rss_mib, timed_steps
+from lab.benchmarks.harness import VOCAB, bench_adapter, bench_main, build_bench_model, train_and_time
 
 MODULE = "lab.benchmarks.dpo_reference"
 
@@ -40,36 +40,21 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     """Train `warmup + steps` DPO steps with the mode's reference; time the last `steps`."""
     import torch
 
-    from lab.adapters import apply_adapter
-    from lab.config import AdapterConfig, DPOConfig
+    from lab.config import DPOConfig
     from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
 
     model, batch = build_bench_model(), pair_batch(args)
-    kind = "lora" if mode == "lora" else "none"
     if mode == "copy":
         reference = copy_reference(copy.deepcopy(model).eval().requires_grad_(False))
     elif mode == "cached":
         with torch.no_grad():
             ref_w, ref_l, _, _ = pair_logps(model, batch)
         batch, reference = batch | {"ref_chosen": ref_w, "ref_rejected": ref_l}, cached_reference
-    adapters = apply_adapter(model, AdapterConfig(name=kind, kind=kind, rank=args.rank, alpha=2.0 * args.rank,
-                                                  targets=["q", "k", "v", "o"]))
+    adapters = bench_adapter(model, "lora" if mode == "lora" else "none", args.rank)
     if mode == "lora":
         reference = adapter_reference(adapters)
     objective = dpo_objective(DPOConfig(), reference)
-    opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-4)
-    rss_before = peak_rss_mib()
-
-    def step() -> None:
-        loss, _ = objective(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    times = timed_steps(step, args)
-    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(),
-            "total": sum(p.numel() for p in model.parameters()), "rss_before_mib": rss_before,
-            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    return train_and_time(mode, model, adapters, lambda: objective(model, batch)[0], args)
 
 
 LABELS = {"lora": "LoRA r={rank}, reference = adapter disabled", "copy": "full fine-tuning, frozen copy",

@@ -81,15 +81,32 @@ def measure_modes(module: str, modes: list[str], args: argparse.Namespace) -> li
     return rows
 
 
-def timed_steps(step: Callable[[], None], args: argparse.Namespace) -> list[float]:
-    """Call `step` warmup + steps times; the wall times of the last `steps` calls."""
+def bench_adapter(model, kind: str, rank: int):
+    """`apply_adapter` with the benchmarks' adapter: `kind` (none or lora) at `rank` on q, k, v, o."""
+    from lab.adapters import apply_adapter
+    from lab.config import AdapterConfig
+
+    return apply_adapter(model, AdapterConfig(name=kind, kind=kind, rank=rank, alpha=2.0 * rank, targets=["q", "k", "v", "o"]))
+
+
+def train_and_time(mode: str, model, adapters, loss: Callable[[], "torch.Tensor"], args: argparse.Namespace) -> dict:
+    """AdamW steps on `loss()` over the adapters' trainable parameters: `warmup + steps` of them, the
+    last `steps` timed. Returns the mode's row for `measure_modes` (times, parameter counts, memory)."""
+    import torch
+
+    opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-4)
+    rss_before = peak_rss_mib()
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        step()
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return times
+    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(),
+            "total": sum(p.numel() for p in model.parameters()), "rss_before_mib": rss_before,
+            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
 def table(rows: list[dict], args: argparse.Namespace, title: str, labels: dict[str, str]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lab.benchmarks.harness import VOCAB, bench_main, build_bench_model, peak_rss_mib, timed_steps
+from lab.benchmarks.harness import VOCAB, bench_adapter, bench_main, build_bench_model, train_and_time
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -18,27 +18,15 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lab.adapters import apply_adapter
-    from lab.config import AdapterConfig
-
     model = build_bench_model()
-    kind = "none" if mode == "full" else "lora"
-    adapters = apply_adapter(model, AdapterConfig(name=kind, kind=kind, rank=args.rank, alpha=2.0 * args.rank,
-                                                  targets=["q", "k", "v", "o"]))
-    opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-4)
+    adapters = bench_adapter(model, "none" if mode == "full" else "lora", args.rank)
     x = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
-    rss_before = peak_rss_mib()
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         logits = model(x[:, :-1])  # (B, T, V)
-        F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
 
-    times = timed_steps(step, args)
-    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(),
-            "total": sum(p.numel() for p in model.parameters()), "rss_before_mib": rss_before,
-            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    return train_and_time(mode, model, adapters, loss, args)
 
 
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r={rank} q,k,v,o"}
