@@ -6,7 +6,9 @@ With pi = log p_policy(y | x) and ref = log p_reference(y | x), for chosen (w) a
     logits = (pi_w - pi_l) - (ref_w - ref_l)
     sigmoid  (DPO, Rafailov et al. 2023): -(1 - eps) log s(beta logits) - eps log s(-beta logits)
              (eps = label_smoothing: conservative DPO)
-    ipo      (Azar et al. 2023):  (logits - 1 / (2 beta))^2
+    ipo      (Azar et al. 2023):  (logits - 1 / (2 beta))^2, on per-token mean log-probs (pi / |y|,
+             ref / |y|), as TRL does on the IPO authors' advice: on sums the squared loss's
+             gradients grow with the answers' length, and a full fine-tuning run diverged
     hinge    (SLiC, Zhao et al. 2023):  max(0, 1 - beta logits)
     simpo    (Meng et al. 2024, no reference): -log s(beta (pi_w / |y_w| - pi_l / |y_l|) - gamma),
              with gamma = simpo_gamma * beta
@@ -47,6 +49,8 @@ def preference_loss(cfg: DPOConfig, pi_w: torch.Tensor, pi_l: torch.Tensor, ref_
                     ref_l: Optional[torch.Tensor], n_w: torch.Tensor, n_l: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss over the batch, and the TRL-named metrics (means over the batch)."""
+    if cfg.loss == "ipo":  # per-token means (module docstring); the metrics report them too
+        pi_w, pi_l, ref_w, ref_l = pi_w / n_w, pi_l / n_l, ref_w / n_w, ref_l / n_l
     if cfg.loss == "simpo":
         reward_w, reward_l = cfg.beta * pi_w / n_w, cfg.beta * pi_l / n_l
         losses = -F.logsigmoid(reward_w - reward_l - cfg.simpo_gamma * cfg.beta)

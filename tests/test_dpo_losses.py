@@ -24,6 +24,8 @@ def logsig(x: float) -> float:
 def by_hand(loss: str, beta: float, eps: float = 0.0, gamma: float = 0.5) -> float:
     out = []
     for pw, pl, rw, rl, nw, nl in zip(PI_W.tolist(), PI_L.tolist(), REF_W.tolist(), REF_L.tolist(), N_W.tolist(), N_L.tolist()):
+        if loss == "ipo":  # IPO compares per-token mean log-probs, as TRL does
+            pw, pl, rw, rl = pw / nw, pl / nl, rw / nw, rl / nl
         h = (pw - pl) - (rw - rl)
         out.append({
             "sigmoid": -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h),
@@ -40,11 +42,12 @@ def test_each_loss_equals_its_formula(loss, beta, eps):
     cfg = DPOConfig(loss=loss, beta=beta, label_smoothing=eps)
     value, metrics = preference_loss(cfg, PI_W, PI_L, REF_W, REF_L, N_W, N_L)
     assert value.item() == pytest.approx(by_hand(loss, beta, eps), rel=1e-6)
+    pi_w, pi_l, ref_w, ref_l = (PI_W / N_W, PI_L / N_L, REF_W / N_W, REF_L / N_L) if loss == "ipo" else (PI_W, PI_L, REF_W, REF_L)
     if loss != "simpo":
-        rewards_w, rewards_l = beta * (PI_W - REF_W), beta * (PI_L - REF_L)
+        rewards_w, rewards_l = beta * (pi_w - ref_w), beta * (pi_l - ref_l)
         assert metrics["rewards/margins"].item() == pytest.approx((rewards_w - rewards_l).mean().item(), rel=1e-6)
         assert metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)  # pairs 1 and 3 prefer chosen
-    assert metrics["logps/chosen"].item() == pytest.approx(PI_W.mean().item())
+    assert metrics["logps/chosen"].item() == pytest.approx(pi_w.mean().item())
 
 
 def test_sequence_logps_counts_only_unmasked_positions():
