@@ -78,47 +78,53 @@ def _alpaca(record: dict, where: str) -> Conversation:
     return [*head, Message("user", user), Message("assistant", output)]
 
 
-def _turns(record: dict, fmt: str, where: str) -> list[Any]:
-    key = "messages" if fmt == "messages" else "conversations"
+@dataclass(frozen=True)
+class _ListForm:
+    """How a list-of-turns format names things."""
+
+    list_key: str  # the record's field holding the turns
+    role_key: str  # each turn's sender field
+    text_key: str  # each turn's text field
+    roles: dict[str, str]  # accepted sender names -> our roles
+    unknown_role: str  # what follows the unknown sender in its error
+
+
+_LIST_FORMS = {
+    "messages": _ListForm("messages", "role", "content", {r: r for r in ROLES}, f"; use one of {', '.join(ROLES)}"),
+    "sharegpt": _ListForm("conversations", "from", "value", _SHAREGPT_ROLES, " in 'from'; use one of human, gpt, system"),
+}
+
+
+def parse_turn(turn: Any, at: str, fmt: str = "messages") -> Message:
+    """One turn of a messages- or ShareGPT-form list as a Message.
+
+    Raises:
+        DataError: naming `at` (file:line and the turn's place): a missing field, an unknown sender,
+            or a text that is not a string.
+    """
+    form = _LIST_FORMS[fmt]
+    if not isinstance(turn, dict) or form.role_key not in turn or form.text_key not in turn:
+        raise DataError(f"{at} needs {form.role_key!r} and {form.text_key!r} ({fmt} format); fix the line")
+    sender, text = turn[form.role_key], turn[form.text_key]
+    if sender not in form.roles:
+        raise DataError(f"{at}: unknown role {sender!r}{form.unknown_role}")
+    if not isinstance(text, str):
+        raise DataError(f"{at}: {form.text_key!r} is a JSON {type(text).__name__}, not a string; make it a string")
+    return Message(form.roles[sender], text)
+
+
+def _list_form(record: dict, where: str, fmt: str) -> Conversation:
+    key = _LIST_FORMS[fmt].list_key
     if key not in record:
         raise DataError(f"{where}: missing field {key!r} ({fmt} format); add it, or fix the source's format")
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field {key!r} must be a non-empty list of turns ({fmt} format); fix the line")
-    return turns
+    return [parse_turn(turn, f"{where}: {key}[{j}]", fmt) for j, turn in enumerate(turns)]
 
 
-def _messages(record: dict, where: str) -> Conversation:
-    out = []
-    for j, turn in enumerate(_turns(record, "messages", where)):
-        at = f"{where}: messages[{j}]"
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise DataError(f"{at} needs 'role' and 'content' (messages format); fix the line")
-        role, content = turn["role"], turn["content"]
-        if role not in ROLES:
-            raise DataError(f"{at}: unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{at}: 'content' is a JSON {type(content).__name__}, not a string; make it a string")
-        out.append(Message(role, content))
-    return out
-
-
-def _sharegpt(record: dict, where: str) -> Conversation:
-    out = []
-    for j, turn in enumerate(_turns(record, "sharegpt", where)):
-        at = f"{where}: conversations[{j}]"
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise DataError(f"{at} needs 'from' and 'value' (sharegpt format); fix the line")
-        sender, value = turn["from"], turn["value"]
-        if sender not in _SHAREGPT_ROLES:
-            raise DataError(f"{at}: unknown role {sender!r} in 'from'; use one of human, gpt, system")
-        if not isinstance(value, str):
-            raise DataError(f"{at}: 'value' is a JSON {type(value).__name__}, not a string; make it a string")
-        out.append(Message(_SHAREGPT_ROLES[sender], value))
-    return out
-
-
-_PARSERS = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt}
+_PARSERS = {"alpaca": _alpaca, "messages": lambda r, w: _list_form(r, w, "messages"),
+            "sharegpt": lambda r, w: _list_form(r, w, "sharegpt")}
 
 
 def parse_record(record: Any, fmt: str, where: str) -> Conversation:

@@ -47,7 +47,7 @@ import torch
 
 from lab.config import DataConfig
 from lab.data.cache import atomic_directory, content_key
-from lab.data.chat import ROLES, Message
+from lab.data.chat import Message, parse_turn
 from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents
 from lab.data.sources import corpus_hash, iter_jsonl, require_kinds, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
@@ -71,22 +71,12 @@ class PreferencePair:
     rejected: str
 
 
-def _message(turn: Any, where: str) -> Message:
-    if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-        raise DataError(f"{where} needs 'role' and 'content'; fix the line")
-    if turn["role"] not in ROLES:
-        raise DataError(f"{where}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
-    if not isinstance(turn["content"], str):
-        raise DataError(f"{where}: 'content' is a JSON {type(turn['content']).__name__}, not a string; make it a string")
-    return Message(turn["role"], turn["content"])
-
-
 def _prompt(value: Any, where: str) -> tuple[Message, ...]:
     if isinstance(value, str):
         return (Message("user", value),)
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field 'prompt' must be a string or a non-empty list of messages; fix the line")
-    messages = tuple(_message(t, f"{where}: prompt[{j}]") for j, t in enumerate(value))
+    messages = tuple(parse_turn(t, f"{where}: prompt[{j}]") for j, t in enumerate(value))
     if messages[-1].role != "user":
         raise DataError(f"{where}: 'prompt' ends with a {messages[-1].role} turn; it must end with the user turn "
                         "being answered")
@@ -100,7 +90,7 @@ def _completion(value: Any, name: str, where: str) -> str:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field {name!r} must be a string, a message or a non-empty list of messages; "
                         "fix the line")
-    last = _message(turns[-1], f"{where}: {name}[{len(turns) - 1}]")
+    last = parse_turn(turns[-1], f"{where}: {name}[{len(turns) - 1}]")
     if last.role != "assistant":
         raise DataError(f"{where}: {name!r} ends with a {last.role} turn; its last message must be the assistant's "
                         "answer")
