@@ -117,3 +117,26 @@ def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# A seeded micro decoder for unit tests of the model and the adapters (vocabulary V).
+V = 97
+
+
+def micro(**overrides):
+    """The micro ModelConfig (2 layers, dim 64, GQA 4q/2kv), with `overrides`."""
+    from lab.config import ModelConfig
+
+    kw = dict(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def make(seed: int = 0, **overrides):
+    """A micro Decoder built under `torch.manual_seed(seed)`, in eval mode."""
+    import torch
+
+    from lab.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(micro(**overrides), V).eval()

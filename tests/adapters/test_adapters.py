@@ -10,23 +10,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lab.adapters import AdapterSet, LoRALinear, apply_adapter, blend_adapters, load_adapter
-from lab.config import AdapterConfig, ModelConfig
+from lab.config import AdapterConfig
 from lab.errors import ConfigError
-from lab.models import Decoder, build_model
+from lab.models import Decoder
+from labtest import V, make
 
-V = 97
 Q = "layers.0.attn.q_proj"
-
-
-def micro(**overrides) -> ModelConfig:
-    kw = dict(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    kw.update(overrides)
-    return ModelConfig(**kw)
-
-
-def make(seed: int = 0, **overrides) -> Decoder:
-    torch.manual_seed(seed)
-    return build_model(micro(**overrides), V).eval()
 
 
 def tokens(B: int = 4, T: int = 33, seed: int = 1) -> torch.Tensor:

@@ -12,21 +12,10 @@ from omegaconf import OmegaConf
 
 from lab.config import ModelConfig
 from lab.models import Decoder, build_model
+from labtest import V, make, micro
 from lab.models.decoder import Attention, segment_layout
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
-V = 97
-
-
-def micro(**overrides) -> ModelConfig:
-    kw = dict(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    kw.update(overrides)
-    return ModelConfig(**kw)
-
-
-def make(seed: int = 0, **overrides) -> Decoder:
-    torch.manual_seed(seed)
-    return build_model(micro(**overrides), V).eval()
 
 
 def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
