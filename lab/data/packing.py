@@ -117,36 +117,61 @@ def _pack_source(docs: list[str], split: tuple[np.ndarray, np.ndarray], tokenize
     return train, val, info
 
 
+Arrays = dict[str, np.ndarray]  # file suffix ("" for the tokens, "_mask", "_chosen", ...) -> rows
+
+
+def write_cache(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, hashes: list[str],
+                per_source: list[tuple[Arrays, Arrays, dict]], meta: dict) -> dict:
+    """Write a data cache folder atomically: `<split><suffix>.npy` for each split (the sources' rows
+    concatenated in config order) and meta.json.
+
+    Args:
+        per_source: for each of `cfg.sources`, its train arrays, its val arrays and its info dict.
+            The info gains the source's kind, path and corpus hash, and its `[start, stop)` rows in
+            each split (`train_rows`, `val_rows`), which is how mixture weights find them.
+        meta: what this kind of cache records beyond the shared header.
+
+    Returns:
+        meta.json's content: the shared header (tokenizer, seq_len, split settings, corpus hash,
+        row counts), then `meta`, then the sources' infos.
+    """
+    n_rows = {"train": 0, "val": 0}
+    for (train, val, info), source, corpus in zip(per_source, cfg.sources, hashes):
+        info.update(kind=source.kind, path=source.path, corpus_hash=corpus)
+        for split, arrays in (("train", train), ("val", val)):
+            n = len(next(iter(arrays.values())))
+            info[f"{split}_rows"] = [n_rows[split], n_rows[split] + n]
+            n_rows[split] += n
+    full = {"key": directory.name, "tokenizer_sha256": tokenizer.sha256, "tokenizer_kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
+            "split_seed": cfg.split_seed, "corpus_hash": content_key(hashes, length=64),
+            "n_train_rows": n_rows["train"], "n_val_rows": n_rows["val"], **meta,
+            "sources": [info for _, _, info in per_source]}
+    with atomic_directory(directory) as tmp:
+        for i, split in enumerate(("train", "val")):
+            for suffix in per_source[0][i]:
+                np.save(tmp / f"{split}{suffix}.npy", np.concatenate([parts[i][suffix] for parts in per_source]))
+        (tmp / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
+    return full
+
+
 def _write_packed(directory: Path, cfg: DataConfig, docs: list[list[str]], hashes: list[str],
                   splits: list[tuple[np.ndarray, np.ndarray]], tokenizer: Tokenizer) -> None:
     start = time.perf_counter()
-    trains, vals, infos = [], [], []
-    n_train = n_val = 0
+    per_source = []
     for i, source in enumerate(cfg.sources):
         label = _label(source, source_keys(cfg, i)[0], i)
         train, val, info = _pack_source(docs[i], splits[i], tokenizer, cfg.seq_len, label)
-        info.update(kind=source.kind, path=source.path, corpus_hash=hashes[i],
-                    train_rows=[n_train, n_train + len(train)], val_rows=[n_val, n_val + len(val)])
-        n_train, n_val = n_train + len(train), n_val + len(val)
-        trains.append(train), vals.append(val), infos.append(info)
-    if n_val == 0:
-        tokens = sum(i["n_tokens"] for i in infos)
-        raise DataError(f"data: the val split has fewer than data.seq_len+1={cfg.seq_len + 1} tokens (of {tokens} "
+        per_source.append(({"": train}, {"": val}, info))
+    n_tokens = sum(info["n_tokens"] for _, _, info in per_source)
+    if sum(len(val[""]) for _, val, _ in per_source) == 0:
+        raise DataError(f"data: the val split has fewer than data.seq_len+1={cfg.seq_len + 1} tokens (of {n_tokens} "
                         f"in all); lower data.seq_len or raise data.val_fraction={cfg.val_fraction}")
-    meta = {
-        "version": FORMAT_VERSION, "key": directory.name, "tokenizer_sha256": tokenizer.sha256,
-        "tokenizer_kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len,
-        "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed,
-        "corpus_hash": content_key(hashes, length=64), "n_train_rows": n_train, "n_val_rows": n_val,
-        "n_tokens": sum(i["n_tokens"] for i in infos), "sources": infos,
-        "pack_seconds": round(time.perf_counter() - start, 3),
-    }
-    with atomic_directory(directory) as tmp:
-        np.save(tmp / "train.npy", np.concatenate(trains))
-        np.save(tmp / "val.npy", np.concatenate(vals))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = write_cache(directory, cfg, tokenizer, hashes, per_source,
+                       {"version": FORMAT_VERSION, "n_tokens": n_tokens,
+                        "pack_seconds": round(time.perf_counter() - start, 3)})
     log.info("packed %d train / %d val rows of %d tokens in %.1fs <data.seq_len=%d> -> %s",
-             n_train, n_val, cfg.seq_len + 1, meta["pack_seconds"], cfg.seq_len, directory)
+             meta["n_train_rows"], meta["n_val_rows"], cfg.seq_len + 1, meta["pack_seconds"], cfg.seq_len, directory)
 
 
 def mixture_row_weights(meta: dict, weights: Optional[Sequence[float]]) -> Optional[np.ndarray]:

@@ -46,9 +46,10 @@ import numpy as np
 import torch
 
 from lab.config import DataConfig
-from lab.data.cache import atomic_directory, content_key
+from lab.data.cache import content_key
 from lab.data.chat import Message, parse_turn
-from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents
+from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
+                              write_cache)
 from lab.data.sources import corpus_hash, iter_jsonl, require_kinds, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
@@ -302,28 +303,16 @@ def _encode_source(pairs: list[PreferencePair], cfg: DataConfig, tokenizer: Toke
 def _write(directory: Path, cfg: DataConfig, pairs: list[list[PreferencePair]], hashes: list[str],
            tokenizer: Tokenizer) -> None:
     start = time.perf_counter()
-    parts: dict[str, list[PreferenceRows]] = {"train": [], "val": []}
-    infos = []
-    n_train = n_val = 0
-    for i, source in enumerate(cfg.sources):
+    per_source = []
+    for i in range(len(cfg.sources)):
         train, val, info = _encode_source(pairs[i], cfg, tokenizer, _label(cfg, i))
-        info.update(kind=source.kind, path=source.path, corpus_hash=hashes[i],
-                    train_rows=[n_train, n_train + len(train.chosen)], val_rows=[n_val, n_val + len(val.chosen)])
-        n_train, n_val = n_train + len(train.chosen), n_val + len(val.chosen)
-        parts["train"].append(train), parts["val"].append(val), infos.append(info)
-    counts = ("n_pairs", "n_skipped_identical", "n_skipped_long_prompt", "n_truncated")
-    totals = {k: sum(info[k] for info in infos) for k in counts}
-    meta = {"version": PREF_FORMAT_VERSION, "kind": "preference", "key": directory.name, "template": cfg.template,
-            "tokenizer_sha256": tokenizer.sha256, "tokenizer_kind": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
-            "split_seed": cfg.split_seed, "corpus_hash": content_key(hashes, length=64),
-            "n_train_rows": n_train, "n_val_rows": n_val, "n_train_pairs": n_train, "n_val_pairs": n_val,
-            **totals, "sources": infos, "encode_seconds": round(time.perf_counter() - start, 3)}
-    with atomic_directory(directory) as tmp:
-        for split, rows in parts.items():
-            for name in ARRAYS:
-                np.save(tmp / f"{split}_{name}.npy", np.concatenate([getattr(r, name) for r in rows]))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        train_arrays, val_arrays = ({f"_{name}": getattr(r, name) for name in ARRAYS} for r in (train, val))
+        per_source.append((train_arrays, val_arrays, info))
+    counts = ("n_pairs", "n_train_pairs", "n_val_pairs", "n_skipped_identical", "n_skipped_long_prompt", "n_truncated")
+    totals = {k: sum(info[k] for _, _, info in per_source) for k in counts}
+    meta = write_cache(directory, cfg, tokenizer, hashes, per_source,
+                       {"version": PREF_FORMAT_VERSION, "kind": "preference", "template": cfg.template, **totals,
+                        "encode_seconds": round(time.perf_counter() - start, 3)})
     if totals["n_skipped_identical"]:
         log.warning("skipped %d of %d preference pairs whose chosen equals rejected (no preference signal)",
                     totals["n_skipped_identical"], totals["n_pairs"])
@@ -332,7 +321,8 @@ def _write(directory: Path, cfg: DataConfig, pairs: list[list[PreferencePair]], 
                     "(completions cut to fit) <data.seq_len=%d>", totals["n_skipped_long_prompt"],
                     totals["n_truncated"], cfg.seq_len)
     log.info("encoded %d preference pairs into %d train / %d val pairs of %d tokens in %.1fs <data.template=%s> -> %s",
-             totals["n_pairs"], n_train, n_val, cfg.seq_len + 1, meta["encode_seconds"], cfg.template, directory)
+             totals["n_pairs"], meta["n_train_rows"], meta["n_val_rows"], cfg.seq_len + 1, meta["encode_seconds"],
+             cfg.template, directory)
 
 
 def load_preference_data(directory: Path, tokenizer: Tokenizer,

@@ -17,7 +17,6 @@ padding, prompts and example boundaries never count in the loss.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +27,11 @@ import numpy as np
 import torch
 
 from lab.config import DataConfig, SourceConfig
-from lab.data.cache import atomic_directory, content_key
+from lab.data.cache import content_key
 from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
-from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents
+from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
+                              write_cache)
 from lab.data.sources import require_kinds, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
@@ -189,34 +189,24 @@ def _pack_source(examples: list[Example], split: tuple[np.ndarray, np.ndarray], 
 def _write_sft(directory: Path, cfg: DataConfig, examples: list[list[Example]], hashes: list[str],
                splits: list[tuple[np.ndarray, np.ndarray]], tokenizer: Tokenizer) -> None:
     start = time.perf_counter()
-    trains, vals, infos = [], [], []
-    n_train = n_val = 0
+    per_source = []
     for i, source in enumerate(cfg.sources):
         train, val, info = _pack_source(examples[i], splits[i], cfg, tokenizer, _label(cfg, i))
-        info.update(kind=source.kind, path=source.path, format=source.format, corpus_hash=hashes[i],
-                    train_rows=[n_train, n_train + len(train.tokens)], val_rows=[n_val, n_val + len(val.tokens)])
-        n_train, n_val = n_train + len(train.tokens), n_val + len(val.tokens)
-        trains.append(train), vals.append(val), infos.append(info)
-    totals = {k: sum(i[k] for i in infos) for k in ("n_examples", "n_tokens", "n_trainable_tokens",
-                                                     "n_truncated", "n_dropped")}
-    meta = {"version": SFT_FORMAT_VERSION, "kind": "sft", "key": directory.name, "template": cfg.template,
-            "tokenizer_sha256": tokenizer.sha256, "tokenizer_kind": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
-            "split_seed": cfg.split_seed, "corpus_hash": content_key(hashes, length=64),
-            "n_train_rows": n_train, "n_val_rows": n_val, **totals, "sources": infos,
-            "pack_seconds": round(time.perf_counter() - start, 3)}
-    with atomic_directory(directory) as tmp:
-        for name, parts in (("train", trains), ("val", vals)):
-            np.save(tmp / f"{name}.npy", np.concatenate([p.tokens for p in parts]))
-            np.save(tmp / f"{name}_mask.npy", np.concatenate([p.mask for p in parts]))
-            np.save(tmp / f"{name}_segments.npy", np.concatenate([p.segments for p in parts]))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        info["format"] = source.format
+        train_arrays, val_arrays = ({"": r.tokens, "_mask": r.mask, "_segments": r.segments} for r in (train, val))
+        per_source.append((train_arrays, val_arrays, info))
+    totals = {k: sum(info[k] for _, _, info in per_source)
+              for k in ("n_examples", "n_tokens", "n_trainable_tokens", "n_truncated", "n_dropped")}
+    meta = write_cache(directory, cfg, tokenizer, hashes, per_source,
+                       {"version": SFT_FORMAT_VERSION, "kind": "sft", "template": cfg.template, **totals,
+                        "pack_seconds": round(time.perf_counter() - start, 3)})
     if totals["n_truncated"] or totals["n_dropped"]:
         log.warning("%d of %d SFT examples are longer than data.seq_len+1=%d tokens: %d truncated, %d dropped "
                     "(no answer left) <data.seq_len=%d>", totals["n_truncated"] + totals["n_dropped"],
                     totals["n_examples"], cfg.seq_len + 1, totals["n_truncated"], totals["n_dropped"], cfg.seq_len)
     log.info("packed %d SFT examples into %d train / %d val rows of %d tokens in %.1fs <data.template=%s> -> %s",
-             totals["n_examples"], n_train, n_val, cfg.seq_len + 1, meta["pack_seconds"], cfg.template, directory)
+             totals["n_examples"], meta["n_train_rows"], meta["n_val_rows"], cfg.seq_len + 1, meta["pack_seconds"],
+             cfg.template, directory)
 
 
 def load_sft_packed(directory: Path, tokenizer: Tokenizer, weights: Optional[Sequence[float]] = None) -> SFTPackedData:
