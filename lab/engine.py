@@ -156,7 +156,7 @@ class Trainer:
 
     def step_and_log(self) -> dict[str, float]:
         """One step, its checks, and its metrics: the engine's whole per-step path."""
-        t0 = time.perf_counter()
+        t0, seen = time.perf_counter(), self.state.tokens_seen
         metrics = self.train_step()
         self.state.step += 1
         step = self.state.step
@@ -164,8 +164,8 @@ class Trainer:
             metrics["train/adapter_merges"] = step // self.cfg.adapter.merge_every
         if not math.isfinite(metrics["train/loss"]):
             self._diverged(metrics["train/loss"])
-        per_step = self.cfg.hardware.micro_batch * self.cfg.hardware.grad_accum * self.acc.num_processes
-        metrics["train/tokens_per_sec"] = per_step * self.cfg.data.seq_len / (time.perf_counter() - t0)
+        # the tokens this step counted: DPO batches are narrower than data.seq_len
+        metrics["train/tokens_per_sec"] = (self.state.tokens_seen - seen) / (time.perf_counter() - t0)
         metrics["train/tokens_seen"] = self.state.tokens_seen
         self.steps_here += 1
         if self.steps_here == 1:  # the first step this process took
