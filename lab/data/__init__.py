@@ -12,7 +12,7 @@ DPO: `prepare_preference_data(cfg.data, tokenizer, cache_dir)` reads preference 
 and returns `PreferenceData`, whose batches are dicts of chosen/rejected inputs and masked targets.
 """
 from lab.data.chat import FORMATS, Conversation, Message, parse_record, read_chat_files
-from lab.data.kjv_sft import build_kjv_sft, read_kjv_verses
+from lab.data.kjv_sft import build_kjv_sft
 from lab.data.kjv_pref import build_kjv_pref
 from lab.data.packing import (
     PackedData,
@@ -40,7 +40,7 @@ from lab.data.sft import (
     pack_examples,
     prepare_sft_data,
 )
-from lab.data.sources import corpus_hash, kjv_path, read_kjv, read_source, read_sources, resolve_paths
+from lab.data.sources import corpus_hash, kjv_path, read_kjv, read_kjv_verses, read_source, read_sources, resolve_paths
 from lab.data.stream import BatchStream, val_batches
 from lab.data.templates import (
     TEMPLATES,

