@@ -22,9 +22,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lab.errors import CheckpointError
+from lab.files import load_safetensors, load_torch, read_json
 
 WEIGHTS = "model.safetensors"
 
@@ -40,7 +41,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values, so `torch.load(weights_only=True)` reads it."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +52,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -111,8 +116,9 @@ def write_export(
 
 
 def _prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and half-written ones a killed process left behind."""
     done = sorted((p for p in run_dir.glob("step_*") if (p / "meta.json").exists()), key=lambda p: p.name)
-    for old in done[:-keep] if keep > 0 else []:
+    for old in [*(done[:-keep] if keep > 0 else []), *run_dir.glob(".step_*.tmp")]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -120,7 +126,11 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     meta_file = ckpt / "meta.json"
     if not meta_file.exists():
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no meta.json); point train.resume at a step_* folder")
-    return json.loads(meta_file.read_text())
+    return read_json(meta_file, "checkpoint meta")
+
+
+def read_model_config(ckpt: Path) -> dict[str, Any]:
+    return read_json(ckpt / "model_config.json", "checkpoint model config")
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,7 +141,7 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     expected = set(weights_of(model))
-    tensors = load_file(str(ckpt / WEIGHTS))
+    tensors = load_safetensors(ckpt / WEIGHTS, f"weights of checkpoint {ckpt}")
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise CheckpointError(
@@ -142,9 +152,9 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The shared trainer state and this rank's RNG state."""
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    """The shared trainer state and this rank's RNG state (tensors and plain data only: see `load_torch`)."""
+    state = load_torch(ckpt / "trainer_state.pt", "trainer state")
     rng_file = ckpt / f"rng_rank{rank}.pt"
     if not rng_file.exists():
         raise CheckpointError(f"{rng_file} is missing: the checkpoint was made with fewer processes; resume with the same number")
-    return state, torch.load(rng_file, weights_only=False)
+    return state, load_torch(rng_file, "RNG state")

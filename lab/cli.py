@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from lab.config import register_schemas
+from lab.config import register_schemas, to_run_config
 from lab.console import held_stderr
 from lab.errors import LabError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("lab")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`): ended like Ctrl-C, so the run is marked KILLED."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def job(cfg: DictConfig) -> float | None:
@@ -23,20 +32,21 @@ def job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lab.runner import execute
-    from lab.stages import STAGES
-
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return execute(cfg, STAGES).value
+        if not multirun:  # a config error answers before torch and MLflow load (a sweep records it as a run)
+            to_run_config(cfg)
+        from lab.runner import execute
+
+        return execute(cfg).value
     except LabError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if multirun:
             return math.nan  # the job is recorded FAILED; the other jobs go on
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked FAILED; continue with train.resume=auto", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print("interrupted: the MLflow run is marked KILLED; continue with train.resume=auto", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception:
         if not multirun:
             raise  # a bug: Hydra prints the traceback
@@ -46,6 +56,20 @@ def job(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point. Hydra's composition errors are folded into one line."""
+    from lab.sweeps import end_open_parent
+
     register_schemas()
-    with held_stderr:
-        hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with held_stderr:
+            hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)()
+    except KeyboardInterrupt:
+        end_open_parent("KILLED", "interrupted by the user (Ctrl-C or SIGTERM)")
+        raise
+    except SystemExit as e:
+        if e.code not in (0, None):
+            end_open_parent("FAILED", held_stderr.error or f"the sweep stopped with exit code {e.code}")
+        raise
+    except BaseException as e:
+        end_open_parent("FAILED", f"{type(e).__name__}: {e}".splitlines()[0])
+        raise

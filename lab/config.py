@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,33 +22,94 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lab.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A numeric key's valid range, written as in maths: "[1, inf)", "(0, 1]"."""
+
+    lo: float
+    hi: float
+    lo_closed: bool
+    hi_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Interval":
+        m = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
+        if m is None:
+            raise ValueError(f"bad interval {text!r}; write e.g. [0, 1) or (0, inf)")
+        return cls(float(m[2]), float(m[3]), m[1] == "[", m[4] == "]")
+
+    def __contains__(self, x: float) -> bool:
+        above = x >= self.lo if self.lo_closed else x > self.lo
+        below = x <= self.hi if self.hi_closed else x < self.hi
+        return above and below
+
+    def describe(self) -> str:
+        """"to at least 1", "> 0", "in [0, 1)": how the error message says it."""
+        def num(x: float) -> str:
+            return str(int(x)) if x.is_integer() else repr(x)
+
+        if math.isinf(self.hi):
+            return f"to at least {num(self.lo)}" if self.lo_closed else f"> {num(self.lo)}"
+        return f"in {'[' if self.lo_closed else '('}{num(self.lo)}, {num(self.hi)}{']' if self.hi_closed else ')'}"
+
+
+def ranged(default: Any, interval: str) -> Any:
+    """A numeric field whose value must lie in `interval`; `check_ranges` enforces it."""
+    return field(default=default, metadata={"interval": Interval.parse(interval)})
+
+
+def check_ranges(node: Any, prefix: str) -> None:
+    """Raise ConfigError, naming the key, for any field of `node` outside its declared interval."""
+    for f in dataclasses.fields(node):
+        interval, value = f.metadata.get("interval"), getattr(node, f.name)
+        if interval is None or value is None:
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value in interval):
+            raise ConfigError(f"{prefix}.{f.name}={value} is out of range: set it {interval.describe()}")
+
+
+STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare")  # the keys of lab.stages.STAGES
+# The source kinds each kind of training reads; the first is the built-in default, the last reads files.
+READS = {"pretraining": ("kjv", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
+STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO"}
+STARTS_FROM_A_MODEL = ("sft", "dpo")
+
 
 @dataclass
 class StageConfig:
     name: str = "pretrain"  # key into lab.stages.STAGES
-    bench_steps: int = 10  # bench: timed steps per loop in each round
-    bench_warmup: int = 3  # bench: untimed steps of each loop before timing
-    bench_rounds: int = 6  # bench: rounds of engine and bare chunks, interleaved; medians are reported
+    bench_steps: int = ranged(10, "[1, inf)")  # bench: timed steps per loop in each round
+    bench_warmup: int = ranged(3, "[0, inf)")  # bench: untimed steps of each loop before timing
+    bench_rounds: int = ranged(6, "[1, inf)")  # bench: rounds of engine and bare chunks, interleaved; medians are reported
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "stage")
+        if self.name not in STAGE_NAMES:
+            raise ConfigError(f"stage.name={self.name!r} is unknown; choose one of {', '.join(sorted(STAGE_NAMES))}")
 
 
 @dataclass
 class ModelConfig:
     name: str = "micro"
-    dim: int = 64  # residual stream width
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # grouped-query attention; None means n_heads (plain MHA)
-    ffn_dim: Optional[int] = None  # SwiGLU hidden width; None means 8/3*dim rounded up to multiple_of
-    multiple_of: int = 32
-    max_seq_len: int = 256  # context length; RoPE tables are built for this many positions
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    dim: int = ranged(64, "[1, inf)")  # residual stream width
+    n_layers: int = ranged(2, "[1, inf)")
+    n_heads: int = ranged(4, "[1, inf)")
+    n_kv_heads: Optional[int] = ranged(None, "[1, inf)")  # grouped-query attention; None means n_heads (plain MHA)
+    ffn_dim: Optional[int] = ranged(None, "[1, inf)")  # SwiGLU hidden width; None means 8/3*dim rounded up to multiple_of
+    multiple_of: int = ranged(32, "[1, inf)")
+    max_seq_len: int = ranged(256, "[1, inf)")  # context length; RoPE tables are built for this many positions
+    rope_theta: float = ranged(10000.0, "(0, inf)")
+    norm_eps: float = ranged(1e-5, "(0, inf)")
     tie_embeddings: bool = True  # share the token embedding with the output head
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, "[0, 1)")
     deepnorm: bool = False  # DeepNorm (Wang et al. 2022): post-norm with scaled residual and init
-    init_std: float = 0.02
+    init_std: float = ranged(0.02, "(0, inf)")
 
     def __post_init__(self) -> None:
+        check_ranges(self, "model")
         kv = self.n_kv_heads or self.n_heads
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
@@ -59,12 +123,13 @@ class ModelConfig:
 class TokenizerConfig:
     name: str = "bpe"
     kind: str = "bpe"  # byte | bpe | unigram
-    vocab_size: int = 8192  # SentencePiece only; byte is always 256 + specials
-    character_coverage: float = 1.0
-    max_train_chars: int = 20_000_000  # cap on text fed to SentencePiece training
+    vocab_size: int = ranged(8192, "[32, inf)")  # SentencePiece only; byte is always 256 + specials
+    character_coverage: float = ranged(1.0, "(0, 1]")
+    max_train_chars: int = ranged(20_000_000, "[1, inf)")  # cap on text fed to SentencePiece training
     special_tokens: list[str] = field(default_factory=lambda: ["<|im_start|>", "<|im_end|>"])
 
     def __post_init__(self) -> None:
+        check_ranges(self, "tokenizer")
         if self.kind not in ("byte", "bpe", "unigram"):
             raise ConfigError(f"tokenizer.kind={self.kind!r} is unknown; use byte, bpe or unigram")
 
@@ -75,7 +140,7 @@ class SourceConfig:
     path: Optional[str] = None  # text: a file, glob or folder; jsonl and chat: a file or glob
     text_field: str = "text"  # jsonl: the field holding the text
     format: str = "auto"  # chat: alpaca | messages | sharegpt | auto (detected per record)
-    weight: float = 1.0  # share of training sequences drawn from this source in a mixture
+    weight: float = ranged(1.0, "(0, inf)")  # share of training sequences drawn from this source in a mixture
 
 
 SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference")
@@ -89,29 +154,27 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     path: Optional[str] = None  # shortcut for sources[0].path when there is one source
     text_field: Optional[str] = None  # shortcut for sources[0].text_field when there is one source
-    seq_len: int = 256  # tokens per packed training sequence
-    val_fraction: float = 0.05  # share of documents held out for validation
+    seq_len: int = ranged(256, "[2, inf)")  # tokens per packed training sequence
+    val_fraction: float = ranged(0.05, "(0, 1)")  # share of documents held out for validation
     template: str = "chatml"  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
-    split_seed: int = 1234  # seeds the document-level train/val split
+    split_seed: int = ranged(1234, "[0, inf)")  # seeds the document-level train/val split
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ConfigError(f"data.sources is empty; name at least one source (kind: {', '.join(SOURCE_KINDS)})")
+        check_ranges(self, "data")
         self._apply_shortcuts()
         for i, s in enumerate(self.sources):
+            check_ranges(s, f"data.sources[{i}]")
             if s.kind not in SOURCE_KINDS:
                 raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
             if s.kind not in ("kjv", "kjv_sft", "kjv_pref") and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
-            if s.weight <= 0:
-                raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
         for i, s in enumerate(self.sources):
             if s.format not in CHAT_FORMATS:
                 raise ConfigError(f"data.sources[{i}].format={s.format!r} is unknown; use one of {', '.join(CHAT_FORMATS)}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"data.template={self.template!r} is unknown; use one of {', '.join(TEMPLATES)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
 
     def _apply_shortcuts(self) -> None:
         for key in ("path", "text_field"):
@@ -127,25 +190,20 @@ class DataConfig:
 class AdapterConfig:
     name: str = "none"
     kind: str = "none"  # none (full fine-tuning) | lora | dora | relora | rank1
-    rank: int = 8  # r; rank1 always uses 1
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapter's input
+    rank: int = ranged(8, "[1, inf)")  # r; rank1 always uses 1
+    alpha: float = ranged(16.0, "(0, inf)")  # the update is scaled by alpha / rank
+    dropout: float = ranged(0.0, "[0, 1)")  # on the adapter's input
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # among q k v o gate up down
-    merge_every: int = 0  # relora and rank1: steps between merging the adapter into the base and restarting it
-    optimizer_reset: float = 0.99  # relora: share of each adapter's optimizer state zeroed at a merge (by magnitude)
-    rewarmup_steps: int = 10  # relora: the learning rate re-warms over this many steps after each merge
+    merge_every: int = ranged(0, "[0, inf)")  # relora and rank1: steps between merging the adapter into the base and restarting it
+    optimizer_reset: float = ranged(0.99, "[0, 1]")  # relora: share of each adapter's optimizer state zeroed at a merge (by magnitude)
+    rewarmup_steps: int = ranged(10, "[0, inf)")  # relora: the learning rate re-warms over this many steps after each merge
     merge: bool = False  # at the end, also export full weights with the adapter merged in
 
     def __post_init__(self) -> None:
+        check_ranges(self, "adapter")
         kinds = ("none", "lora", "dora", "relora", "rank1")
         if self.kind not in kinds:
             raise ConfigError(f"adapter.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
-        if self.rank < 1:
-            raise ConfigError(f"adapter.rank={self.rank} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"adapter.dropout={self.dropout} must be in [0, 1)")
-        if not 0.0 <= self.optimizer_reset <= 1.0:
-            raise ConfigError(f"adapter.optimizer_reset={self.optimizer_reset} must be in [0, 1]")
         if self.kind in ("relora", "rank1") and self.merge_every < 1:
             raise ConfigError(f"adapter={self.name} merges periodically: set adapter.merge_every to a positive step count")
 
@@ -155,13 +213,14 @@ class HardwareConfig:
     name: str = "cpu"
     device: str = "cpu"  # cpu | cuda | mps
     precision: str = "bf16"  # bf16 | fp16 | fp32; bf16 falls back to fp32 where the device lacks it
-    micro_batch: int = 8  # sequences per forward pass
-    grad_accum: int = 1  # micro-batches per optimizer step
+    micro_batch: int = ranged(8, "[1, inf)")  # sequences per forward pass
+    grad_accum: int = ranged(1, "[1, inf)")  # micro-batches per optimizer step
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
-    peak_tflops: Optional[float] = None  # dense bf16/fp16 peak, for MFU; None where unknown
+    peak_tflops: Optional[float] = ranged(None, "(0, inf)")  # dense bf16/fp16 peak, for MFU; None where unknown
 
     def __post_init__(self) -> None:
+        check_ranges(self, "hardware")
         if self.device not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"hardware.device={self.device!r} is unknown; use cpu, cuda or mps")
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -173,44 +232,53 @@ class TrackingConfig:
     name: str = "mlflow"
     uri: Optional[str] = None  # None: embedded sqlite store under paths.outputs; or http://host:port
     experiment: str = "lab"
-    flush_every: int = 50  # steps between metric batches sent to MLflow
+    flush_every: int = ranged(50, "[1, inf)")  # steps between metric batches sent to MLflow (and before every checkpoint)
+    system_metrics_every: float = ranged(10.0, "[0, inf)")  # seconds between system/* samples (CPU, memory, GPU); 0: off
+    registered_model: Optional[str] = None  # register final weights under this name; None: <experiment>-<stage>-<model>; "": don't
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "tracking")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 400  # optimizer steps; the schedule spans exactly this many
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine and linear decay end at lr * min_lr_ratio
-    warmup_steps: int = 40
+    max_steps: int = ranged(400, "[1, inf)")  # optimizer steps; the schedule spans exactly this many
+    lr: float = ranged(3e-3, "(0, inf)")
+    min_lr_ratio: float = ranged(0.1, "[0, 1]")  # cosine and linear decay end at lr * min_lr_ratio
+    warmup_steps: int = ranged(40, "[0, inf)")  # longer than the run: a tenth of train.max_steps
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    weight_decay: float = 0.1
+    weight_decay: float = ranged(0.1, "[0, inf)")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    seed: int = 1337
-    eval_every: int = 100  # steps between evaluations (and sample generations); 0: only at the end
-    eval_batches: int = 20  # micro-batches per evaluation
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept per run; older ones are deleted
+    grad_clip: float = ranged(1.0, "[0, inf)")  # max global grad norm; 0 disables clipping
+    seed: int = ranged(1337, "[0, 4294967295]")  # numpy seeds take 32 bits
+    eval_every: int = ranged(100, "[0, inf)")  # steps between evaluations (and sample generations); 0: only at the end
+    eval_batches: int = ranged(20, "[0, inf)")  # micro-batches per evaluation; 0: all of them
+    save_every: int = ranged(0, "[0, inf)")  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = ranged(2, "[0, inf)")  # newest checkpoints kept per run, older ones deleted; 0: keep all
     resume: str = "never"  # never | auto (latest checkpoint of this config) | a checkpoint path
-    stop_at_step: Optional[int] = None  # stop after this step with a checkpoint, schedule unchanged
+    stop_at_step: Optional[int] = ranged(None, "[1, inf)")  # stop after this step with a checkpoint, schedule unchanged
     sample_prompt: str = "In the beginning"
-    sample_tokens: int = 48
+    sample_tokens: int = ranged(48, "[0, inf)")
     progress: bool = True  # live progress bar on rank 0
 
     def __post_init__(self) -> None:
+        check_ranges(self, "train")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.schedule={self.schedule!r} is unknown; use cosine, linear or constant")
-        if self.max_steps < 1:
-            raise ConfigError(f"train.max_steps={self.max_steps} must be at least 1")
-        if self.warmup_steps > self.max_steps:
-            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}; lower train.warmup_steps")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas={list(self.betas)} must be two numbers in [0, 1), e.g. train.betas=[0.9,0.95]")
+        if self.warmup_steps >= self.max_steps:  # a short run must just work: warm up over a tenth of it
+            scaled = self.max_steps // 10
+            log.warning("train.warmup_steps=%d is not shorter than train.max_steps=%d; warming up over %d steps "
+                        "instead (a tenth of the run)", self.warmup_steps, self.max_steps, scaled)
+            self.warmup_steps = scaled
 
 
 @dataclass
 class PathsConfig:
     outputs: str = "outputs"  # relative to the directory lab is launched from
-    cache: str = "outputs/cache"  # tokenizers and packed datasets, keyed by content hash
-    checkpoints: str = "outputs/checkpoints"  # one folder per MLflow run id
+    cache: str = "${paths.outputs}/cache"  # tokenizers and packed datasets, keyed by content hash
+    checkpoints: str = "${paths.outputs}/checkpoints"  # one folder per MLflow run id
 
 
 @dataclass
@@ -236,9 +304,10 @@ class CompareConfig:
     curve: str = "train/loss"  # metric drawn over steps, one line per run
     param: Optional[str] = None  # x axis of the final-metric plot; None: the first param that differs
     diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
-    max_runs: int = 500
+    max_runs: int = ranged(500, "[1, inf)")
 
     def __post_init__(self) -> None:
+        check_ranges(self, "compare")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"compare.mode={self.mode!r} is unknown; use min or max")
         if not self.metrics:
@@ -250,20 +319,17 @@ class CompareConfig:
 @dataclass
 class DPOConfig:
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
-    beta: float = 0.1  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
-    label_smoothing: float = 0.0  # sigmoid only: conservative DPO, the assumed share of flipped labels
-    simpo_gamma: float = 0.5  # simpo only: the target margin, as gamma / beta
+    beta: float = ranged(0.1, "(0, inf)")  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
+    label_smoothing: float = ranged(0.0, "[0, 0.5)")  # sigmoid only: conservative DPO, the assumed share of flipped labels
+    simpo_gamma: float = ranged(0.5, "[0, inf)")  # simpo only: the target margin, as gamma / beta
     reference: str = "cached"  # full fine-tuning: cached (log-probs computed once) | copy (a frozen model copy)
 
     def __post_init__(self) -> None:
+        check_ranges(self, "dpo")
         if self.loss not in DPO_LOSSES:
             raise ConfigError(f"dpo.loss={self.loss!r} is unknown; use one of {', '.join(DPO_LOSSES)}")
         if self.reference not in ("cached", "copy"):
             raise ConfigError(f"dpo.reference={self.reference!r} is unknown; use cached or copy")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta={self.beta} must be positive")
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
@@ -300,13 +366,33 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.check_context()
+        self.check_stage()
+
+    def check_stage(self) -> None:
+        """The data the stage reads, and a starting model where it needs one."""
+        stage = self.stage.name
+        if stage in STAGE_READS:
+            require_kinds(self.data, STAGE_READS[stage])
+        if stage in STARTS_FROM_A_MODEL and not self.init_from:
+            raise ConfigError(f"stage={stage} starts from a trained model: set init_from=<run id | runs:/<id> | "
+                              "models:/<name>/<version> | checkpoint path>")
 
     def check_context(self) -> None:
+        """Every model runs with every data option's defaults: RoPE has no learned positions, so a
+        context shorter than `data.seq_len` is only the size of a table, and it grows."""
         if self.data.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
-                f"of model={self.model.name}; lower data.seq_len or raise model.max_seq_len"
-            )
+            log.info("model.max_seq_len raised from %d to data.seq_len=%d (model=%s; RoPE tables grow freely)",
+                     self.model.max_seq_len, self.data.seq_len, self.model.name)
+            self.model.max_seq_len = self.data.seq_len
+
+
+def require_kinds(cfg: DataConfig, reader: str) -> None:
+    """Raise ConfigError, naming the key, for a source that `reader` (a key of READS) cannot read."""
+    kinds = READS[reader]
+    for i, source in enumerate(cfg.sources):
+        if source.kind not in kinds:
+            raise ConfigError(f"data.sources[{i}].kind={source.kind!r} is not read by {reader}, which reads "
+                              f"{', '.join(kinds)}; e.g. data={kinds[0]} or data.sources[{i}].kind={kinds[-1]}")
 
 
 # Keys that do not change what a run computes; left out of the config hash that identifies a run.
@@ -333,7 +419,12 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Turn a composed config into typed objects, running every cross-field check."""
+    """Turn a composed config into typed objects, running every check a run makes of its config before
+    it touches the machine: types, ranges, cross-field rules, the stage's data and starting model.
+
+    Raises:
+        ConfigError: one line naming the key and the fix.
+    """
     try:
         data = resolved(cfg)
     except MissingMandatoryValue as e:

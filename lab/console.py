@@ -35,6 +35,7 @@ class HeldStderr:
         self._real: Any = sys.stderr
         self._held = io.StringIO()
         self._released = True
+        self.error = ""  # the one line printed, if composition failed
 
     def __enter__(self) -> "HeldStderr":
         self._real, self._held, self._released = sys.stderr, io.StringIO(), False
@@ -47,7 +48,12 @@ class HeldStderr:
             self._released = True
             text = self._held.getvalue()
             failed = exc_type is SystemExit and exc.code not in (0, None)
+            if failed and text.startswith("error: "):  # already one line (lab.sweeps.one_line_exit)
+                self.error = text.strip().removeprefix("error: ")
+                self._real.write(text)
+                raise SystemExit(2) from None
             if failed and text.strip() and "Traceback" not in text:  # a real traceback is a bug: keep it whole
+                self.error = fold(text).removeprefix("error: ")
                 self._real.write(fold(text) + "\n")
                 raise SystemExit(2) from None
             self._real.write(text)

@@ -81,6 +81,16 @@ def batch_tokens(batch: Any) -> int:
     return first.numel()
 
 
+def log_dataset(run: Run, data: Any) -> None:
+    """The run's data as MLflow dataset inputs: the cache's content hash as the digest, one input per split."""
+    meta = data.meta
+    source = {"cache": str(Path(data.directory).resolve()), "sources": [{"kind": s["kind"], "path": s["path"]} for s in meta["sources"]]}
+    profiles = {context: {"rows": meta[f"n_{split}_rows"], "seq_len": meta["seq_len"],
+                          "tokenizer_sha256": meta["tokenizer_sha256"]}
+                for context, split in (("train", "train"), ("validation", "val"))}
+    run.tracker.log_dataset(run.cfg.data.name, meta["key"], source, profiles)
+
+
 class Trainer:
     """Fits one model with one objective. Only rank 0 logs and saves."""
 
@@ -116,6 +126,8 @@ class Trainer:
         self.bar: Optional[tqdm] = None
         if run.resume_from is not None:  # before the stage logs anything: a wrong tokenizer stops here
             self.restore(run.resume_from)
+        else:
+            log_dataset(run, data)
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -242,8 +254,13 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
-        """All ranks write their RNG state; rank 0 writes the rest and renames the folder into place."""
+        """All ranks write their RNG state; rank 0 writes the rest and renames the folder into place.
+
+        Metrics are flushed first: once a checkpoint exists, every step up to it is in MLflow, so a
+        run killed after it and resumed from it leaves no hole in its curves.
+        """
         acc, step, run_dir = self.acc, self.state.step, self.run.ckpt_dir
+        self.run.tracker.flush()
         if acc.is_main_process:
             ckpt.tmp_dir(run_dir, step).mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()

@@ -1,6 +1,8 @@
 """The end of a training stage: weights a next stage can `init_from`, and what goes to MLflow."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,16 +27,33 @@ def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Pat
 
     The export holds plain full weights (any adapter merged in), the model config and the tokenizer,
     so `init_from=<this run>` loads it into a model without adapters. MLflow gets the tokenizer, the
-    adapter alone in PEFT's layout (if there is one), and the full weights when there is no adapter
-    or `adapter.merge=true`.
+    adapter alone in PEFT's layout (if there is one), and a logged model (`models:/<id>`, registered
+    as `models:/<name>/<version>`): the export, less the full weights when an adapter trained
+    without `adapter.merge=true`.
     """
     export = run.ckpt_dir / "export"
-    ckpt.write_export(export, adapter.merged_state_dict(), model, tokenizer, ckpt.read_meta(last))
+    meta = ckpt.read_meta(last)
+    ckpt.write_export(export, adapter.merged_state_dict(), model, tokenizer, meta)
     run.tracker.log_artifacts(export / "tokenizer", "tokenizer")
     if run.cfg.adapter.kind != "none":
         adapter.save(export / "adapter")
         run.tracker.log_artifacts(export / "adapter", "adapter")
-    if run.cfg.adapter.kind == "none" or run.cfg.adapter.merge:
-        for name in ("model.safetensors", "model_config.json"):
-            run.tracker.log_artifact(export / name, "model")
+    full = run.cfg.adapter.kind == "none" or run.cfg.adapter.merge
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = export if full else _without_weights(export, Path(tmp))
+        run.tracker.log_model(logged, meta["step"], registered_name(run))
     return export
+
+
+def registered_name(run: Run) -> str | None:
+    """`tracking.registered_model`, by default <experiment>-<stage>-<model>; None when set to ""."""
+    name = run.cfg.tracking.registered_model
+    if name is None:
+        name = f"{run.cfg.tracking.experiment}-{run.cfg.stage.name}-{run.cfg.model.name}"
+    return name or None
+
+
+def _without_weights(export: Path, tmp: Path) -> Path:
+    """A copy of the export less its full weights: what an adapter run logs as its model."""
+    shutil.copytree(export, tmp / "model", ignore=shutil.ignore_patterns(ckpt.WEIGHTS))
+    return tmp / "model"

@@ -1,21 +1,24 @@
 """`init_from`: start a stage from an earlier run's weights, tokenizer and model config.
 
-It accepts a local checkpoint path, an MLflow run id, or `runs:/<id>`. A run id is looked up
-first in this machine's checkpoints (`<paths.checkpoints>/<id>/`), then in the run's MLflow
-artifacts (`model/`, `tokenizer/`), so a run recorded on a tracking server works from anywhere.
+It accepts a local checkpoint path, an MLflow run id, `runs:/<id>`, `runs:/<id>/<artifact path>`,
+or a logged model, `models:/<name>/<version>` or `models:/<model id>`. A run id is looked up first
+in this machine's checkpoints (`<paths.checkpoints>/<id>/`), then as the model the run logged to
+MLflow, so a run recorded on a tracking server works from anywhere.
 """
 from __future__ import annotations
 
-import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from lab import checkpoint as ckpt
 from lab.config import ModelConfig
+from lab.data.cache import content_key
 from lab.errors import CheckpointError
-from lab.tracking import Tracker
+from lab.files import atomic_directory
+from lab.tracking import Tracker, TrackingError
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -40,7 +43,11 @@ class Pretrained:
 
 def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path) -> Pretrained:
     """Find the checkpoint `init_from=spec` names and read its model config."""
-    run_id = spec[len("runs:/"):].strip("/").split("/")[0] if spec.startswith("runs:/") else None
+    if spec.startswith("models:/"):
+        return _read(_download(spec, spec, tracker, cache))
+    run_id, artifact = None, ""
+    if spec.startswith("runs:/"):
+        run_id, _, artifact = spec[len("runs:/"):].strip("/").partition("/")
     local = Path(spec).expanduser()
     if run_id is None and local.exists():
         export = local / "export"
@@ -50,42 +57,48 @@ def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path) -> Pret
         return _read(path)
     run_id = run_id or (spec if _RUN_ID.match(spec) else None)
     if run_id is None:
-        raise CheckpointError(f"init_from={spec}: neither a path that exists nor an MLflow run id; give a path, a run id or runs:/<id>")
+        raise CheckpointError(f"init_from={spec}: neither a path that exists nor an MLflow run id; give a path, a run id, "
+                              "runs:/<id>[/<path>] or models:/<name>/<version>")
+    if artifact:  # an explicit artifact path of the run
+        return _read(_download(f"runs:/{run_id}/{artifact}", spec, tracker, cache))
     export = checkpoints / run_id / "export"  # an adapter run's merged weights, preferred over its steps
     path = export if (export / "meta.json").exists() else ckpt.latest_checkpoint(checkpoints / run_id)
-    path = path or _download(run_id, spec, tracker, cache)
-    return _read(path)
+    return _read(path or _download(f"models:/{_logged_model(run_id, spec, tracker)}", spec, tracker, cache))
 
 
-def _download(run_id: str, spec: str, tracker: Tracker, cache: Path) -> Path:
-    """Fetch a run's final weights and tokenizer from its MLflow artifacts."""
-    from mlflow.exceptions import MlflowException
-
+def _logged_model(run_id: str, spec: str, tracker: Tracker) -> str:
     try:
-        tracker.client.get_run(run_id)
-        names = {a.path for a in tracker.client.list_artifacts(run_id, "model")}
-    except MlflowException:
-        raise CheckpointError(f"init_from={spec}: no run {run_id} in the store {tracker.uri}; check the id or tracking.uri") from None
-    if "model/model.safetensors" not in names:
-        raise CheckpointError(
-            f"init_from={spec}: run {run_id} has no checkpoint (no folder under paths.checkpoints and no model/ "
-            f"artifacts); pick a run that finished a training stage"
-        )
-    target = cache / "init_from" / run_id
-    if not (target / "meta.json").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        for artifact in ("model", "tokenizer"):
-            tracker.client.download_artifacts(run_id, artifact, str(target))
-        for name in ("model.safetensors", "model_config.json"):
-            (target / "model" / name).replace(target / name)
-        sha = json.loads((target / "tokenizer" / "tokenizer.json").read_text())["sha256"]
-        (target / "meta.json").write_text(json.dumps({"run_id": run_id, "tokenizer_sha256": sha, "step": None}))
-    return target
+        model_id = tracker.logged_model(run_id)
+    except TrackingError as e:
+        raise CheckpointError(f"init_from={spec}: {e}; check the id, or tracking.uri") from None
+    if model_id is None:
+        raise CheckpointError(f"init_from={spec}: run {run_id} has no checkpoint (none under paths.checkpoints and "
+                              "no logged model); pick a run that finished a training stage")
+    return model_id
+
+
+def _download(uri: str, spec: str, tracker: Tracker, cache: Path) -> Path:
+    """Fetch a model lab logged (weights, config, tokenizer, meta) from MLflow into the cache."""
+    target = cache / "init_from" / content_key(uri)
+    shutil.rmtree(target, ignore_errors=True)  # a registered name's "latest" moves: fetch it anew
+    try:
+        with atomic_directory(target) as tmp:
+            found = Path(tracker.download(uri, tmp))
+            where = found.relative_to(tmp)  # MLflow puts a run's artifact path in a subfolder
+            if not (found / "meta.json").exists():
+                raise CheckpointError(f"init_from={spec}: {uri} is not a model lab logged (no meta.json); "
+                                      "pick a run that finished a training stage")
+            if not (found / ckpt.WEIGHTS).exists():
+                raise CheckpointError(f"init_from={spec}: {uri} holds only an adapter; log full weights with "
+                                      "adapter.merge=true, or start from the run's local checkpoints")
+    except TrackingError as e:
+        raise CheckpointError(f"init_from={spec}: {e}; check the id, or tracking.uri") from None
+    return target / where
 
 
 def _read(path: Path) -> Pretrained:
     meta = ckpt.read_meta(path)
-    config: dict[str, Any] = json.loads((path / "model_config.json").read_text())
+    config: dict[str, Any] = ckpt.read_model_config(path)
     vocab_size = config.pop("vocab_size")
     return Pretrained(path, ModelConfig(**config), vocab_size, meta.get("run_id"))
 

@@ -1,13 +1,14 @@
 """The life of one run: typed config, device, MLflow run, resume decision, stage, final status.
 
-Every path out of `execute` ends the MLflow run: FINISHED, or FAILED with the one-line error as
-the tag `lab.error` (Ctrl-C included), never RUNNING.
+Every path out of `execute` ends the MLflow run: FINISHED, KILLED (Ctrl-C, SIGTERM), or FAILED
+with the one-line error as the tag `lab.error`; never RUNNING.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import RunConfig, config_hash, flatten, resolved, to_run_config
-from lab.errors import CheckpointError, ConfigError
+from lab.config import RunConfig, TrackingConfig, config_hash, flatten, resolved, to_run_config
+from lab.errors import CheckpointError, ConfigError, LabError
+from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, resolve_precision
 from lab.lineage import Pretrained
-from lab.tracking import Tracker, git_state, ui_command
+from lab.tracking import Tracker, source_tags, ui_command
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +43,12 @@ class HydraInfo:
     job_num: Optional[int] = None
 
     @classmethod
-    def current(cls, cfg: RunConfig) -> "HydraInfo":
+    def current(cls, outputs: str) -> "HydraInfo":
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         if not HydraConfig.initialized():
-            return cls(output_dir=Path(cfg.paths.outputs) / "runs" / "direct")
+            return cls(output_dir=Path(outputs) / "runs" / "direct")
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
         return cls(
@@ -92,56 +94,109 @@ class Outcome:
     reused: bool = False
 
 
-def execute(dcfg: DictConfig, stages: dict, info: Optional[HydraInfo] = None, parent: Optional[str] = None) -> Outcome:
+def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional[str] = None) -> Outcome:
     """Run the stage `stage.name` under an MLflow run.
+
+    Every way out ends the MLflow run: FINISHED; KILLED on Ctrl-C or SIGTERM; FAILED with the error
+    in `lab.error`. A sweep job or pipeline step that fails before its run could start (a config
+    error, say) still gets a FAILED child run carrying the error, so every job is counted.
 
     Args:
         dcfg: the composed config.
-        stages: stage name -> function.
         info: the job's Hydra facts; taken from Hydra when None.
         parent: nest the run under this MLflow run (a pipeline); a sweep's parent is found by itself.
     """
-    cfg = to_run_config(dcfg)
-    if cfg.stage.name not in stages:
-        raise ConfigError(f"stage.name={cfg.stage.name!r} is unknown; choose one of {', '.join(sorted(stages))}")
-    check_device(cfg.hardware)
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu")
-    set_seed(cfg.train.seed)
-    info = info or HydraInfo.current(cfg)
-    tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
-    if info.sweep_dir and accelerator.num_processes == 1 and not cfg.sweep.force:
-        twin = sweeps.finished_twin(tracker, config_hash(cfg))
-        if twin is not None:
-            return _skip(cfg, info, twin)
-    status, value, started_at = "failed", math.nan, time.time()
+    from lab.stages import STAGES
+
+    started_at = time.time()
+    info = info or HydraInfo.current(OmegaConf.select(dcfg, "paths.outputs", default="outputs"))
+    parent = parent or (sweeps.parent_run_id(info.sweep_dir) if info.sweep_dir else None)
+    tracker: Optional[Tracker] = None
+    record = {"status": "failed", "run_id": None, "value": math.nan}
     try:
+        cfg = to_run_config(dcfg)
+        check_device(cfg.hardware)
+        accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu")
+        set_seed(cfg.train.seed)
+        tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
+        twin = _finished_twin(cfg, info, tracker, accelerator)
+        if twin is not None:
+            record = {"status": "skipped", "run_id": twin.info.run_id, "value": _skip(cfg, twin)}
+            return Outcome(twin.info.run_id, record["value"], reused=True)
         run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
-        result = stages[cfg.stage.name](run)
+        result = STAGES[cfg.stage.name](run)
         value = tracker.latest.get(cfg.sweep.metric, result)
         tracker.finish("FINISHED")
-        status = "finished"
-    except KeyboardInterrupt:
-        tracker.finish("FAILED", "interrupted (KeyboardInterrupt)")
+        record = {"status": "finished", "run_id": tracker.run_id, "value": value}
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (lab.cli turns it into this)
+        _end_failed(tracker, dcfg, info, parent, "KILLED", "interrupted by the user (Ctrl-C or SIGTERM)")
         raise
     except BaseException as e:
-        tracker.finish("FAILED", f"{type(e).__name__}: {e}".splitlines()[0])
+        message = one_line(e)
+        record["run_id"] = _end_failed(tracker, dcfg, info, parent, "FAILED", message)
+        if isinstance(e, OSError):  # a file the run could not use: the user gets the worded line
+            raise StorageError(message) from e
         raise
     finally:
-        if info.sweep_dir and accelerator.is_main_process:
-            sweeps.write_job_record(info.output_dir, status, tracker.run_id, value)
+        if info.sweep_dir and (tracker is None or tracker.enabled):
+            sweeps.write_job_record(info.output_dir, **record)
     run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r})")
     run.say(f"Browse it:  {ui_command(tracker.uri)}")
-    return Outcome(run.tracker.run_id or "", value)
+    return Outcome(tracker.run_id or "", value)
 
 
-def _skip(cfg: RunConfig, info: HydraInfo, twin: Any) -> Outcome:
+def one_line(e: BaseException) -> str:
+    """An error as the one line a user reads (and MLflow keeps in `lab.error`)."""
+    if isinstance(e, LabError):
+        return str(e)
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _end_failed(tracker: Optional[Tracker], dcfg: DictConfig, info: HydraInfo, parent: Optional[str],
+                status: str, message: str) -> Optional[str]:
+    """End the run with `status`; a job of a sweep or pipeline that failed before its run started
+    gets a child run that records the failure. Returns the run id, if there is one."""
+    if tracker is not None and tracker.run_id:
+        tracker.finish(status, message)
+        return tracker.run_id
+    if parent is None or (tracker is not None and not tracker.enabled):
+        return None
+    try:  # the config may be what failed: read only the few keys needed to reach the store
+        tracking = TrackingConfig(uri=OmegaConf.select(dcfg, "tracking.uri"), system_metrics_every=0,
+                                  experiment=OmegaConf.select(dcfg, "tracking.experiment", default="lab"))
+        failed = Tracker(tracking, OmegaConf.select(dcfg, "paths.outputs", default="outputs"))
+        name = f"{OmegaConf.select(dcfg, 'stage.name')}-{OmegaConf.select(dcfg, 'model.name')}"
+        tags = {"lab.overrides": " ".join(info.overrides), **sweeps.swept_tags(info.sweep_dir, info.overrides)}
+        failed.start(name + (f"-{info.job_num}" if info.job_num is not None else ""), tags, parent_run_id=parent,
+                     description=command_line(info))
+        failed.finish(status, message)
+        return failed.run_id
+    except Exception as e:  # noqa: BLE001 - the job's own error matters more; say why it is not recorded
+        log.warning("could not record the failed job in MLflow: %s", one_line(e))
+        return None
+
+
+def _finished_twin(cfg: RunConfig, info: HydraInfo, tracker: Tracker, accelerator: Accelerator) -> Any:
+    """In a sweep, a FINISHED run of exactly this config (to reuse), or None."""
+    if not info.sweep_dir or accelerator.num_processes > 1 or cfg.sweep.force:
+        return None
+    return sweeps.finished_twin(tracker, config_hash(cfg))
+
+
+def _skip(cfg: RunConfig, twin: Any) -> float:
     """A sweep job whose exact config already FINISHED: report that run's metric, run nothing."""
     value = twin.data.metrics.get(cfg.sweep.metric, math.nan)
-    sweeps.write_job_record(info.output_dir, "skipped", twin.info.run_id, value)
     print(f"skipped: this config already FINISHED as run {twin.info.run_id} "
           f"({cfg.sweep.metric}={value:.4g}); re-run it with sweep.force=true", flush=True)
-    return Outcome(twin.info.run_id, value, reused=True)
+    return value
+
+
+def command_line(info: HydraInfo) -> str:
+    """The command that runs this job again, as the run's description in the MLflow UI."""
+    return "```\nlab " + " ".join(shlex.quote(o) for o in info.overrides) + "\n```"
 
 
 def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker, info: HydraInfo,
@@ -150,17 +205,17 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
     chash = config_hash(cfg)
     run_id, resume_from, pretrained = "", None, None
     if accelerator.is_main_process:
+        tracker.reap_ghosts()
         pretrained = _init_from(cfg, tracker)
         run_id, resume_from = _find_resume(cfg, tracker, chash)
         if run_id:
             tracker.reopen(run_id)
         else:
             run_name = f"{cfg.stage.name}-{cfg.model.name}" + (f"-{info.job_num}" if info.job_num is not None else "")
-            parent = parent or (sweeps.parent_run_id(info.sweep_dir) if info.sweep_dir else None)
             tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
             if pretrained is not None:  # lineage: which run this one grew from
                 tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or ""}
-            run_id = tracker.start(run_name, tags, parent_run_id=parent)
+            run_id = tracker.start(run_name, tags, parent_run_id=parent, description=command_line(info))
             tracker.log_params(flatten(dataclasses.asdict(cfg)))
         tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
                           "lab.output_dir": str(info.output_dir)})
@@ -213,13 +268,16 @@ def _tags(cfg: RunConfig, info: HydraInfo, chash: str) -> dict[str, str]:
         "lab.overrides": " ".join(info.overrides),
         "lab.config_hash": chash,
         **{f"lab.choice.{group}": option for group, option in info.choices.items()},
-        **git_state(REPO_ROOT),
+        **source_tags(REPO_ROOT),
     }
 
 
 def _log_config(tracker: Tracker, dcfg: DictConfig, output_dir: Path) -> None:
-    """The resolved config, as it ran, beside the run's output and in MLflow."""
+    """The resolved config, as it ran, beside the run's output and in MLflow; and Hydra's own record
+    of the job (`.hydra/`: the composed config, Hydra's settings, the overrides) as `hydra/`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "resolved_config.yaml"
     path.write_text(OmegaConf.to_yaml(resolved(dcfg)))
     tracker.log_artifact(path)
+    if (output_dir / ".hydra").is_dir():
+        tracker.log_artifacts(output_dir / ".hydra", "hydra")

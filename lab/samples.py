@@ -1,4 +1,4 @@
-"""Sample generations at each evaluation, kept in a text file that is logged to MLflow."""
+"""Sample generations at each evaluation, logged to MLflow as a table (`samples.json`) and a text file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 
 from lab.tracking import Tracker
+
+SAMPLES_TABLE = "samples.json"
 
 
 class SampleWriter:
@@ -34,3 +36,6 @@ class SampleWriter:
         with self.path.open("a") as f:
             f.write(f"=== step {step} ===\n" + "\n---\n".join(self.last) + "\n\n")
         self.tracker.log_artifact(self.path)
+        # the same rows as a table, which the MLflow UI shows (and can compare across runs)
+        self.tracker.log_table({"step": [step] * len(self.prompts), "prompt": list(self.prompts), "sample": self.last},
+                               SAMPLES_TABLE)

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 from lab.config import TokenizerConfig
 from lab.errors import CheckpointError, ConfigError
+from lab.files import atomic_directory
 
 FORMAT_VERSION = 1  # bump when training settings change, so old cache entries are not reused
 MAX_SENTENCE_CHARS = 8192  # SentencePiece silently skips longer training sentences; we cut lines to this
@@ -223,8 +224,6 @@ def load_or_train_tokenizer(
     """
     if cfg.kind == "byte":
         return ByteTokenizer(cfg.special_tokens)  # nothing to train
-    from lab.data.cache import atomic_directory  # here, not at the top: lab.data imports this module
-
     final = Path(cache_dir) / "tokenizers" / settings_key(cfg, corpus_hash)
     if (final / "tokenizer.json").is_file():
         return load_tokenizer(final)

@@ -31,3 +31,19 @@ def test_weighted_mixture_trains_on_kjv_and_local_text(lab_cli, tmp_path, small_
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.sources.0.weight"] == "3.0" and run.data.params["data.sources.1.kind"] == "text"
+
+
+def test_sigterm_ends_a_run_like_ctrl_c():
+    import signal
+
+    import pytest
+
+    from lab.cli import Terminated, _on_sigterm
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:  # so lab.runner marks the run KILLED
+            signal.raise_signal(signal.SIGTERM)
+        assert isinstance(caught.value, Terminated)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,7 +1,9 @@
 """Every YAML under conf/ composes and validates; cross-field checks name their keys."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,11 @@ from lab.errors import ConfigError
 from labtest import CONF_DIR
 
 # Options whose YAML leaves a required value open (???), with a value to fill it for the test.
+SFT, DPO = ["stage=sft", "init_from=x"], ["stage=dpo", "init_from=x"]  # the stages that read those data
 NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x.jsonl"],
-         ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl"],
-         ("data", "preference"): ["data.path=x.jsonl"]}
+         ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl", *SFT],
+         ("data", "kjv_sft"): SFT, ("data", "preference"): ["data.path=x.jsonl", *DPO], ("data", "kjv_pref"): DPO,
+         ("stage", "sft"): ["init_from=x"], ("stage", "dpo"): ["init_from=x"]}
 
 
 def group_options():
@@ -28,8 +32,6 @@ def group_options():
 @pytest.mark.parametrize("group,option", list(group_options()))
 def test_every_group_option_composes_and_validates(compose_cfg, group, option):
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
-    if group == "model":  # the default data.seq_len must fit every context
-        overrides.append("data.seq_len=128")
     composed = compose_cfg(*overrides)
     cfg = to_run_config(composed)
     if group == "sweeps":  # a sweep sets Hydra's multirun mode and the metric it optimises
@@ -66,9 +68,91 @@ def test_conf_has_every_group_the_lab_promises():
     assert hardware == {"cpu", "rtx4070", "rtx4090", "rtx5070ti", "t2000", "mps"}
 
 
-def test_seq_len_beyond_context_names_both_keys(compose_cfg):
-    with pytest.raises(ConfigError, match=r"data.seq_len=512 exceeds model.max_seq_len=128"):
-        to_run_config(compose_cfg("model=micro", "data.seq_len=512"))
+def options(group: str) -> list[str]:
+    return [o for g, o in group_options() if g == group]
+
+
+def test_every_model_runs_with_every_data_default(compose_cfg):
+    """RoPE has no learned positions: a context shorter than data.seq_len grows to fit it."""
+    import torch
+
+    from lab.models import build_model
+
+    longest = max(compose_cfg(f"data={d}", *NEEDS.get(("data", d), [])).data.seq_len for d in options("data"))
+    assert longest == 256
+    for model in options("model"):
+        cfg = to_run_config(compose_cfg(f"model={model}", f"data.seq_len={longest}"))
+        assert cfg.model.max_seq_len >= longest, model
+    micro = to_run_config(compose_cfg("model=micro")).model  # its YAML says 128
+    torch.manual_seed(0)
+    logits = build_model(micro, 97)(torch.randint(0, 97, (1, longest)))
+    assert logits.shape == (1, longest, 97) and torch.isfinite(logits).all()
+
+
+def test_a_short_context_grows_and_says_so(compose_cfg, caplog):
+    caplog.set_level(logging.INFO, logger="lab.config")
+    cfg = to_run_config(compose_cfg("model=micro", "data.seq_len=512"))
+    assert (cfg.model.max_seq_len, cfg.data.seq_len) == (512, 512)
+    assert "model.max_seq_len raised from 128 to data.seq_len=512" in caplog.text
+
+
+@pytest.mark.parametrize("max_steps,warmup", [(20, 2), (40, 4), (5, 0), (41, 40), (400, 40)])
+def test_warmup_scales_down_to_a_tenth_of_a_short_run(compose_cfg, caplog, max_steps, warmup):
+    cfg = to_run_config(compose_cfg(f"train.max_steps={max_steps}"))
+    assert cfg.train.warmup_steps == warmup
+    assert ("warming up over" in caplog.text) == (warmup != 40)
+
+
+def numeric_fields(node=None, prefix=""):
+    """(key, field) of every int or float field of the schema, recursively."""
+    import dataclasses
+    import typing
+
+    from lab.config import RunConfig
+
+    node = node or RunConfig
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        kind = hints[f.name]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) is typing.Union else []
+        if dataclasses.is_dataclass(kind):
+            yield from numeric_fields(kind, f"{prefix}{f.name}.")
+        elif typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+            yield from numeric_fields(typing.get_args(kind)[0], f"{prefix}{f.name}.0.")
+        elif kind in (int, float) or (len(inner) == 1 and inner[0] in (int, float)):
+            yield f"{prefix}{f.name}", f
+
+
+NUMERIC = list(numeric_fields())
+
+
+def test_every_numeric_key_declares_its_range():
+    assert len(NUMERIC) > 40
+    assert [k for k, f in NUMERIC if "interval" not in f.metadata] == []
+
+
+def just_outside(interval) -> list[float]:
+    out = [interval.lo if not interval.lo_closed else interval.lo - 1]
+    if interval.hi != float("inf"):
+        out.append(interval.hi + (1 if interval.hi_closed else 0))
+    return out
+
+
+@pytest.mark.parametrize("key,field", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_each_numeric_range_is_enforced_naming_the_key(key, field):
+    """The schema's own path (composition through Hydra is the same merge; the CLI tests cover it)."""
+    from omegaconf import OmegaConf
+
+    from lab.config import RunConfig
+
+    interval = field.metadata["interval"]
+    named = re.sub(r"\.(\d+)\.", r"[\1].", key)  # data.sources.0.weight is reported as data.sources[0].weight
+    for bad in just_outside(interval):
+        value = int(bad) if field.type in ("int", "Optional[int]") else bad
+        config = OmegaConf.structured(RunConfig)
+        OmegaConf.update(config, key, value)
+        with pytest.raises(ConfigError, match=re.escape(f"{named}={value}") + " is out of range: set it "):
+            OmegaConf.to_object(config)
 
 
 def test_missing_value_names_the_key(compose_cfg):
@@ -92,3 +176,10 @@ def test_config_hash_ignores_paths_and_resume_but_not_results(compose_cfg):
                                                  "tracking.experiment=other", "train.save_every=7"))) == base
     assert config_hash(to_run_config(compose_cfg("train.lr=1e-4"))) != base
     assert config_hash(to_run_config(compose_cfg("hardware.precision=fp32"))) != base
+
+
+def test_the_schema_knows_every_stage():
+    from lab.config import STAGE_NAMES
+    from lab.stages import STAGES
+
+    assert set(STAGE_NAMES) == set(STAGES)

@@ -59,13 +59,30 @@ def test_resumed_dpo_run_replays_the_same_losses(start):
 
 
 @pytest.mark.parametrize("extra,reference", [(["adapter=lora"], "adapter disabled"), (["dpo.reference=copy"], "copy"),
-                                             (["dpo.loss=simpo", "dpo.beta=2.0"], "none (simpo)")])
-def test_other_references_and_losses_run(start, extra, reference):
+                                             ([], "cached"), (["dpo.loss=simpo", "dpo.beta=2.0"], "none (simpo)")])
+def test_each_reference_is_the_frozen_starting_model(start, extra, reference):
+    """The implicit reward is beta (pi - ref), so ref = logps - rewards / beta can be read back from the
+    metrics: a reference that is really the starting model gives rewards of 0 at the first step (policy
+    == reference) and stays the same at every evaluation while the policy moves; SimPO has none."""
     cwd, _, _ = start
     experiment = f"dpo_{reference.split()[0]}"
-    dpo(start, f"tracking.experiment={experiment}", "train.max_steps=3", *extra)
+    dpo(start, f"tracking.experiment={experiment}", "train.max_steps=3", "train.eval_every=1", *extra)
     run = only_run(cwd, experiment)
     assert run.info.status == "FINISHED" and run.data.params["dpo.reference_used"] == reference
+    client, beta = mlflow_client(cwd), float(run.data.params["dpo.beta"])
+
+    def curve(key):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+    first_reward = curve("train/rewards/chosen")[0]
+    if reference.startswith("none"):
+        assert first_reward < -0.05  # beta * the mean log-prob per token: no reference to subtract
+        return
+    assert abs(first_reward) < 1e-3
+    policy, rewards = curve("val/logps/chosen"), curve("val/rewards/chosen")
+    ref = [p - r / beta for p, r in zip(policy, rewards)]
+    assert len(ref) == 3 and max(ref) - min(ref) < 1e-3 * abs(ref[0])  # the reference does not move...
+    assert max(policy) - min(policy) > 10 * (max(ref) - min(ref))  # ...while the policy does
 
 
 def test_bad_preference_records(start, tmp_path):

@@ -27,7 +27,11 @@ def assert_nothing_left_behind(cwd) -> None:
     (["model.dimm=3"], ["Key 'dimm' not in 'ModelConfig'", "model.dimm"]),
     (["model.dim=abc"], ["could not be converted to Integer", "model.dim"]),
     (["+model.dimm=3"], ["model.dimm"]),
-    (["data.seq_len=512"], ["data.seq_len=512 exceeds model.max_seq_len=128", "model=micro"]),
+    (["train.lr=-1"], ["train.lr=-1.0 is out of range: set it > 0"]),
+    (["hardware.micro_batch=0"], ["hardware.micro_batch=0 is out of range: set it to at least 1"]),
+    (["train.warmup_steps=-1"], ["train.warmup_steps=-1 is out of range"]),
+    (["data.val_fraction=1.5"], ["data.val_fraction=1.5 is out of range: set it in (0, 1)"]),
+    (["stage=sft"], ["stage=sft starts from a trained model", "init_from="]),
     (["hardware=rtx4090"], ["hardware=rtx4090", "hardware=cpu"]),
     (["data=kjv_pref"], ["data.sources[0].kind='kjv_pref' is not read by pretraining", "data=kjv"]),
     (["data=kjv_sft"], ["data.sources[0].kind='kjv_sft' is not read by pretraining", "kind=jsonl"]),
@@ -79,3 +83,82 @@ def test_nan_loss_names_the_step(lab_cli, tmp_path):
     assert_one_line_error(proc, "train loss is nan at step", "train.lr")
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FAILED"
+
+
+def test_an_outputs_folder_that_cannot_be_made(lab_cli, tmp_path):
+    (tmp_path / "afile").write_text("")
+    for mode in ([], ["-m"]):
+        proc = lab_cli(*mode, *FAST, "paths.outputs=afile/out", check=False)
+        assert_one_line_error(proc, "paths.outputs=", "afile/out", "a file stands where a folder is expected")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A finished FAST run's last checkpoint: (cwd, its step folder)."""
+    from labtest import run_lab
+
+    cwd = tmp_path_factory.mktemp("ckpt")
+    run_lab(*FAST, "train.max_steps=3", f"paths.cache={tmp_path_factory.getbasetemp() / 'cache_ckpt'}", cwd=cwd)
+    (step,) = (cwd / "outputs" / "checkpoints").glob("*/step_0000003")
+    return cwd, step
+
+
+def corrupt_copy(step, tmp_path, name: str, damage) -> str:
+    import shutil
+
+    copy = tmp_path / "copy" / step.name
+    shutil.copytree(step, copy)
+    damage(copy / name)
+    return str(copy)
+
+
+def test_a_truncated_checkpoint_is_named_not_traced(lab_cli, tmp_path, checkpoint):
+    _, step = checkpoint
+    bad = corrupt_copy(step, tmp_path, "model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:-64]))
+    proc = lab_cli(*FAST, f"init_from={bad}", check=False)
+    assert_one_line_error(proc, "model.safetensors is not a complete safetensors file", "use another checkpoint")
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and "not a complete safetensors file" in run.data.tags["lab.error"]
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(lab_cli, tmp_path, checkpoint):
+    import torch
+
+    from test_files import Payload
+
+    marker = tmp_path / "code_ran"
+
+    def smuggle(f):
+        state = torch.load(f, weights_only=True)
+        torch.save(state | {"extra": Payload(marker)}, f)
+
+    bad = corrupt_copy(checkpoint[1], tmp_path, "trainer_state.pt", smuggle)
+    proc = lab_cli(*FAST, f"train.resume={bad}", check=False)
+    assert_one_line_error(proc, "trainer_state.pt holds a pickled object lab never writes", "refused")
+    assert not marker.exists()
+    assert_nothing_left_behind(tmp_path)
+
+
+def test_a_tracking_server_that_does_not_answer_stops_within_seconds(lab_cli):
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        proc = lab_cli(*FAST, f"tracking.uri={uri}", check=False)
+        elapsed = time.monotonic() - start
+    assert_one_line_error(proc, f"tracking.uri={uri}: no MLflow server answers", "mlflow server --host",
+                          "drop tracking.uri")
+    assert elapsed < 20, elapsed  # Python and torch start in ~5 s; the probe waits 5 s, not minutes of retries
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_one_line(lab_cli, tmp_path):
+    """Any OS error that escapes a run (here: saving a checkpoint) is worded by lab.files, not traced."""
+    (tmp_path / "blocked").write_text("a file where the checkpoints folder should be")
+    proc = lab_cli(*FAST, "train.max_steps=2", "paths.checkpoints=blocked", check=False)
+    assert_one_line_error(proc, "cannot use 'blocked/", "a file stands where a folder is expected")
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FAILED" and "a file stands where a folder is expected" in run.data.tags["lab.error"]

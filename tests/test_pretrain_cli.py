@@ -15,7 +15,7 @@ def kjv_run(tmp_path_factory):
     """One FAST pretraining run on KJV, shared by the assertions below."""
     cwd = tmp_path_factory.mktemp("kjv_run")
     cache = tmp_path_factory.getbasetemp() / "cache_kjv"
-    proc = run_lab(*FAST, "train.save_every=6", f"paths.cache={cache}", cwd=cwd)
+    proc = run_lab(*FAST, "train.save_every=6", "tracking.system_metrics_every=0.5", f"paths.cache={cache}", cwd=cwd)
     (run,) = all_runs(cwd)
     return cwd, proc, run
 
@@ -55,8 +55,52 @@ def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
     assert [m.step for m in val] == [6, 12]
     assert metrics["val/ppl"] == pytest.approx(2.718281828 ** metrics["val/loss"], rel=1e-6)
     artifacts = _artifact_files(cwd, run.info.run_id)
-    assert {"resolved_config.yaml", "samples.txt", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json",
-            "model/model.safetensors", "model/model_config.json"} <= artifacts
+    assert {"resolved_config.yaml", "samples.txt", "samples.json", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json",
+            "hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"} <= artifacts
+
+
+def test_the_run_shows_what_the_mlflow_ui_shows_a_researcher(kjv_run):
+    import getpass
+
+    cwd, _, run = kjv_run
+    tags, client = run.data.tags, mlflow_client(cwd)
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.name"] == "lab"
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.git.branch"]
+    assert tags["mlflow.note.content"].startswith("```\nlab model=micro tokenizer.vocab_size=512 ")
+    assert tags["lab.host"] and int(tags["lab.pid"]) > 0
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    # the data: one dataset input per split, the packed cache's content hash as the digest
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation"} and inputs["train"].name == "kjv-train"
+    cache_key = json.loads(inputs["train"].source)["cache"].rsplit("/", 1)[1]
+    assert inputs["train"].digest == inputs["validation"].digest == cache_key
+    assert json.loads(inputs["validation"].profile)["rows"] == int(run.data.params["data.n_val_rows"])
+    # the final weights: a logged model, registered, whose files are the export's
+    (output,) = run.outputs.model_outputs
+    assert output.step == 12 and tags["lab.model_id"] == output.model_id
+    assert tags["lab.registered_model"] == "models:/lab-pretrain-micro/1"
+    version = client.get_model_version("lab-pretrain-micro", "1")
+    assert version.run_id == run.info.run_id and version.source == f"models:/{output.model_id}"
+    # eval samples: a table with a row per prompt and evaluation
+    table = json.loads((Path(client.download_artifacts(run.info.run_id, "samples.json", str(cwd / "dl")))).read_text())
+    assert table["columns"] == ["step", "prompt", "sample"] and [r[0] for r in table["data"]] == [6, 12]
+    assert all(r[2].startswith("In the beginning") for r in table["data"])
+
+
+def test_init_from_takes_logged_and_registered_models(kjv_run, tmp_path):
+    from lab.config import TrackingConfig
+    from lab.lineage import resolve
+    from lab.tracking import Tracker
+
+    cwd, _, run = kjv_run
+    tracker = Tracker(TrackingConfig(system_metrics_every=0), cwd / "outputs")
+    local = load_file(cwd / "outputs/checkpoints" / run.info.run_id / "export/model.safetensors")
+    specs = [f"models:/lab-pretrain-micro/1", f"models:/{run.data.tags['lab.model_id']}", f"runs:/{run.info.run_id}/model"]
+    for spec in specs:
+        pre = resolve(spec, tracker, tmp_path / "no_checkpoints", tmp_path / "cache")
+        assert pre.run_id == run.info.run_id and pre.model.name == "micro" and pre.path.is_relative_to(tmp_path), spec
+        fetched = load_file(pre.path / "model.safetensors")
+        assert all((fetched[k] == local[k]).all() for k in local), spec
 
 
 def _artifact_files(cwd: Path, run_id: str) -> set[str]:
@@ -84,14 +128,19 @@ def test_checkpoint_holds_weights_state_and_tokenizer_hash(kjv_run):
 
 def test_stop_and_resume_replays_the_same_losses_bitwise(lab_cli, tmp_path):
     lab_cli(*FAST, "tracking.experiment=whole")
-    lab_cli(*FAST, "tracking.experiment=parts", "train.stop_at_step=5", "train.save_every=4")
-    lab_cli(*FAST, "tracking.experiment=parts", "train.resume=auto")
+    lab_cli(*FAST, "tracking.experiment=parts", "train.stop_at_step=5", "train.save_every=4",
+            "tracking.system_metrics_every=0.5")
     client = mlflow_client(tmp_path)
+    (stopped,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
+    before = len(client.get_metric_history(stopped.info.run_id, "system/cpu_utilization_percentage"))
+    lab_cli(*FAST, "tracking.experiment=parts", "train.resume=auto", "tracking.system_metrics_every=0.5")
     whole = client.search_runs([client.get_experiment_by_name("whole").experiment_id])[0]
     (parts,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
     assert parts.info.status == "FINISHED"
     assert loss_history(tmp_path, parts.info.run_id) == loss_history(tmp_path, whole.info.run_id)
     assert parts.data.metrics["val/loss"] == whole.data.metrics["val/loss"]
+    system = [m.step for m in client.get_metric_history(parts.info.run_id, "system/cpu_utilization_percentage")]
+    assert before >= 1 and len(system) > before and sorted(system) == list(range(len(system)))  # resumed, not restarted
     w = load_file(tmp_path / "outputs/checkpoints" / whole.info.run_id / "step_0000012/model.safetensors")
     p = load_file(tmp_path / "outputs/checkpoints" / parts.info.run_id / "step_0000012/model.safetensors")
     assert all((w[k] == p[k]).all() for k in w)
@@ -118,7 +167,7 @@ def test_two_process_torchrun_records_one_run(lab_cli, tmp_path):
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
 
 
-def test_ctrl_c_marks_the_run_failed_and_keeps_complete_checkpoints(tmp_path, shared_cache):
+def test_ctrl_c_marks_the_run_killed_and_keeps_complete_checkpoints(tmp_path, shared_cache):
     import os
     import signal
     import subprocess
@@ -135,7 +184,8 @@ def test_ctrl_c_marks_the_run_failed_and_keeps_complete_checkpoints(tmp_path, sh
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     (run,) = all_runs(tmp_path)
-    assert run.info.status == "FAILED" and "interrupted" in run.data.tags["lab.error"]
+    assert run.info.status == "KILLED" and "interrupted by the user" in run.data.tags["lab.error"]
+    assert "the MLflow run is marked KILLED" in err
     ckpts = tmp_path / "outputs" / "checkpoints" / run.info.run_id
     assert not list(ckpts.glob(".*.tmp"))
     assert all((p / "meta.json").exists() for p in ckpts.glob("step_*"))

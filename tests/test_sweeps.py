@@ -82,17 +82,53 @@ def test_unknown_sweep_lists_the_sweeps_that_exist(lab_cli):
         assert name in proc.stderr
 
 
-def test_optuna_sweep_records_trials_and_best_value(lab_cli, tmp_path):
-    proc = lab_cli("sweeps=optuna_lr", *FAST, "train.max_steps=4", "hydra.sweeper.n_trials=3")
-    (parent,), children = sweep_runs(tmp_path)
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
-    best = min(c.data.metrics["val/loss"] for c in children)
-    assert parent.data.metrics["sweep/best_value"] == pytest.approx(best)
-    assert f"Best value: {best}"[:18] in proc.stdout + proc.stderr
-    assert len({c.data.params["train.lr"] for c in children}) == 3
-
-
 def test_joblib_jobs_reach_the_same_store_and_parent(lab_cli, tmp_path):
     lab_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST, "train.max_steps=3", "train.lr=1e-3,3e-3")
     (parent,), children = sweep_runs(tmp_path)
     assert len(children_of(parent, children)) == 2 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_sweep_whose_jobs_all_fail_validation_counts_them_as_failed_children(lab_cli, tmp_path):
+    proc = lab_cli("-m", *FAST, "train.lr=-1,-2", check=False)
+    (parent,), children = sweep_runs(tmp_path)
+    assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
+    assert {c.data.tags["lab.error"] for c in children} == {"train.lr=-1.0 is out of range: set it > 0",
+                                                            "train.lr=-2.0 is out of range: set it > 0"}
+    assert {c.data.tags["lab.swept.train.lr"] for c in children} == {"-1", "-2"}
+    assert parent.data.metrics["sweep/n_failed"] == 2 and parent.data.metrics["sweep/n_finished"] == 0
+    assert "0 finished, 2 failed, 0 skipped" in proc.stdout
+
+
+def test_an_optuna_sweep_run_again_continues_its_study(lab_cli, tmp_path):
+    import json
+
+    args = ["sweeps=optuna_lr", *FAST, "train.max_steps=3"]
+    proc = lab_cli(*args, "hydra.sweeper.n_trials=2")
+    (parent,), children = sweep_runs(tmp_path)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    best = min(c.data.metrics["val/loss"] for c in children)
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(best)
+    assert f"Best value: {best}"[:18] in proc.stdout + proc.stderr
+
+    proc = lab_cli(*args, "hydra.sweeper.n_trials=3")  # one trial more: the study goes on, it does not restart
+    parents, children = sweep_runs(tmp_path)
+    assert len(parents) == 2 and len(children) == 3
+    assert len(children_of(parents[1], children)) == 1 and parents[1].data.metrics["sweep/n_finished"] == 1
+    assert len({c.data.params["train.lr"] for c in children}) == 3  # the continued sampler proposed a new point
+    assert "continuing study optuna_lr" in proc.stdout + proc.stderr and "2 of 3 trials done" in proc.stdout + proc.stderr
+    (study,) = (tmp_path / "outputs" / "optuna" / "lab").glob("optuna_lr-*.json")
+    trials = json.loads(study.read_text())["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    assert sorted(t["values"][0] for t in trials) == sorted(c.data.metrics["val/loss"] for c in children)
+    lab_cli(*args, "hydra.sweeper.n_trials=3")  # complete: nothing more to run
+    parents, children = sweep_runs(tmp_path)
+    assert len(children) == 3 and parents[2].data.metrics["sweep/n_finished"] == 0
+
+
+def test_a_sweep_whose_grid_does_not_compose_fails_its_parent_and_runs_nothing(lab_cli, tmp_path):
+    proc = lab_cli("-m", *FAST, "model=micro,nosuch", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: In 'config': Could not find 'model/nosuch'")
+    (parent,), children = sweep_runs(tmp_path)  # Hydra composes every job before launching any
+    assert children == [] and parent.info.status == "FAILED"
+    assert "Could not find 'model/nosuch'" in parent.data.tags["lab.error"]

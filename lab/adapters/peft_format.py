@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lab.config import AdapterConfig
 from lab.errors import CheckpointError, ConfigError
+from lab.files import load_safetensors, read_json
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -86,7 +87,7 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).exists():
             raise CheckpointError(f"{directory / name} is missing; point at a folder written by AdapterSet.save or PEFT's save_pretrained")
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = read_json(directory / CONFIG_FILE, "adapter config")
     unsupported = {
         "peft_type": config.get("peft_type") != "LORA",
         "use_rslora": bool(config.get("use_rslora")),
@@ -98,7 +99,7 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {bad[0]}={config.get(bad[0])!r} is not supported; only plain LoRA/DoRA with a list of target_modules loads")
-    return config, load_file(str(directory / WEIGHTS_FILE))
+    return config, load_safetensors(directory / WEIGHTS_FILE, "adapter weights")
 
 
 def adapter_config_from_peft(config: dict[str, Any], source: Path) -> AdapterConfig:

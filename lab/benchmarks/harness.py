@@ -96,15 +96,17 @@ def train_and_time(mode: str, model, adapters, loss: Callable[[], "torch.Tensor"
 
     opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-4)
     rss_before = peak_rss_mib()
-    times = []
+    times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss().backward()
+        value = loss()
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(value.item())
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return {"mode": mode, "times": times, "trainable": adapters.num_trainable(),
+    return {"mode": mode, "times": times, "losses": losses, "trainable": adapters.num_trainable(),
             "total": sum(p.numel() for p in model.parameters()), "rss_before_mib": rss_before,
             "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from lab.config import DataConfig, SourceConfig, TokenizerConfig
-from lab.data.cache import atomic_directory, content_key
+from lab.data.cache import content_key
+from lab.files import atomic_directory
 from lab.data.sources import corpus_hash, read_sources, source_keys
 from lab.data.stream import BatchStream
 from lab.data.stream import val_batches as _val_batches

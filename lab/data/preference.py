@@ -50,7 +50,8 @@ from lab.data.cache import content_key
 from lab.data.chat import Message, parse_turn
 from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
                               write_cache)
-from lab.data.sources import corpus_hash, iter_jsonl, require_kinds, resolve_paths, source_keys
+from lab.config import require_kinds
+from lab.data.sources import corpus_hash, iter_jsonl, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
 from lab.errors import DataError

@@ -32,7 +32,8 @@ from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
 from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
                               write_cache)
-from lab.data.sources import require_kinds, resolve_paths, source_keys
+from lab.config import require_kinds
+from lab.data.sources import resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
 from lab.data.templates import encode_conversations, get_template
 from lab.errors import DataError

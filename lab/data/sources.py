@@ -22,7 +22,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from hydra.utils import to_absolute_path
 
-from lab.config import DataConfig, SourceConfig
+from lab.config import DataConfig, SourceConfig, require_kinds
 from lab.errors import ConfigError, DataError
 
 MAX_DOC_CHARS = 64 * 1024  # text files larger than this are cut at blank lines into several documents
@@ -171,19 +171,6 @@ def source_keys(cfg: DataConfig, i: int) -> tuple[str, str]:
     if len(cfg.sources) == 1:
         return "data.path", "data.text_field"
     return f"data.sources[{i}].path", f"data.sources[{i}].text_field"
-
-
-# The source kinds each kind of training reads; the first is the built-in default, the last reads files.
-READS = {"pretraining": ("kjv", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
-
-
-def require_kinds(cfg: DataConfig, reader: str) -> None:
-    """Raise ConfigError, naming the key, for a source that `reader` (a key of READS) cannot read."""
-    kinds = READS[reader]
-    for i, source in enumerate(cfg.sources):
-        if source.kind not in kinds:
-            raise ConfigError(f"data.sources[{i}].kind={source.kind!r} is not read by {reader}, which reads "
-                              f"{', '.join(kinds)}; e.g. data={kinds[0]} or data.sources[{i}].kind={kinds[-1]}")
 
 
 def read_source(source: SourceConfig, path_key: str, field_key: str) -> list[str]:

@@ -14,3 +14,4 @@ STAGES = {
     "bench": bench,
     "compare": compare,
 }
+

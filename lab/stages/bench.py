@@ -35,7 +35,8 @@ def _bare_loop(run: Run, data, steps: int):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     accum = cfg.hardware.grad_accum
 
-    def run_steps(n: int) -> None:
+    def run_steps(n: int) -> float:
+        """`n` steps; returns the last step's loss."""
         for _ in range(n):
             for _ in range(accum):
                 inputs, targets = (t.to(device) for t in stream.next_batch())
@@ -49,16 +50,18 @@ def _bare_loop(run: Run, data, steps: int):
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss.item()  # the engine reads its loss every step too
+            last = loss.item()  # the engine reads its loss every step too
+        return last
 
     return run_steps
 
 
-def _timed(run_steps, n: int, device: torch.device) -> float:
+def _timed(run_steps, n: int, device: torch.device, last: dict[str, float], name: str) -> float:
+    """Seconds for `n` steps; the last step's loss goes to `last[name]`."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    run_steps(n)
+    last[name] = run_steps(n)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -71,15 +74,16 @@ def bench(run: Run) -> float:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size)
     trainer = Trainer(run, model, lm_loss, data)
-    engine_steps = lambda n: [trainer.step_and_log() for _ in range(n)]  # noqa: E731
+    engine_steps = lambda n: [trainer.step_and_log() for _ in range(n)][-1]["train/loss"]  # noqa: E731
     bare_steps = _bare_loop(run, data, sc.bench_steps)
     for warm in (engine_steps, bare_steps):
         warm(sc.bench_warmup)
+    last: dict[str, float] = {}
     times: dict[str, list[float]] = {"engine": [], "bare": []}
     for r in range(sc.bench_rounds):  # interleaved short chunks: drift in machine speed hits both loops alike
         order = [("engine", engine_steps), ("bare", bare_steps)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            times[name].append(_timed(fn, sc.bench_steps, device))
+            times[name].append(_timed(fn, sc.bench_steps, device, last, name))
     tokens = sc.bench_steps * cfg.hardware.micro_batch * cfg.hardware.grad_accum * cfg.data.seq_len
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     ratio = statistics.median(b / e for e, b in zip(times["engine"], times["bare"]))  # per-round pairs
@@ -89,6 +93,9 @@ def bench(run: Run) -> float:
         "bench/engine_over_bare": ratio,
         "bench/peak_memory_mb": peak_memory_mb(device),
         "bench/n_params": model.num_parameters(),
+        # both loops trained the same model on the same batches: their last losses agree
+        "bench/engine_last_loss": last["engine"],
+        "bench/bare_last_loss": last["bare"],
     }
     if cfg.hardware.peak_tflops:
         flops = model.flops_per_token(cfg.data.seq_len)

@@ -17,8 +17,8 @@ from lab.adapters import apply_adapter
 from lab.data import prepare_preference_data
 from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
 from lab.engine import Trainer, to_device
-from lab.errors import ConfigError
 from lab.export import fit_and_export
+from lab.files import load_torch
 from lab.lineage import load_tokenizer_checked
 from lab.runner import Run
 
@@ -29,6 +29,7 @@ class WithReference:
     def __init__(self, data: Any, train_ref: torch.Tensor, val_ref: torch.Tensor):
         self.data, self.refs = data, {"train": train_ref, "val": val_ref}
         self.train, self.val, self.tokenizer = data.train, data.val, data.tokenizer
+        self.meta, self.directory = data.meta, data.directory
 
     def _add(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         ref = self.refs[split][batch["index"]]  # (B, 2)
@@ -63,7 +64,7 @@ def reference_logps(run: Run, model: torch.nn.Module, data: Any) -> tuple[torch.
     """
     path = run.ckpt_dir / "reference_logps.pt"
     if path.exists():
-        saved = torch.load(path)
+        saved = load_torch(path, "cached reference log-probs")
         return saved["train"], saved["val"]
     model.eval()
     tables = {}
@@ -83,8 +84,6 @@ def reference_logps(run: Run, model: torch.nn.Module, data: Any) -> tuple[torch.
 def dpo(run: Run) -> float:
     """Start from `init_from`, pick the reference, fit the preference loss. Returns val loss."""
     cfg = run.cfg
-    if run.pretrained is None:
-        raise ConfigError("stage=dpo starts from a trained model (e.g. an SFT run): set init_from=<run id | runs:/<id> | path>")
     tokenizer = load_tokenizer_checked(run.pretrained)
     with run.accelerator.main_process_first():
         data = prepare_preference_data(cfg.data, tokenizer, Path(cfg.paths.cache))

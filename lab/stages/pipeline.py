@@ -10,29 +10,28 @@ from __future__ import annotations
 from hydra import compose
 
 from lab import sweeps
-from lab.config import config_hash, to_run_config
-from lab.errors import ConfigError
+from lab.config import PipelineStep, config_hash, to_run_config
+from lab.errors import ConfigError, LabError
 from lab.runner import HydraInfo, Run, execute
 
 
-def _command_line(run: Run) -> list[str]:
-    """The user's overrides, less those that chose the pipeline itself."""
+def step_overrides(step: PipelineStep, command_line: list[str], previous: str | None) -> list[str]:
+    """A step's overrides: its own, then the user's (less those that chose the pipeline), then where it starts."""
     own = ("experiment=", "stage=", "+experiment=")
-    return [o for o in run.info.overrides if not o.startswith(own)]
+    user = [o for o in command_line if not o.startswith(own)]
+    return [*step.overrides, *user] + ([f"init_from={previous}"] if previous else [])
 
 
 def pipeline(run: Run) -> float:
     """Run every step in order; return the last step's metric."""
-    from lab.stages import STAGES  # the stage table includes this stage
-
     steps = run.cfg.pipeline.steps
     if not steps:
         raise ConfigError("pipeline.steps is empty; use an experiment that defines them, e.g. experiment=kjv_chat")
     previous, value = None, float("nan")
     for i, step in enumerate(steps):
-        overrides = [*step.overrides, *_command_line(run)] + ([f"init_from={previous}"] if previous else [])
+        overrides = step_overrides(step, run.info.overrides, previous)
         dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-        twin = None if run.cfg.pipeline.force else sweeps.finished_twin(run.tracker, config_hash(to_run_config(dcfg)))
+        twin = None if run.cfg.pipeline.force else _finished_twin(run, dcfg)
         if twin is not None:
             run.say(f"pipeline step {i + 1}/{len(steps)} {step.name}: reusing FINISHED run {twin.info.run_id}")
             previous, value = twin.info.run_id, twin.data.metrics.get(run.cfg.sweep.metric, value)
@@ -41,7 +40,17 @@ def pipeline(run: Run) -> float:
         run.say(f"pipeline step {i + 1}/{len(steps)} {step.name}: {' '.join(overrides)}")
         choices = {k: str(v) for k, v in dcfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
         info = HydraInfo(output_dir=run.info.output_dir / f"{i}-{step.name}", choices=choices, overrides=overrides)
-        outcome = execute(dcfg, STAGES, info=info, parent=run.tracker.run_id)
+        outcome = execute(dcfg, info=info, parent=run.tracker.run_id)
         previous, value = outcome.run_id, outcome.value
         run.tracker.set_tags({f"lab.pipeline.step{i}.{step.name}": previous})
     return value
+
+
+def _finished_twin(run: Run, dcfg) -> object:
+    """A FINISHED run of exactly this step's config, or None; a config that does not validate has
+    none, and `execute` records its error as a FAILED step."""
+    try:
+        chash = config_hash(to_run_config(dcfg))
+    except LabError:
+        return None
+    return sweeps.finished_twin(run.tracker, chash)

@@ -8,7 +8,6 @@ from lab.data import prepare_sft_data
 from lab.data.templates import prompt_text, stop_token_id
 from lab.engine import Trainer
 from lab.export import fit_and_export
-from lab.errors import ConfigError
 from lab.lineage import load_tokenizer_checked
 from lab.objectives import masked_lm_loss
 from lab.runner import Run
@@ -25,8 +24,6 @@ SAMPLE_PROMPTS = [
 def sft(run: Run) -> float:
     """Start from `init_from`, optionally wrap the model in an adapter, and fit on chat data."""
     cfg = run.cfg
-    if run.pretrained is None:
-        raise ConfigError("stage=sft starts from a trained model: set init_from=<run id | runs:/<id> | checkpoint path>")
     tokenizer = load_tokenizer_checked(run.pretrained)
     with run.accelerator.main_process_first():
         data = prepare_sft_data(cfg.data, tokenizer, Path(cfg.paths.cache))

@@ -13,7 +13,7 @@ import torch
 import lab.data.packing as packing
 from lab.config import DataConfig, SourceConfig, TokenizerConfig
 from lab.data import BatchStream, load_packed, prepare_data, split_documents, val_batches
-from lab.data.cache import atomic_directory
+from lab.files import atomic_directory
 from lab.errors import CheckpointError, DataError
 from lab.tokenizers import ByteTokenizer
 
