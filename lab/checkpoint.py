@@ -22,10 +22,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 from lab.errors import CheckpointError
-from lab.files import load_safetensors, load_torch, read_json
+from lab.files import load_safetensors, load_torch, read_json, save_safetensors, save_torch
 
 WEIGHTS = "model.safetensors"
 
@@ -65,7 +63,7 @@ def tmp_dir(run_dir: Path, step: int) -> Path:
 
 def write_rank_rng(run_dir: Path, step: int, rank: int) -> None:
     """Every rank writes its own RNG state into the checkpoint being assembled."""
-    torch.save(rng_state(), tmp_dir(run_dir, step) / f"rng_rank{rank}.pt")
+    save_torch(rng_state(), tmp_dir(run_dir, step) / f"rng_rank{rank}.pt", "RNG state")
 
 
 def write_checkpoint(
@@ -79,10 +77,10 @@ def write_checkpoint(
 ) -> Path:
     """Fill the temp folder (rank 0), rename it into place, and prune old checkpoints."""
     tmp = tmp_dir(run_dir, step)
-    save_file(weights_of(model), str(tmp / WEIGHTS))
+    save_safetensors(weights_of(model), tmp / WEIGHTS, "checkpoint weights")
     config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
     (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
-    torch.save(trainer_state, tmp / "trainer_state.pt")
+    save_torch(trainer_state, tmp / "trainer_state.pt", "trainer state")
     tokenizer.save(tmp / "tokenizer")
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
     final = step_dir(run_dir, step)
@@ -101,8 +99,8 @@ def write_export(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tied = model.config.tie_embeddings
-    save_file({k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")},
-              str(tmp / WEIGHTS))
+    save_safetensors({k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")},
+                     tmp / WEIGHTS, "exported weights")
     config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
     (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(tmp / "tokenizer")

@@ -108,6 +108,32 @@ def load_torch(path: Path, what: str) -> Any:
                            "use another checkpoint") from None
 
 
+def save_safetensors(tensors: dict, path: Path, what: str, metadata: dict | None = None) -> None:
+    """Write tensors; a full disk (which safetensors reports as its own error) is named, not traced."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError as e:
+        raise StorageError(f"{what}: {os_error_message(e, path)}") from None
+    except SafetensorError as e:
+        raise StorageError(f"{what}: cannot write {str(path)!r} ({e}); {_FIXES[errno.ENOSPC]}") from None
+
+
+def save_torch(obj: Any, path: Path, what: str) -> None:
+    """`torch.save`; a write that fails part-way (torch reports a full disk as a RuntimeError) is named."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except OSError as e:
+        raise StorageError(f"{what}: {os_error_message(e, path)}") from None
+    except RuntimeError as e:
+        raise StorageError(f"{what}: cannot write {str(path)!r} ({str(e).splitlines()[0]}); "
+                           f"{_FIXES[errno.ENOSPC]}") from None
+
+
 def _unsafe_global(text: str) -> str:
     """The name torch's weights-only unpickler refused, from its long message."""
     for line in text.splitlines():

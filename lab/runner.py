@@ -211,7 +211,8 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
         if run_id:
             tracker.reopen(run_id)
         else:
-            run_name = f"{cfg.stage.name}-{cfg.model.name}" + (f"-{info.job_num}" if info.job_num is not None else "")
+            named = cfg.stage.name if cfg.stage.name == "compare" else f"{cfg.stage.name}-{cfg.model.name}"  # compare trains no model
+            run_name = named + (f"-{info.job_num}" if info.job_num is not None else "")
             tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
             if pretrained is not None:  # lineage: which run this one grew from
                 tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or ""}

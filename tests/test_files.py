@@ -74,6 +74,28 @@ def test_a_truncated_torch_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(StorageError, match=r"RNG state: .*rng_rank0.pt is unreadable"):
         load_torch(path, "RNG state")
-    path.write_bytes(pickle.dumps([1, 2]))  # not a torch file at all
+    path.write_bytes(pickle.dumps([1, 2], protocol=2))  # not a torch file at all
     with pytest.raises(StorageError, match=r"RNG state: .*rng_rank0.pt"):
         load_torch(path, "RNG state")
+
+
+def test_writes_that_run_out_of_room_are_named(tmp_path):
+    """A real failed write: the child process may not grow a file past 64 KiB (RLIMIT_FSIZE), as on a full disk."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, torch
+from pathlib import Path
+from lab.files import StorageError, save_safetensors, save_torch
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+for save in (save_safetensors, save_torch):
+    try:
+        save({{"w": torch.ones(100_000)}}, Path({str(tmp_path)!r}) / "big", "checkpoint weights")
+    except StorageError as e:
+        print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 2, out
+    for line in out:
+        assert line.startswith(f"checkpoint weights: cannot ") and "big" in line and "disk" in line, line

@@ -15,9 +15,27 @@ from lab.errors import LabError
 from lab.config import to_run_config
 from lab.stages.pipeline import step_overrides
 
-from labtest import REPO
+from labtest import CONF_DIR, REPO
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def compose_cfg():
+    """compose(*overrides) within one Hydra initialisation, remembered: sweeps share most of their jobs."""
+    from hydra import compose, initialize_config_dir
+
+    from lab.config import register_schemas
+
+    register_schemas()
+    seen: dict = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        def _compose(*overrides: str):
+            if overrides not in seen:
+                seen[overrides] = compose("config", overrides=list(overrides), return_hydra_config=True)
+            return seen[overrides].copy()
+
+        yield _compose
 
 
 def readme_commands() -> list[tuple[str, str | None]]:

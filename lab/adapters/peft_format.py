@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lab.config import AdapterConfig
 from lab.errors import CheckpointError, ConfigError
-from lab.files import load_safetensors, read_json
+from lab.files import load_safetensors, read_json, save_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -76,8 +75,8 @@ def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, to
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # metadata format=pt: what transformers and PEFT write, and what their loaders expect
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()},
-              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()},
+                     directory / WEIGHTS_FILE, "adapter weights", metadata={"format": "pt"})
     return directory
 
 

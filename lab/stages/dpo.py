@@ -18,7 +18,7 @@ from lab.data import prepare_preference_data
 from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
 from lab.engine import Trainer, to_device
 from lab.export import fit_and_export
-from lab.files import load_torch
+from lab.files import load_torch, save_torch
 from lab.lineage import load_tokenizer_checked
 from lab.runner import Run
 
@@ -77,7 +77,7 @@ def reference_logps(run: Run, model: torch.nn.Module, data: Any) -> tuple[torch.
         tables[split] = torch.cat(rows)
     if run.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tables, path)
+        save_torch(tables, path, "cached reference log-probs")
     return tables["train"], tables["val"]
 
 
