@@ -6,7 +6,8 @@ names the file and says what to do (a `LabError`), never a traceback.
   whatever escapes a run, so no OS error anywhere reaches the user as a traceback.
 - The readers (`read_json`, `load_safetensors`, `load_torch`) also catch the format's own errors:
   a truncated safetensors file, broken JSON, a pickle that would run code.
-- `atomic_directory` writes a folder so that it either exists complete or not at all.
+- The writers (`save_safetensors`, `save_torch`) name a full disk too, and replace a file only once
+  the new one is whole; `atomic_directory` does the same for a folder.
 """
 from __future__ import annotations
 
@@ -108,13 +109,27 @@ def load_torch(path: Path, what: str) -> Any:
                            "use another checkpoint") from None
 
 
+@contextmanager
+def _replaced(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` that replaces it once written: a reader sees the old file or the
+    new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: dict, path: Path, what: str, metadata: dict | None = None) -> None:
     """Write tensors; a full disk (which safetensors reports as its own error) is named, not traced."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        with _replaced(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
         raise StorageError(f"{what}: {os_error_message(e, path)}") from None
     except SafetensorError as e:
@@ -126,7 +141,8 @@ def save_torch(obj: Any, path: Path, what: str) -> None:
     import torch
 
     try:
-        torch.save(obj, path)
+        with _replaced(path) as tmp:
+            torch.save(obj, tmp)
     except OSError as e:
         raise StorageError(f"{what}: {os_error_message(e, path)}") from None
     except RuntimeError as e:

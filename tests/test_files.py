@@ -80,7 +80,8 @@ def test_a_truncated_torch_file_is_named(tmp_path):
 
 
 def test_writes_that_run_out_of_room_are_named(tmp_path):
-    """A real failed write: the child process may not grow a file past 64 KiB (RLIMIT_FSIZE), as on a full disk."""
+    """A real failed write: the child process may not grow a file past 64 KiB (RLIMIT_FSIZE), as on a full disk.
+    The file it was replacing stays whole."""
     import subprocess
     import sys
 
@@ -89,13 +90,18 @@ import resource, torch
 from pathlib import Path
 from lab.files import StorageError, save_safetensors, save_torch
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
-for save in (save_safetensors, save_torch):
+for save, load in ((save_safetensors, load_safetensors), (save_torch, load_torch)):
+    path = Path({str(tmp_path)!r}) / save.__name__
+    save({{"w": torch.ones(10)}}, path, "checkpoint weights")
     try:
-        save({{"w": torch.ones(100_000)}}, Path({str(tmp_path)!r}) / "big", "checkpoint weights")
+        save({{"w": torch.ones(100_000)}}, path, "checkpoint weights")
     except StorageError as e:
         print(e)
+    print(int(load(path, "checkpoint weights")["w"].sum()))  # the earlier file, whole
 """
+    script = script.replace("import StorageError,", "import StorageError, load_safetensors, load_torch,")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert len(out) == 2, out
-    for line in out:
-        assert line.startswith(f"checkpoint weights: cannot ") and "big" in line and "disk" in line, line
+    assert len(out) == 4 and out[1] == out[3] == "10", out
+    for line in (out[0], out[2]):
+        assert line.startswith("checkpoint weights: cannot ") and "save_" in line and "disk" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["save_safetensors", "save_torch"]  # no temporary left
