@@ -11,8 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,54 +19,9 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lab.errors import ConfigError
+from lab.ranges import check_ranges, ranged
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A numeric key's valid range, written as in maths: "[1, inf)", "(0, 1]"."""
-
-    lo: float
-    hi: float
-    lo_closed: bool
-    hi_closed: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "Interval":
-        m = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
-        if m is None:
-            raise ValueError(f"bad interval {text!r}; write e.g. [0, 1) or (0, inf)")
-        return cls(float(m[2]), float(m[3]), m[1] == "[", m[4] == "]")
-
-    def __contains__(self, x: float) -> bool:
-        above = x >= self.lo if self.lo_closed else x > self.lo
-        below = x <= self.hi if self.hi_closed else x < self.hi
-        return above and below
-
-    def describe(self) -> str:
-        """"to at least 1", "> 0", "in [0, 1)": how the error message says it."""
-        def num(x: float) -> str:
-            return str(int(x)) if x.is_integer() else repr(x)
-
-        if math.isinf(self.hi):
-            return f"to at least {num(self.lo)}" if self.lo_closed else f"> {num(self.lo)}"
-        return f"in {'[' if self.lo_closed else '('}{num(self.lo)}, {num(self.hi)}{']' if self.hi_closed else ')'}"
-
-
-def ranged(default: Any, interval: str) -> Any:
-    """A numeric field whose value must lie in `interval`; `check_ranges` enforces it."""
-    return field(default=default, metadata={"interval": Interval.parse(interval)})
-
-
-def check_ranges(node: Any, prefix: str) -> None:
-    """Raise ConfigError, naming the key, for any field of `node` outside its declared interval."""
-    for f in dataclasses.fields(node):
-        interval, value = f.metadata.get("interval"), getattr(node, f.name)
-        if interval is None or value is None:
-            continue
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value in interval):
-            raise ConfigError(f"{prefix}.{f.name}={value} is out of range: set it {interval.describe()}")
 
 
 STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare")  # the keys of lab.stages.STAGES
