@@ -34,11 +34,11 @@ def job(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        if not multirun:  # a config error answers before torch and MLflow load (a sweep records it as a run)
-            to_run_config(cfg)
+        # a config error answers before torch and MLflow load; a sweep records it as a FAILED job instead
+        checked = None if multirun else to_run_config(cfg)
         from lab.runner import execute
 
-        return execute(cfg).value
+        return execute(cfg, checked=checked).value
     except LabError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if multirun:

@@ -94,7 +94,8 @@ class Outcome:
     reused: bool = False
 
 
-def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional[str] = None) -> Outcome:
+def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional[str] = None,
+            checked: Optional[RunConfig] = None) -> Outcome:
     """Run the stage `stage.name` under an MLflow run.
 
     Every way out ends the MLflow run: FINISHED; KILLED on Ctrl-C or SIGTERM; FAILED with the error
@@ -105,6 +106,7 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
         dcfg: the composed config.
         info: the job's Hydra facts; taken from Hydra when None.
         parent: nest the run under this MLflow run (a pipeline); a sweep's parent is found by itself.
+        checked: `to_run_config(dcfg)`, when the caller has already made it.
     """
     from lab.stages import STAGES
 
@@ -114,7 +116,7 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     tracker: Optional[Tracker] = None
     record = {"status": "failed", "run_id": None, "value": math.nan}
     try:
-        cfg = to_run_config(dcfg)
+        cfg = checked or to_run_config(dcfg)
         check_device(cfg.hardware)
         accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu")
         set_seed(cfg.train.seed)

@@ -47,3 +47,16 @@ def test_sigterm_ends_a_run_like_ctrl_c():
         assert isinstance(caught.value, Terminated)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_defaults_that_failed_now_run_and_say_once_what_they_changed(lab_cli, tmp_path):
+    """`lab model=micro` (context 128 < data.seq_len 256) and a run shorter than the 40-step warm-up."""
+    proc = lab_cli("model=micro", "train.max_steps=3", "tokenizer.vocab_size=512", "hardware.micro_batch=2",
+                   "train.eval_batches=1", "train.sample_tokens=4", "train.progress=false")
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["model.max_seq_len"], run.data.params["data.seq_len"]) == ("256", "256")
+    assert run.data.params["train.warmup_steps"] == "0"
+    log = proc.stdout + proc.stderr
+    assert log.count("model.max_seq_len raised from 128 to data.seq_len=256") == 1
+    assert log.count("train.warmup_steps=40 is not shorter than train.max_steps=3; warming up over 0 steps") == 1

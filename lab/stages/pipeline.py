@@ -10,7 +10,7 @@ from __future__ import annotations
 from hydra import compose
 
 from lab import sweeps
-from lab.config import PipelineStep, config_hash, to_run_config
+from lab.config import PipelineStep, RunConfig, config_hash, to_run_config
 from lab.errors import ConfigError, LabError
 from lab.runner import HydraInfo, Run, execute
 
@@ -31,7 +31,8 @@ def pipeline(run: Run) -> float:
     for i, step in enumerate(steps):
         overrides = step_overrides(step, run.info.overrides, previous)
         dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-        twin = None if run.cfg.pipeline.force else _finished_twin(run, dcfg)
+        checked = _checked(dcfg)
+        twin = None if run.cfg.pipeline.force or checked is None else sweeps.finished_twin(run.tracker, config_hash(checked))
         if twin is not None:
             run.say(f"pipeline step {i + 1}/{len(steps)} {step.name}: reusing FINISHED run {twin.info.run_id}")
             previous, value = twin.info.run_id, twin.data.metrics.get(run.cfg.sweep.metric, value)
@@ -40,17 +41,16 @@ def pipeline(run: Run) -> float:
         run.say(f"pipeline step {i + 1}/{len(steps)} {step.name}: {' '.join(overrides)}")
         choices = {k: str(v) for k, v in dcfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
         info = HydraInfo(output_dir=run.info.output_dir / f"{i}-{step.name}", choices=choices, overrides=overrides)
-        outcome = execute(dcfg, info=info, parent=run.tracker.run_id)
+        outcome = execute(dcfg, info=info, parent=run.tracker.run_id, checked=checked)
         previous, value = outcome.run_id, outcome.value
         run.tracker.set_tags({f"lab.pipeline.step{i}.{step.name}": previous})
     return value
 
 
-def _finished_twin(run: Run, dcfg) -> object:
-    """A FINISHED run of exactly this step's config, or None; a config that does not validate has
-    none, and `execute` records its error as a FAILED step."""
+def _checked(dcfg) -> RunConfig | None:
+    """The step's typed config, or None when it does not validate: `execute` then records the error
+    as a FAILED step."""
     try:
-        chash = config_hash(to_run_config(dcfg))
+        return to_run_config(dcfg)
     except LabError:
         return None
-    return sweeps.finished_twin(run.tracker, chash)
