@@ -29,6 +29,9 @@ def test_grid_sweep_then_rerun_skips_then_reruns_only_the_failed(lab_cli, tmp_pa
     assert parent.data.tags["lab.sweep.best_run"] == best.info.run_id
     assert parent.data.metrics["sweep/best_value"] == best.data.metrics["val/loss"]
     assert parent.data.tags["lab.sweep.keys"] == "train.lr,train.warmup_steps"
+    description = parent.data.tags["mlflow.note.content"]  # the command and the sweep's definition
+    assert description.startswith("```\nlab -m model=micro ") and "train.lr=1e-3,3e-3" in description
+    assert "sweeper:" in description and "BasicSweeper" in description and "launcher:" in description
     swept = {(c.data.tags["lab.swept.train.lr"], c.data.tags["lab.swept.train.warmup_steps"]) for c in children}
     assert swept == {("0.001", "1"), ("0.001", "2"), ("0.003", "1"), ("0.003", "2")}
     assert all("train.lr=" in c.data.tags["lab.overrides"] for c in children)
