@@ -5,8 +5,12 @@ Layout of one checkpoint, `<paths.checkpoints>/<run id>/step_0000300/`:
     model_config.json    the ModelConfig and vocab size, enough to rebuild the model
     trainer_state.pt     optimizer, scheduler, grad scaler, step, tokens seen, data position
     rng_rank{r}.pt       every RNG state of each rank (python, numpy, torch, cuda)
-    meta.json            step, tokenizer SHA-256, config hash, MLflow run id
+    meta.json            step, tokenizer SHA-256, config hash, MLflow run id, format_version
     tokenizer/           the tokenizer files
+
+`FORMAT_VERSION` numbers this layout. Version 1 (no `format_version` key) predates the Gemma
+options of `ModelConfig`; its model configs read as plain Llama, which is what they were. A
+checkpoint from a newer lab than this one is refused, saying so.
 
 A checkpoint is written into a hidden `.step_*.tmp` folder and renamed into place when complete,
 so a run killed mid-write never leaves a half checkpoint that resume could pick up.
@@ -23,9 +27,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from lab.errors import CheckpointError
-from lab.files import load_safetensors, load_torch, read_json, save_safetensors, save_torch
+from lab.files import load_safetensors, load_torch, read_json, save_safetensors, save_torch, stream_safetensors
 
 WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 2  # 1: up to the Gemma options (no format_version in meta.json); 2: since
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -82,7 +87,7 @@ def write_checkpoint(
     (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
     save_torch(trainer_state, tmp / "trainer_state.pt", "trainer state")
     tokenizer.save(tmp / "tokenizer")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta, "format_version": FORMAT_VERSION}, indent=2))
     final = step_dir(run_dir, step)
     if final.exists():  # an earlier attempt of this run reached the same step
         shutil.rmtree(final)
@@ -104,7 +109,7 @@ def write_export(
     config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
     (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(tmp / "tokenizer")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "meta.json").write_text(json.dumps(meta | {"format_version": FORMAT_VERSION}, indent=2))
     for kept in ("adapter",):  # the adapter may already sit in the export folder
         if (export / kept).exists():
             (export / kept).rename(tmp / kept)
@@ -124,7 +129,12 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     meta_file = ckpt / "meta.json"
     if not meta_file.exists():
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no meta.json); point train.resume at a step_* folder")
-    return read_json(meta_file, "checkpoint meta")
+    meta = read_json(meta_file, "checkpoint meta")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: checkpoint format_version={version!r} is newer than this lab reads "
+                              f"({FORMAT_VERSION}); upgrade lab (pip install -e . in a newer checkout) to load it")
+    return meta
 
 
 def read_model_config(ckpt: Path) -> dict[str, Any]:
@@ -138,15 +148,31 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    expected = set(weights_of(model))
+    """Copy the checkpoint's weights into `model` one tensor at a time (never a second full copy)."""
+    expected, params, path = set(weights_of(model)), model.state_dict(), ckpt / WEIGHTS
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in stream_safetensors(path, f"weights of checkpoint {ckpt}"):
+            if name not in expected:
+                raise _misfit(path, model, f"unexpected tensor {name}")
+            if params[name].shape != tensor.shape:
+                raise _misfit(path, model, f"{name} is {tuple(tensor.shape)}, the model's {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            seen.add(name)
+    if seen != expected:
+        raise _misfit(path, model, f"missing {sorted(expected - seen)[:3]}")
+
+
+def _misfit(path: Path, model: torch.nn.Module, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} does not fit model={model.config.name}: {what}; "
+                           "use the model config the checkpoint was made with")
+
+
+def base_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The weights under an adapter run's adapters, by the plain model's names: what the adapter
+    was trained on top of (`layers.0.attn.q_proj.base.weight` -> `layers.0.attn.q_proj.weight`)."""
     tensors = load_safetensors(ckpt / WEIGHTS, f"weights of checkpoint {ckpt}")
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt / WEIGHTS} does not fit model={model.config.name}: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}; use the model config the checkpoint was made with"
-        )
-    model.load_state_dict(tensors, strict=False)  # strict=False: a tied head is absent by design
+    return {k.replace(".base.", "."): v for k, v in tensors.items() if ".lora_" not in k}
 
 
 def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,11 +24,11 @@ from lab.ranges import check_ranges, ranged
 log = logging.getLogger(__name__)
 
 
-STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare")  # the keys of lab.stages.STAGES
+STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
 READS = {"pretraining": ("kjv", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
-STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO"}
-STARTS_FROM_A_MODEL = ("sft", "dpo")
+STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining"}
+STARTS_FROM_A_MODEL = ("sft", "dpo", "export", "surgery")
 
 
 @dataclass
@@ -46,16 +46,35 @@ class StageConfig:
 
 @dataclass
 class ModelConfig:
+    """The decoder's shape and its Llama / Gemma options; every option is off by default (plain Llama)."""
+
     name: str = "micro"
     dim: int = ranged(64, "[1, inf)")  # residual stream width
     n_layers: int = ranged(2, "[1, inf)")
     n_heads: int = ranged(4, "[1, inf)")
     n_kv_heads: Optional[int] = ranged(None, "[1, inf)")  # grouped-query attention; None means n_heads (plain MHA)
-    ffn_dim: Optional[int] = ranged(None, "[1, inf)")  # SwiGLU hidden width; None means 8/3*dim rounded up to multiple_of
+    head_dim: Optional[int] = ranged(None, "[2, inf)")  # per-head width; None means dim / n_heads (Gemma 2 2B: 256)
+    ffn_dim: Optional[int] = ranged(None, "[1, inf)")  # MLP hidden width; None means 8/3*dim rounded up to multiple_of
     multiple_of: int = ranged(32, "[1, inf)")
+    mlp: str = "swiglu"  # swiglu (SiLU gate, Llama) | geglu (tanh-approximated GELU gate, Gemma)
     max_seq_len: int = ranged(256, "[1, inf)")  # context length; RoPE tables are built for this many positions
-    rope_theta: float = ranged(10000.0, "(0, inf)")
+    rope_theta: float = ranged(10000.0, "(0, inf)")  # RoPE base of global layers (Gemma 3: 1e6)
+    rope_local_theta: Optional[float] = ranged(None, "(0, inf)")  # RoPE base of sliding-window layers; None means rope_theta
+    rope_scaling: str = "none"  # global layers' RoPE frequency scaling: none | linear (Gemma 3 4B+) | llama3 (Llama 3.1+)
+    rope_scaling_factor: float = ranged(1.0, "[1, inf)")  # linear and llama3: how much longer the context is made
+    rope_low_freq_factor: float = ranged(1.0, "(0, inf)")  # llama3 only
+    rope_high_freq_factor: float = ranged(4.0, "(0, inf)")  # llama3 only
+    rope_original_max_seq_len: int = ranged(8192, "[1, inf)")  # llama3 only: the context the model was trained at
+    sliding_window: Optional[int] = ranged(None, "[1, inf)")  # local layers attend to this many latest positions
+    sliding_window_pattern: int = ranged(1, "[0, inf)")  # every Nth layer is global, the rest local (Gemma 2: 2, Gemma 3: 6); 0: all local
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Gemma 3)
+    query_pre_attn_scalar: Optional[float] = ranged(None, "(0, inf)")  # scores scale by this ** -0.5; None means head_dim
+    attn_softcap: Optional[float] = ranged(None, "(0, inf)")  # attention scores become cap * tanh(s / cap) (Gemma 2: 50)
+    final_softcap: Optional[float] = ranged(None, "(0, inf)")  # same for the output logits (Gemma 2: 30)
     norm_eps: float = ranged(1e-5, "(0, inf)")
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w starting at 0 (Gemma)
+    sandwich_norm: bool = False  # also norm each attention and MLP output before the residual add (Gemma 2 and 3)
+    embed_scale: bool = False  # multiply token embeddings by sqrt(dim) (Gemma)
     tie_embeddings: bool = True  # share the token embedding with the output head
     dropout: float = ranged(0.0, "[0, 1)")
     deepnorm: bool = False  # DeepNorm (Wang et al. 2022): post-norm with scaled residual and init
@@ -64,12 +83,35 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_ranges(self, "model")
         kv = self.n_kv_heads or self.n_heads
-        if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                              "change one, or set model.head_dim")
         if self.n_heads % kv:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"model.dim/model.n_heads={self.dim // self.n_heads} must be even for RoPE")
+        if self.head_size % 2:
+            raise ConfigError(f"model.head_dim={self.head_size} must be even for RoPE")
+        for key, allowed in (("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
+        if self.sliding_window is None and self.sliding_window_pattern != 1:
+            raise ConfigError(f"model.sliding_window_pattern={self.sliding_window_pattern} needs model.sliding_window; set it")
+        if self.deepnorm and (self.sandwich_norm or self.norm_plus_one):
+            raise ConfigError("model.deepnorm is a post-norm; it does not combine with model.sandwich_norm or model.norm_plus_one")
+
+    @property
+    def head_size(self) -> int:
+        """Each attention head's width: `head_dim`, or dim / n_heads."""
+        return self.head_dim or self.dim // self.n_heads
+
+    def is_local(self, layer: int) -> bool:
+        """Whether layer `layer` (from 0) attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_window_pattern == 0 or (layer + 1) % self.sliding_window_pattern != 0
+
+
+MLPS = ("swiglu", "geglu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclass
@@ -301,6 +343,28 @@ class PipelineConfig:
 
 
 @dataclass
+class ExportConfig:
+    format: str = "hf"  # hf: a folder transformers loads | peft: that, for the base, plus the adapter for peft | gguf: llama.cpp's file
+    dir: Optional[str] = None  # where to write (absent or empty); None: export/ in the run's output folder
+    max_shard_mb: float = ranged(5000.0, "(0, inf)")  # weight files above this size are split into shards with an index
+    dtype: str = "float32"  # of the written weights: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "export")
+        for key, allowed in (("format", EXPORT_FORMATS), ("dtype", ("float32", "bfloat16", "float16"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"export.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
+
+
+EXPORT_FORMATS = ("hf", "peft", "gguf")
+
+
+@dataclass
+class SurgeryConfig:
+    tokenizer: Optional[str] = None  # a tokenizer folder to move onto; None: the tokenizer group, trained on the data
+
+
+@dataclass
 class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -315,7 +379,9 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    init_from: Optional[str] = None  # start from an earlier run: a checkpoint path, an MLflow run id, or runs:/<id>
+    export: ExportConfig = field(default_factory=ExportConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    init_from: Optional[str] = None  # start from: a checkpoint path, a run id, runs:/<id>, models:/<name>/<v>, or hf:<dir>
 
     def __post_init__(self) -> None:
         self.check_context()
@@ -328,12 +394,13 @@ class RunConfig:
             require_kinds(self.data, STAGE_READS[stage])
         if stage in STARTS_FROM_A_MODEL and not self.init_from:
             raise ConfigError(f"stage={stage} starts from a trained model: set init_from=<run id | runs:/<id> | "
-                              "models:/<name>/<version> | checkpoint path>")
+                              "models:/<name>/<version> | checkpoint path | hf:<Hugging Face folder>>")
 
     def check_context(self) -> None:
         """Every model runs with every data option's defaults: RoPE has no learned positions, so a
-        context shorter than `data.seq_len` is only the size of a table, and it grows."""
-        if self.data.seq_len > self.model.max_seq_len:
+        context shorter than `data.seq_len` is only the size of a table, and it grows. (A stage that
+        reads no data, such as export, keeps the model as it is.)"""
+        if self.stage.name in STAGE_READS and self.data.seq_len > self.model.max_seq_len:
             log.info("model.max_seq_len raised from %d to data.seq_len=%d (model=%s; RoPE tables grow freely)",
                      self.model.max_seq_len, self.data.seq_len, self.model.name)
             self.model.max_seq_len = self.data.seq_len

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from lab.errors import LabError
 
@@ -84,8 +84,27 @@ def load_safetensors(path: Path, what: str) -> dict:
     except OSError as e:
         raise StorageError(f"{what}: {os_error_message(e, path)}") from None
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise StorageError(f"{what}: {path} is not a complete safetensors file ({e}); it may be truncated "
-                           "by a full disk or a copy cut short; use another checkpoint") from None
+        raise _incomplete(path, what, e) from None
+
+
+def stream_safetensors(path: Path, what: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """The tensors of a safetensors file one at a time, read from a memory map: never the whole file
+    in memory at once. `names` picks and orders them (default: all)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in (list(f.keys()) if names is None else names):
+                yield name, f.get_tensor(name)
+    except OSError as e:
+        raise StorageError(f"{what}: {os_error_message(e, path)}") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise _incomplete(path, what, e) from None
+
+
+def _incomplete(path: Path, what: str, e: Exception) -> StorageError:
+    return StorageError(f"{what}: {path} is not a complete safetensors file ({e}); it may be truncated by a full "
+                        "disk or a copy cut short; use another checkpoint, or copy this one again")
 
 
 def load_torch(path: Path, what: str) -> Any:

@@ -1,7 +1,8 @@
 """`init_from`: start a stage from an earlier run's weights, tokenizer and model config.
 
 It accepts a local checkpoint path, an MLflow run id, `runs:/<id>`, `runs:/<id>/<artifact path>`,
-or a logged model, `models:/<name>/<version>` or `models:/<model id>`. A run id is looked up first
+a logged model, `models:/<name>/<version>` or `models:/<model id>`, or a Hugging Face model
+folder, `hf:<dir>` (see `lab.formats.hf`). A run id is looked up first
 in this machine's checkpoints (`<paths.checkpoints>/<id>/`), then as the model the run logged to
 MLflow, so a run recorded on a tracking server works from anywhere.
 """
@@ -31,12 +32,17 @@ class Pretrained:
     model: ModelConfig
     vocab_size: int
     run_id: Optional[str]  # the MLflow run that made it, for lineage
+    hf: bool = False  # a Hugging Face folder (config.json, *.safetensors, its tokenizer) rather than lab's
 
     def build(self):
         """The model it describes, with its weights loaded."""
-        from lab.models import build_model
+        from lab.models import build_empty
 
-        model = build_model(self.model, self.vocab_size)
+        if self.hf:
+            from lab.formats.hf import build_from_hf
+
+            return build_from_hf(self.path, self.model, self.vocab_size)
+        model = build_empty(self.model, self.vocab_size)
         ckpt.load_weights(model, self.path)
         return model
 
@@ -45,6 +51,8 @@ def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path) -> Pret
     """Find the checkpoint `init_from=spec` names and read its model config."""
     if spec.startswith("models:/"):
         return _read(_download(spec, spec, tracker, cache))
+    if spec.startswith("hf:"):
+        return _read_hf(Path(spec[len("hf:"):]).expanduser())
     run_id, artifact = None, ""
     if spec.startswith("runs:/"):
         run_id, _, artifact = spec[len("runs:/"):].strip("/").partition("/")
@@ -100,13 +108,33 @@ def _read(path: Path) -> Pretrained:
     meta = ckpt.read_meta(path)
     config: dict[str, Any] = ckpt.read_model_config(path)
     vocab_size = config.pop("vocab_size")
-    return Pretrained(path, ModelConfig(**config), vocab_size, meta.get("run_id"))
+    try:
+        model = ModelConfig(**config)
+    except TypeError as e:  # a key this lab's ModelConfig lacks
+        raise CheckpointError(f"{path / 'model_config.json'}: {e}; the checkpoint was written by another lab version "
+                              f"(format_version {meta.get('format_version', 1)}); use that version") from None
+    return Pretrained(path, model, vocab_size, meta.get("run_id"))
+
+
+def _read_hf(path: Path) -> Pretrained:
+    from lab.formats.hf import model_config_from_hf, read_config
+
+    model, vocab_size = model_config_from_hf(read_config(path), path.resolve().name)
+    return Pretrained(path, model, vocab_size, None, hf=True)
 
 
 def load_tokenizer_checked(pre: Pretrained):
-    """The checkpoint's tokenizer, verified against the SHA-256 the checkpoint recorded."""
+    """The checkpoint's tokenizer, verified against the SHA-256 the checkpoint recorded (a Hugging
+    Face folder records none: its file's SHA-256 becomes the tokenizer's identity from here on)."""
+    from lab.formats.hf_tokenizer import load_hf_tokenizer
     from lab.tokenizers import check_tokenizer, load_tokenizer
 
+    if pre.hf:
+        tokenizer = load_hf_tokenizer(pre.path, pre.vocab_size)
+        if tokenizer is None:
+            raise CheckpointError(f"init_from=hf:{pre.path}: the folder has no tokenizer.json or tokenizer.model; "
+                                  "copy the model's tokenizer files into it")
+        return tokenizer
     tokenizer = load_tokenizer(pre.path / "tokenizer")
     check_tokenizer(ckpt.read_meta(pre.path)["tokenizer_sha256"], tokenizer, where=f"init_from checkpoint {pre.path}")
     return tokenizer

@@ -22,7 +22,7 @@ from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
 from lab.config import RunConfig, TrackingConfig, config_hash, flatten, resolved, to_run_config
-from lab.errors import CheckpointError, ConfigError, LabError
+from lab.errors import CheckpointError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, resolve_precision
 from lab.lineage import Pretrained

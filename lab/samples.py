@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from lab.generation import generate
 from lab.tracking import Tracker
 
 SAMPLES_TABLE = "samples.json"
@@ -29,7 +30,7 @@ class SampleWriter:
         for prompt in self.prompts:
             ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
             idx = torch.tensor([ids], device=device)
-            out = model.generate(idx, self.max_new_tokens, generator=generator, eos_id=self.stop_id)
+            out = generate(model, idx, self.max_new_tokens, generator=generator, eos_id=self.stop_id)
             self.last.append(self.tokenizer.decode(out[0].tolist()))  # decode skips bos/eos
         model.train(was_training)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from lab.config import TokenizerConfig
 from lab.errors import CheckpointError, ConfigError
@@ -54,13 +54,25 @@ class Tokenizer(ABC):
     def token_id(self, piece: str) -> int:
         """The single id of a special token listed in `tokenizer.special_tokens`."""
 
+    @abstractmethod
+    def piece(self, i: int) -> str:
+        """The text of token `i` as the vocabulary spells it (e.g. "<bos>", "\u2581the")."""
+
     def save(self, directory: Path) -> None:
         """Write `tokenizer.json` (and `tokenizer.model` for SentencePiece) into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         info = {"kind": self.kind, "vocab_size": self.vocab_size, "special_tokens": list(self.special_tokens),
-                "sha256": self.sha256}
+                "sha256": self.sha256, **self.info()}
         (directory / "tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def info(self) -> dict:
+        """Anything beyond the files that rebuilding this tokenizer needs."""
+        return {}
+
+    def is_control(self, i: int) -> bool:
+        """Whether token `i` stands for no text (bos, eos, pad, unk and the like)."""
+        return i in (self.bos_id, self.eos_id, self.pad_id)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
@@ -107,20 +119,30 @@ class ByteTokenizer(Tokenizer):
             raise ConfigError(f"{piece!r} is not in tokenizer.special_tokens={self.special_tokens}; add it there")
         return self._special[piece]
 
+    def piece(self, i: int) -> str:
+        if i < 256:
+            return chr(i) if 32 <= i < 127 else f"<0x{i:02X}>"
+        return {256: "<bos>", 257: "<eos>", 258: "<pad>"}.get(i) or self._special_text[i]
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece BPE or unigram model, held as the bytes of its `.model` file."""
 
-    def __init__(self, model_bytes: bytes, kind: str, special_tokens: Sequence[str]) -> None:
+    def __init__(self, model_bytes: bytes, kind: str, special_tokens: Optional[Sequence[str]] = None) -> None:
+        """`kind` is bpe or unigram for a model lab trained, sentencepiece for one imported with a
+        Hugging Face checkpoint, whose special tokens are then its user-defined pieces."""
         import sentencepiece as spm
 
         self.kind = kind
         self.model_bytes = model_bytes
-        self.special_tokens = list(special_tokens)
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.vocab_size = self._sp.get_piece_size()
-        self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id  # Llama 2 has no pad
+        if special_tokens is None:
+            special_tokens = [piece for piece, _, kind in self.pieces() if kind == "user_defined"]
+        self.special_tokens = list(special_tokens)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -134,8 +156,37 @@ class SentencePieceTokenizer(Tokenizer):
     def token_id(self, piece: str) -> int:
         i = self._sp.piece_to_id(piece)
         if piece not in self.special_tokens or i == self._sp.unk_id():
+            if self.kind == "sentencepiece":  # an imported model's vocabulary cannot grow here
+                raise ConfigError(f"{piece!r} is not a special token of this model's tokenizer; pick a template "
+                                  "that needs none (data.template=alpaca or instruct)")
             raise ConfigError(f"{piece!r} is not in tokenizer.special_tokens={self.special_tokens}; add it there")
         return i
+
+    def piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+    def is_control(self, i: int) -> bool:
+        return self._sp.is_control(i) or self._sp.is_unknown(i)
+
+    def pieces(self) -> list[tuple[str, float, str]]:
+        """(piece, score, type) of every id; type is normal, unknown, control, user_defined, unused or byte."""
+        return [(p.piece, p.score, p.Type.Name(p.type).lower()) for p in self._proto().pieces]
+
+    def spec(self) -> dict:
+        """The model's algorithm and normaliser settings, read from the .model file itself."""
+        proto = self._proto()
+        norm = proto.normalizer_spec
+        return {"algorithm": proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type).lower(),
+                "normalizer": norm.name, "add_dummy_prefix": norm.add_dummy_prefix,
+                "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+                "split_by_whitespace": proto.trainer_spec.split_by_whitespace}
+
+    def _proto(self):
+        from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf comes with mlflow
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.model_bytes)
+        return proto
 
     def save(self, directory: Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -253,6 +304,14 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     if kind == "byte":
         tok: Tokenizer = ByteTokenizer(special)
         checked = meta_path
+    elif kind == "hf":
+        from lab.formats.hf_tokenizer import HF_TOKENIZER, HFTokenizer
+
+        checked = Path(directory) / HF_TOKENIZER
+        try:
+            tok = HFTokenizer(checked.read_bytes()).assign_roles(info["bos_id"], info["eos_id"], info["pad_id"])
+        except Exception as e:  # OSError, KeyError, or the parser's own error
+            raise CheckpointError(f"{checked}: cannot read the tokenizer ({e}); restore the file") from None
     else:
         checked = Path(directory) / "tokenizer.model"
         try:
@@ -264,6 +323,27 @@ def load_tokenizer(directory: Path) -> Tokenizer:
             f"{checked}: sha256 {tok.sha256[:12]} differs from {recorded[:12]} recorded in {meta_path}; "
             "the file was changed or corrupted, restore it or delete the folder to retrain"
         )
+    return tok
+
+
+def load_any_tokenizer(directory: Path) -> Tokenizer:
+    """A tokenizer folder lab wrote (`<run>/export/tokenizer`, `<cache>/tokenizers/<key>`) or a Hugging
+    Face model folder's tokenizer.
+
+    Raises:
+        CheckpointError: the folder holds neither.
+    """
+    record = Path(directory) / "tokenizer.json"
+    try:
+        is_labs = record.is_file() and "sha256" in json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        is_labs = False
+    from lab.formats.hf_tokenizer import load_hf_tokenizer
+
+    tok = load_tokenizer(directory) if is_labs else load_hf_tokenizer(directory)
+    if tok is None:
+        raise CheckpointError(f"{directory} holds no tokenizer (lab's tokenizer.json, or a Hugging Face tokenizer.json "
+                              "or tokenizer.model); point at a tokenizer folder")
     return tok
 
 

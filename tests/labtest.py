@@ -140,3 +140,25 @@ def make(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return build_model(micro(**overrides), V).eval()
+
+
+def save_hf_tokenizer(directory: Path, vocab_size: int = 400) -> int:
+    """A byte-level BPE `tokenizer.json` (the `tokenizers` library) trained on KJV verses, with
+    `<bos>`, `<eos>`, `<pad>` named in `tokenizer_config.json`, as a Hugging Face model folder has.
+    Returns its size, specials included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lab.data.sources import read_kjv_verses
+
+    verses = [v.text for _, v in zip(range(3000), read_kjv_verses())]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(verses, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        '{"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}')
+    return tok.get_vocab_size()

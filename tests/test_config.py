@@ -18,7 +18,8 @@ SFT, DPO = ["stage=sft", "init_from=x"], ["stage=dpo", "init_from=x"]  # the sta
 NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x.jsonl"],
          ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl", *SFT],
          ("data", "kjv_sft"): SFT, ("data", "preference"): ["data.path=x.jsonl", *DPO], ("data", "kjv_pref"): DPO,
-         ("stage", "sft"): ["init_from=x"], ("stage", "dpo"): ["init_from=x"]}
+         ("stage", "sft"): ["init_from=x"], ("stage", "dpo"): ["init_from=x"],
+         ("stage", "export"): ["init_from=x"], ("stage", "surgery"): ["init_from=x"]}
 
 
 def group_options():

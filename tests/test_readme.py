@@ -4,6 +4,7 @@ and pipelines into their steps, so each job and step is checked as it would run.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shlex
 
@@ -56,7 +57,7 @@ def readme_commands() -> list[tuple[str, str | None]]:
 def arguments(command: str) -> list[str]:
     """The overrides of a command line: placeholders filled, comments, flags and the program dropped."""
     command = re.sub(r"<[^>]*run[^>]*>|<sft run id>|<run [ab]>", RUN_ID, command)
-    words = shlex.split(command, comments=True)
+    words = [os.path.expandvars(w) for w in shlex.split(command, comments=True)]  # $HOME, as the shell would
     words = words[words.index("lab") + 1:]
     kept, skip = [], False
     for w in words:

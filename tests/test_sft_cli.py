@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from labtest import FAST, all_runs, loss_history, mlflow_client
+from labtest import FAST, loss_history, mlflow_client
 
 SFT = ["stage=sft", "data=kjv_sft", "adapter=lora", "adapter.targets=[q,k,v,o,gate,up,down]", "train.lr=2e-2"]
 

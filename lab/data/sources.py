@@ -23,7 +23,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 from hydra.utils import to_absolute_path
 
 from lab.config import DataConfig, SourceConfig, require_kinds
-from lab.errors import ConfigError, DataError
+from lab.errors import DataError
 
 MAX_DOC_CHARS = 64 * 1024  # text files larger than this are cut at blank lines into several documents
 _BLANK_LINES = re.compile(r"\n[ \t]*\n\s*")

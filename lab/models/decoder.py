@@ -2,10 +2,15 @@
 
 RMSNorm, rotary position embeddings (RoPE), grouped-query attention through
 `F.scaled_dot_product_attention`, a SwiGLU MLP, and optionally tied embeddings. Variants are
-switched by typed `ModelConfig` flags, never by the model's name:
+switched by typed `ModelConfig` flags, never by the model's name, so one file covers Llama,
+Gemma 2 and Gemma 3:
 
 - `deepnorm`: post-norm with an up-weighted residual and down-scaled init (Wang et al. 2022,
   "DeepNet"), which keeps very deep narrow stacks trainable.
+- Gemma: `head_dim`, sliding-window layers in a local/global pattern with their own RoPE base,
+  `qk_norm`, `attn_softcap` / `final_softcap`, `query_pre_attn_scalar`, `norm_plus_one`,
+  `sandwich_norm`, `embed_scale` and `mlp=geglu`. Each block knows its layer index, so its kind
+  (local or global) comes from the config.
 - `segment_ids` in `forward`: packed rows of several examples, each seeing only itself and each
   starting its RoPE positions at 0, so a packed example behaves as if it were run alone.
 
@@ -15,6 +20,7 @@ V vocabulary.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -26,30 +32,60 @@ from lab.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (no mean subtraction, no bias), computed in fp32 for stability."""
+    """Root-mean-square norm (no mean subtraction, no bias), computed in fp32 for stability.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    With `plus_one` (Gemma) the scale is (1 + w), w starting at 0, applied in fp32 before the cast.
+    """
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, 0.0 if self.plus_one else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).type_as(x)
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                cfg: Optional[ModelConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cos and sin tables, each (max_seq_len, head_dim), in the "rotate half" layout.
 
     The rotate-half layout (pairs are dimension i and i + hs/2) is the one Hugging Face Llama uses,
-    so weights can be compared against it without permuting q_proj and k_proj rows.
+    so weights can be compared against it without permuting q_proj and k_proj rows. Given `cfg`,
+    its `rope_scaling` stretches the frequencies (global layers only, as Gemma 3 and Llama 3 do).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if cfg is not None and cfg.rope_scaling != "none":
+        inv_freq = scaled_frequencies(inv_freq, cfg)
     t = torch.arange(max_seq_len, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, hs/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hs)
     return emb.cos(), emb.sin()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """RoPE frequencies for a longer context: all divided by the factor (linear), or, for llama3,
+    only the low ones, with a smooth blend between the two wavelength bounds."""
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    old = cfg.rope_original_max_seq_len
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,6 +121,37 @@ def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return positions, (same & causal)[:, None]  # (B, 1, T, T)
 
 
+def window_mask(mask: Optional[torch.Tensor], T: int, window: int, device: torch.device) -> torch.Tensor:
+    """`mask` (None: plain causal) further limited to keys fewer than `window` positions back.
+
+    Query t sees key s when 0 <= t - s < window, as Hugging Face's sliding-window mask does. In a
+    packed row a segment's tokens are contiguous, so the distance in the row is the distance in the
+    segment.
+    """
+    t = torch.arange(T, device=device)
+    band = (t[:, None] - t[None, :] >= 0) & (t[:, None] - t[None, :] < window)  # (T, T)
+    return band[None, None] if mask is None else mask & band  # (1 or B, 1, T, T)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: float, cap: float, dropout: float) -> torch.Tensor:
+    """Attention with scores soft-capped to (-cap, cap) before the mask and softmax (Gemma 2).
+
+    SDPA has no hook between the scores and the softmax, so capped layers take this explicit path:
+    the (B, nh, T, T) scores are materialised, which is affordable at lab's context lengths and
+    keeps the layer exact, in training as in inference. (HF's SDPA path for Gemma 2 silently drops
+    the cap, which changes the model.)
+    """
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).type_as(q)
+    return F.dropout(weights, dropout) @ v  # (B, nh, T, hs)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads)."""
 
@@ -92,12 +159,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = cfg.head_size
         self.dropout = cfg.dropout
+        # None lets SDPA use its own 1/sqrt(hs), bitwise as before the option existed
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_softcap
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -106,6 +178,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:
             # each kv head serves a group of consecutive query heads; repeating (rather than
@@ -113,16 +187,20 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
             v = v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,  # is_causal: the flash-kernel fast path
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,  # is_causal: the flash-kernel fast path
+                dropout_p=dropout, scale=self.scale,
+            )  # (B, nh, T, hs)
+        else:
+            y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap, dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hs)
         return self.resid_drop(self.o_proj(y))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """A gated MLP, down(act(gate(x)) * up(x)): SwiGLU (SiLU) or GeGLU (tanh-approximated GELU)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -131,9 +209,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.act = F.silu if cfg.mlp == "swiglu" else partial(F.gelu, approximate="tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.resid_drop(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 def ffn_hidden(dim: int, multiple_of: int) -> int:
@@ -143,25 +222,33 @@ def ffn_hidden(dim: int, multiple_of: int) -> int:
 
 
 class Block(nn.Module):
-    """One transformer layer: pre-norm residual, or DeepNorm's post-norm when cfg.deepnorm."""
+    """One transformer layer: pre-norm residual (with Gemma's sandwich norms when asked), or
+    DeepNorm's post-norm. `layer_idx` decides, from the config, whether it attends locally."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
+        self.local = cfg.is_local(layer_idx)
         self.deepnorm = cfg.deepnorm
         # DeepNet, decoder-only: up-weighting the residual bounds each layer's update size
         self.alpha = (2 * cfg.n_layers) ** 0.25 if cfg.deepnorm else 1.0
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        norm = partial(RMSNorm, cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.attn_norm = norm()
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg)
+        self.post_attn_norm = norm() if cfg.sandwich_norm else None
+        self.post_mlp_norm = norm() if cfg.sandwich_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.deepnorm:
             x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask))
             return self.mlp_norm(self.alpha * x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
 
 class Decoder(nn.Module):
@@ -179,31 +266,41 @@ class Decoder(nn.Module):
         self.vocab_size = vocab_size
         self.gradient_checkpointing = False
         self.tok_emb = nn.Embedding(vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         # under post-norm every block already ends in a norm; a second one would be redundant
-        self.norm = nn.Identity() if cfg.deepnorm else RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = nn.Identity() if cfg.deepnorm else RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # derived from the config, so kept out of the state_dict (non-persistent)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)  # sliding-window layers' own base
+        self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
         self.init_weights()
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the RoPE tables, e.g. after `to_empty` from meta."""
         cfg = self.config
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos = cos.to(self.tok_emb.weight.device)  # (max_seq_len, hs)
-        self.rope_sin = sin.to(self.tok_emb.weight.device)  # (max_seq_len, hs)
+        self.reset_rope()
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
         for module in self.modules():
             if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                module.reset_parameters()
         for block in self.layers:
             self._init_block(block)
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables: derived from the config, never stored."""
+        cfg = self.config
+        device = self.tok_emb.weight.device
+        self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(
+            cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg))  # (max_seq_len, hs)
+        if cfg.sliding_window is not None:
+            self.rope_local_cos, self.rope_local_sin = (t.to(device) for t in rope_tables(
+                cfg.head_size, cfg.max_seq_len, cfg.rope_local_theta or cfg.rope_theta))  # (max_seq_len, hs)
 
     def _init_block(self, block: Block) -> None:
         cfg = self.config
@@ -225,14 +322,28 @@ class Decoder(nn.Module):
         for w in (a.o_proj.weight, m.down_proj.weight):
             nn.init.normal_(w, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
-    def _rope_and_mask(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor]):
+    def _contexts(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> dict[bool, tuple]:
+        """(cos, sin, mask) for global layers (key False) and sliding-window layers (key True)."""
         T = idx.size(1)
         if segment_ids is None:
-            return self.rope_cos[None, None, :T], self.rope_sin[None, None, :T], None  # (1, 1, T, hs)
-        if segment_ids.shape != idx.shape:
+            positions, mask = None, None  # plain causal: SDPA's is_causal fast path
+        elif segment_ids.shape != idx.shape:
             raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != idx shape {tuple(idx.shape)}")
-        positions, mask = segment_layout(segment_ids)
-        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask  # (B, 1, T, hs)
+        else:
+            positions, mask = segment_layout(segment_ids)  # (B, T), (B, 1, T, T)
+
+        def rope(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if positions is None:
+                return cos[None, None, :T], sin[None, None, :T]  # (1, 1, T, hs)
+            return cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, hs)
+
+        contexts = {False: (*rope(self.rope_cos, self.rope_sin), mask)}
+        window = self.config.sliding_window
+        if window is not None:
+            # a window as long as the row limits nothing: the causal (fast) path then serves
+            local_mask = mask if T <= window else window_mask(mask, T, window, idx.device)
+            contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), local_mask)
+        return contexts
 
     def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Next-token logits.
@@ -248,69 +359,23 @@ class Decoder(nn.Module):
         Raises:
             ValueError: if T exceeds config.max_seq_len.
         """
+        cfg = self.config
         T = idx.size(1)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
-        cos, sin, mask = self._rope_and_mask(idx, segment_ids)
+        if T > cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
+        contexts = self._contexts(idx, segment_ids)
         x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.embed_scale:  # Gemma rounds sqrt(dim) to the activations' dtype first
+            x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, *contexts[layer.local], use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
-        return self.lm_head(self.norm(x))  # (B, T, V)
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-                 top_k: Optional[int] = 50, generator: Optional[torch.Generator] = None,
-                 eos_id: Optional[int] = None) -> torch.Tensor:
-        """Sample a continuation, never touching the global RNG.
-
-        Runs in eval mode (restoring the previous mode after), since dropout would draw from the
-        global RNG. Without a KV cache: each step re-runs the (cropped) context.
-
-        Args:
-            idx: (B, T) prompt ids.
-            max_new_tokens: tokens to append at most.
-            temperature: softmax temperature; 0 picks the argmax (greedy).
-            top_k: sample only among the k most likely tokens; None or 0 for all.
-            generator: the RNG to sample with (any device); None uses a fresh, randomly seeded one.
-            eos_id: stop once every row has emitted it; rows that finished early are padded with it.
-
-        Returns:
-            (B, T + n) ids, prompt included, n <= max_new_tokens.
-        """
-        if generator is None:
-            generator = torch.Generator()
-            generator.seed()  # seeds from the OS, not from the global RNG
-        was_training = self.training
-        self.eval()
-        try:
-            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.config.max_seq_len:])[:, -1, :].float()  # (B, V)
-                nxt = self._pick(logits, temperature, top_k, generator)  # (B, 1)
-                if eos_id is not None:
-                    nxt[done] = eos_id
-                    done |= nxt[:, 0] == eos_id
-                idx = torch.cat([idx, nxt], dim=1)
-                if eos_id is not None and bool(done.all()):
-                    break
-        finally:
-            self.train(was_training)
-        return idx
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-              generator: torch.Generator) -> torch.Tensor:
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k and top_k < logits.size(-1):
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1).to(generator.device)  # sample where the generator lives
-        return torch.multinomial(probs, 1, generator=generator).to(logits.device)  # (B, 1)
+                x = layer(x, *contexts[layer.local])
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once.
@@ -323,17 +388,19 @@ class Decoder(nn.Module):
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * N + 12 * n_layers * dim * seq_len (PaLM, appendix B).
+        """Training FLOPs per token: 6 * N + 12 * n_layers * nh * hs * seq_len (PaLM, appendix B).
 
         N counts the non-embedding parameters plus the output head (its matmul runs whether or not
         it is tied); the second term is the attention score and value matmuls, which have no
-        parameters. Forward is 1/3 of the total, backward 2/3.
+        parameters (a sliding-window layer attends to at most its window). Forward is 1/3 of the
+        total, backward 2/3.
         """
         n = self.num_parameters(exclude_embeddings=True)
         if self.config.tie_embeddings:
             n += self.lm_head.weight.numel()
         cfg = self.config
-        return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
+        attended = sum(min(seq_len, cfg.sliding_window) if layer.local else seq_len for layer in self.layers)
+        return 6.0 * n + 12.0 * cfg.n_heads * cfg.head_size * attended
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> Decoder:
@@ -344,3 +411,18 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> Decoder:
         vocab_size: from the tokenizer, specials included.
     """
     return Decoder(cfg, vocab_size)
+
+
+def build_empty(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> Decoder:
+    """A decoder about to be loaded: its weights allocated once and left uninitialised.
+
+    Built on the meta device first, so no time goes into a random init that loading overwrites and
+    no random number is drawn; the RoPE tables are computed, since they are never stored.
+    """
+    with torch.device("meta"):
+        model = Decoder(cfg, vocab_size).to(dtype)
+    model.to_empty(device="cpu")
+    model.reset_rope()
+    if cfg.tie_embeddings:  # to_empty gives each module its own new tensor, which unties the head
+        model.lm_head.weight = model.tok_emb.weight
+    return model

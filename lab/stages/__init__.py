@@ -2,9 +2,11 @@
 from lab.stages.bench import bench
 from lab.stages.compare import compare
 from lab.stages.dpo import dpo
+from lab.stages.export import export
 from lab.stages.pipeline import pipeline
 from lab.stages.pretrain import pretrain
 from lab.stages.sft import sft
+from lab.stages.surgery import surgery
 
 STAGES = {
     "pretrain": pretrain,
@@ -13,5 +15,7 @@ STAGES = {
     "pipeline": pipeline,
     "bench": bench,
     "compare": compare,
+    "export": export,
+    "surgery": surgery,
 }
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lab.config import ModelConfig
+from lab.generation import generate
 from lab.models import Decoder, build_model
 from labtest import V, make, micro
 from lab.models.decoder import Attention, segment_layout
@@ -193,9 +194,9 @@ def test_generate_is_reproducible_and_leaves_global_rng_alone():
     model.train()  # generate must switch dropout (global RNG) off itself, and restore the mode
     prompt = tokens(2, 5)
     state = torch.get_rng_state()
-    out1 = model.generate(prompt, 8, generator=torch.Generator().manual_seed(7))
-    out2 = model.generate(prompt, 8, generator=torch.Generator().manual_seed(7))
-    model.generate(prompt, 3)  # no generator: still must not touch the global RNG
+    out1 = generate(model, prompt, 8, generator=torch.Generator().manual_seed(7))
+    out2 = generate(model, prompt, 8, generator=torch.Generator().manual_seed(7))
+    generate(model, prompt, 3)  # no generator: still must not touch the global RNG
     assert torch.equal(torch.get_rng_state(), state)
     assert model.training
     assert out1.shape == (2, 13)
@@ -206,18 +207,18 @@ def test_generate_is_reproducible_and_leaves_global_rng_alone():
 def test_generate_greedy_and_eos():
     model = make().eval()
     prompt = tokens(1, 4)
-    out = model.generate(prompt, 1, temperature=0.0)
+    out = generate(model, prompt, 1, temperature=0.0)
     assert out[0, -1].item() == model(prompt)[0, -1].argmax().item()
-    top1 = model.generate(prompt, 6, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(top1, model.generate(prompt, 6, temperature=0.0), rtol=0, atol=0)
+    top1 = generate(model, prompt, 6, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(top1, generate(model, prompt, 6, temperature=0.0), rtol=0, atol=0)
     eos = out[0, -1].item()
-    stopped = model.generate(prompt, 10, temperature=0.0, eos_id=eos)
+    stopped = generate(model, prompt, 10, temperature=0.0, eos_id=eos)
     assert stopped.shape == (1, 5)
 
 
 def test_context_is_cropped_when_generating_past_max_seq_len():
     model = make(max_seq_len=8)
-    out = model.generate(tokens(1, 6), 5, generator=torch.Generator().manual_seed(0))
+    out = generate(model, tokens(1, 6), 5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 11)
 
 
@@ -266,3 +267,47 @@ def test_named_sizes_hit_their_targets(name: str, target: float):
     with torch.device("meta"):
         model = build_model(cfg, 32768)
     assert abs(model.num_parameters() - target) / target < 0.10
+
+
+def test_default_options_compute_exactly_what_the_decoder_did_before_gemma_options():
+    """Pinned with the decoder as it was before head_dim, windows, soft-caps and the rest existed."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_kv_heads=2, tie_embeddings=False), 97)
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    with torch.no_grad():
+        plain, packed = model(idx), model(idx, segment_ids=segments)
+    assert plain[0, -1, :4].tolist() == pytest.approx([-0.0580623336, -0.1310622543, -0.0679199025, 0.0383488536], abs=1e-9)
+    assert packed[0, -1, :4].tolist() == pytest.approx([-0.0363526717, -0.1435475349, -0.0986484662, 0.0494576469], abs=1e-9)
+    assert plain.double().sum().item() == pytest.approx(-54.52852211253503, abs=1e-9)
+    assert packed.double().sum().item() == pytest.approx(-45.25561139985166, abs=1e-9)
+
+
+def test_flops_count_a_sliding_window_layer_at_its_window():
+    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, head_dim=32, sliding_window=8, sliding_window_pattern=2)
+    model = build_model(cfg, 97)
+    n = model.num_parameters(exclude_embeddings=True) + model.lm_head.weight.numel()
+    assert model.flops_per_token(24) == 6 * n + 12 * 4 * 32 * (8 + 24 + 8 + 24)
+    assert [layer.local for layer in model.layers] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(sliding_window_pattern=6), "model.sliding_window_pattern=6 needs model.sliding_window"),
+    (dict(mlp="relu"), "model.mlp='relu' is unknown; use one of swiglu, geglu"),
+    (dict(rope_scaling="yarn"), "model.rope_scaling='yarn' is unknown; use one of none, linear, llama3"),
+    (dict(deepnorm=True, sandwich_norm=True), "model.deepnorm is a post-norm"),
+    (dict(head_dim=7), "model.head_dim=7 must be even for RoPE"),
+    (dict(dim=66, n_heads=4), "model.dim=66 is not divisible by model.n_heads=4; change one, or set model.head_dim"),
+])
+def test_inconsistent_model_options_name_the_key(changes, message):
+    from lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig(**changes)
+
+
+def test_head_dim_may_differ_from_dim_over_heads():
+    model = build_model(ModelConfig(dim=48, n_heads=4, n_kv_heads=2, head_dim=32), 97)
+    assert model.layers[0].attn.q_proj.weight.shape == (128, 48)
+    assert model.layers[0].attn.o_proj.weight.shape == (48, 128)
+    assert model(torch.randint(0, 97, (1, 10))).shape == (1, 10, 97)

@@ -1,0 +1,181 @@
+"""Hugging Face import: lab's decoder gives transformers' logits for every architecture it reads.
+
+Each case builds a tiny random-weight checkpoint with `transformers` (test-only), saves it with
+`save_pretrained`, loads the folder with `lab.formats.hf.load_hf`, and compares fp32 logits.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lab.errors import CheckpointError  # noqa: E402
+from lab.formats.hf import load_hf  # noqa: E402
+from lab.models.decoder import window_mask  # noqa: E402
+
+TOL = 1e-4
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=96)
+
+
+def save_random(config, directory: Path, **save) -> torch.nn.Module:
+    """A transformers model with random weights (norm gains too, so (1 + w) is tested), saved to `directory`."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(directory, **save)
+    return model
+
+
+def logits_gap(hf_model, directory: Path, T: int = 40, seed: int = 1) -> float:
+    lab_model, _ = load_hf(directory)
+    idx = torch.randint(0, hf_model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return (hf_model(idx).logits - lab_model(idx)).abs().max().item()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_with_grouped_query_attention_matches_transformers(tmp_path, tied):
+    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=tied)
+    hf = save_random(config, tmp_path)
+    model, _ = load_hf(tmp_path)
+    assert model.config.n_kv_heads == 2 and model.config.tie_embeddings is tied
+    assert (model.lm_head.weight is model.tok_emb.weight) is tied
+    assert logits_gap(hf, tmp_path) < TOL
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    hf = save_random(transformers.LlamaConfig(**SMALL, num_key_value_heads=1, rope_scaling=scaling,
+                                              rope_theta=500000.0), tmp_path)
+    assert load_hf(tmp_path)[0].config.rope_scaling == "llama3"
+    assert logits_gap(hf, tmp_path, T=90) < TOL
+
+
+def gemma2_config(**kw):
+    return transformers.Gemma2Config(**SMALL | {"num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16,
+                                     sliding_window=8, query_pre_attn_scalar=24, **kw)
+
+
+def test_gemma2_sliding_window_beyond_and_at_the_boundary(tmp_path):
+    """T = 25 > window 8: positions 7, 8 and 9 sit at the edge of the band. The window must matter:
+    a lab model with the window taken away gives other logits."""
+    hf = save_random(gemma2_config(attn_logit_softcapping=None, final_logit_softcapping=None), tmp_path)
+    assert logits_gap(hf, tmp_path, T=25) < TOL
+    lab_model, _ = load_hf(tmp_path)
+    for layer in lab_model.layers:
+        layer.local = False
+    idx = torch.randint(0, 97, (1, 25), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, ref = lab_model(idx), hf(idx).logits
+    assert (full[0, :8] - ref[0, :8]).abs().max() < TOL  # within the window nothing differs
+    assert (full[0, 8:] - ref[0, 8:]).abs().max() > 1e-3  # from position 8 on, the window cuts keys off
+
+
+def test_window_mask_is_the_band_of_the_last_window_positions():
+    mask = window_mask(None, 5, 2, torch.device("cpu"))[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
+    assert torch.equal(mask, expected.bool())
+
+
+def test_gemma2_soft_capping_matches_transformers(tmp_path):
+    hf = save_random(gemma2_config(attn_logit_softcapping=2.0, final_logit_softcapping=3.0), tmp_path)
+    model, _ = load_hf(tmp_path)
+    assert (model.config.attn_softcap, model.config.final_softcap) == (2.0, 3.0)
+    assert logits_gap(hf, tmp_path) < TOL
+    idx = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        assert model(idx).abs().max() < 3.0  # the final cap bounds every logit
+
+
+def gemma3_config(**kw):
+    return transformers.Gemma3TextConfig(**SMALL | {"num_hidden_layers": 6}, num_key_value_heads=2, head_dim=16,
+                                         sliding_window=8, query_pre_attn_scalar=16,
+                                         rope_scaling={"rope_type": "linear", "factor": 8.0}, **kw)
+
+
+def test_gemma3_local_global_pattern_two_rope_bases_and_qk_norm(tmp_path):
+    hf = save_random(gemma3_config(), tmp_path)
+    model, _ = load_hf(tmp_path)
+    cfg = model.config
+    assert [layer.local for layer in model.layers] == [True] * 5 + [False]
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling, cfg.qk_norm) == (1e6, 1e4, "linear", True)
+    assert logits_gap(hf, tmp_path, T=40) < TOL
+
+
+def test_packed_rows_with_a_sliding_window_match_each_segment_run_alone(tmp_path):
+    hf = save_random(gemma3_config(), tmp_path)
+    model, _ = load_hf(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, 97, (1, 19), generator=g), torch.randint(0, 97, (1, 13), generator=g)
+    packed, segments = torch.cat([a, b], dim=1), torch.tensor([[0] * 19 + [1] * 13])
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments)
+        assert (out[:, :19] - hf(a).logits).abs().max() < TOL
+        assert (out[:, 19:] - hf(b).logits).abs().max() < TOL
+
+
+def test_gemma_one_matches_transformers(tmp_path):
+    hf = save_random(transformers.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=16), tmp_path)
+    assert logits_gap(hf, tmp_path) < TOL
+
+
+def test_a_sharded_checkpoint_imports(tmp_path):
+    hf = save_random(transformers.LlamaConfig(**SMALL, num_key_value_heads=2), tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    assert logits_gap(hf, tmp_path) < TOL
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: _edit_config(d, model_type="qwen2"), "model_type='qwen2' is not supported"),
+    (lambda d: _edit_config(d, intermediate_size=80), r"tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), but config.json implies"),
+    (lambda d: (d / "model-00002-of-00002.safetensors").unlink(), "model-00002-of-00002.safetensors is missing"),
+    (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+])
+def test_bad_checkpoints_get_one_line_naming_the_problem(tmp_path, change, message):
+    save_random(transformers.LlamaConfig(**SMALL, num_key_value_heads=2), tmp_path, max_shard_size="60KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) == 2, shards
+    change(tmp_path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_hf(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_the_tokenizer_comes_with_the_checkpoint(tmp_path):
+    from labtest import save_hf_tokenizer
+
+    tok_size = save_hf_tokenizer(tmp_path)
+    save_random(transformers.LlamaConfig(**SMALL | {"vocab_size": tok_size}), tmp_path)
+    _, tok = load_hf(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "In the beginning God created the heaven and the earth."
+    assert tok.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+    assert (tok.bos_id, tok.eos_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert tok.decode([tok.bos_id, *tok.encode(text), tok.eos_id]) == text
+    import hashlib
+
+    assert tok.sha256 == hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    from labtest import save_hf_tokenizer
+
+    tok_size = save_hf_tokenizer(tmp_path)
+    save_random(transformers.LlamaConfig(**SMALL | {"vocab_size": tok_size - 5}), tmp_path)
+    with pytest.raises(CheckpointError, match=f"the tokenizer has {tok_size} ids but the embedding only {tok_size - 5} rows"):
+        load_hf(tmp_path)

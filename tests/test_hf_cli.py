@@ -1,0 +1,149 @@
+"""Hugging Face folders end to end: stages start from one (`init_from=hf:<dir>`), with or without an
+adapter, and `stage=export` writes one that transformers and peft load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labtest import FAST, all_runs, mlflow_client, run_lab, save_hf_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Gemma 2 (sliding window, soft-capping, sandwich norms) with its own BPE tokenizer."""
+    directory = tmp_path_factory.mktemp("gemma2")
+    vocab = save_hf_tokenizer(directory, vocab_size=1000)
+    config = transformers.Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                       max_position_embeddings=128, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def test_sft_with_lora_from_a_hugging_face_folder_then_dpo_from_that_run(hf_dir, tmp_path):
+    run_lab(*FAST, "stage=sft", f"init_from=hf:{hf_dir}", "adapter=lora", "data.template=alpaca", "data.seq_len=128",
+            "tracking.experiment=imp", cwd=tmp_path)
+    (sft,) = all_runs(tmp_path)
+    assert sft.info.status == "FINISHED"
+    assert sft.data.tags["lab.init_from"] == f"hf:{hf_dir}" and sft.data.params["model.name"] == hf_dir.name
+    assert sft.data.params["model.sliding_window"] == "16" and sft.data.params["model.attn_softcap"] == "50.0"
+    assert int(sft.data.params["adapter.n_trainable"]) < int(sft.data.params["model.n_params"]) / 4
+    run_lab(*FAST, "stage=dpo", f"init_from={sft.info.run_id}", "data.template=alpaca", "data.seq_len=128", "train.max_steps=3",
+            "tracking.experiment=imp", cwd=tmp_path)
+    dpo = next(r for r in all_runs(tmp_path) if r.data.tags["lab.stage"] == "dpo")
+    assert dpo.info.status == "FINISHED" and dpo.data.tags["lab.lineage.parent_run"] == sft.info.run_id
+
+
+def test_continued_pretraining_from_a_hugging_face_folder_uses_its_tokenizer(hf_dir, tmp_path):
+    from lab.formats.hf_tokenizer import load_hf_tokenizer
+
+    run_lab(*FAST, f"init_from=hf:{hf_dir}", "train.max_steps=3", cwd=tmp_path)
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tokenizer.sha256"] == load_hf_tokenizer(hf_dir).sha256
+
+
+def test_chatml_needs_tokens_an_imported_tokenizer_lacks(hf_dir, tmp_path):
+    proc = run_lab(*FAST, "stage=sft", f"init_from=hf:{hf_dir}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "'<|im_start|>' is not a special token of this model's tokenizer; pick a template that needs none "
+        "(data.template=alpaca or instruct)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A FAST pretraining run, then a LoRA SFT run from it: (cwd, pretrain run id, sft run id)."""
+    cwd = tmp_path_factory.mktemp("export")
+    run_lab(*FAST, "tracking.experiment=pre", cwd=cwd)
+    (pre,) = all_runs(cwd)
+    run_lab(*FAST, "stage=sft", f"init_from={pre.info.run_id}", "adapter=lora", "adapter.targets=[q,v,down]",
+            "train.lr=2e-2", "train.max_steps=4", "tracking.experiment=sft", cwd=cwd)
+    sft = next(r for r in all_runs(cwd) if r.info.run_id != pre.info.run_id)
+    return cwd, pre.info.run_id, sft.info.run_id
+
+
+def export_run(cwd, *args, check=True):
+    return run_lab("stage=export", "tracking.experiment=exports", *args, cwd=cwd, check=check)
+
+
+def test_export_hf_loads_in_transformers_with_labs_logits_and_is_recorded(trained):
+    from lab.formats.hf import load_hf
+
+    cwd, pre_id, _ = trained
+    target = cwd / "exported"
+    export_run(cwd, f"init_from={pre_id}", f"export.dir={target}", "export.max_shard_mb=0.2")
+    run = next(r for r in all_runs(cwd) if r.data.tags.get("lab.stage") == "export")
+    assert run.info.status == "FINISHED" and run.data.tags["lab.lineage.parent_run"] == pre_id
+    assert run.data.tags["lab.export.dir"] == str(target) and run.info.run_name == "export-micro"
+    logged = {a.path for a in mlflow_client(cwd).list_artifacts(run.info.run_id, "export")}
+    assert {"export/config.json", "export/tokenizer.json", "export/model.safetensors.index.json"} <= logged
+    hf = transformers.AutoModelForCausalLM.from_pretrained(target).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(target)
+    lab_model = lineage_model(cwd, pre_id)
+    ids = tokenizer("In the beginning God created the heaven", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (hf(ids).logits - lab_model(ids)).abs().max() < 1e-4
+    again, _ = load_hf(target)  # and lab reads its own export back
+    with torch.no_grad():
+        assert torch.equal(again(ids), lab_model(ids))
+
+
+def lineage_model(cwd, run_id):
+    from pathlib import Path
+
+    from lab.lineage import resolve
+
+    return resolve(run_id, None, Path(cwd) / "outputs/checkpoints", Path(cwd) / "outputs/cache").build().eval()
+
+
+def test_export_peft_loads_onto_the_exported_base_with_labs_logits(trained):
+    peft = pytest.importorskip("peft")
+    from lab import checkpoint as ckpt
+    from lab.adapters import load_adapter
+    from lab.models import build_model
+
+    cwd, _, sft_id = trained
+    target = cwd / "peft_export"
+    export_run(cwd, f"init_from={sft_id}", "export.format=peft", f"export.dir={target}")
+    tuned = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(target / "base"),
+                                           target / "adapter").eval()
+    run_dir = cwd / "outputs/checkpoints" / sft_id
+    pre = lineage_model(cwd, sft_id)  # the merged export, only for its config
+    model = build_model(pre.config, pre.vocab_size)
+    model.load_state_dict(ckpt.base_weights(ckpt.latest_checkpoint(run_dir)), strict=False)
+    load_adapter(model, run_dir / "export" / "adapter")
+    ids = torch.randint(0, pre.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (tuned(ids).logits - model.eval()(ids)).abs().max() < 1e-4
+
+
+def test_export_gguf_writes_one_file_with_the_model_and_its_vocabulary(trained):
+    gguf = pytest.importorskip("gguf")
+    cwd, pre_id, _ = trained
+    target = cwd / "gguf_export"
+    export_run(cwd, f"init_from={pre_id}", "export.format=gguf", f"export.dir={target}")
+    (path,) = target.iterdir()
+    assert path.name == "micro.gguf"
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    model = lineage_model(cwd, pre_id)
+    assert fields["general.architecture"] == "llama" and len(fields["tokenizer.ggml.tokens"]) == model.vocab_size
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert torch.equal(torch.from_numpy(emb.data.copy()), model.tok_emb.weight.detach())
+
+
+def test_export_refuses_a_folder_that_is_not_empty_and_peft_without_an_adapter(trained):
+    cwd, pre_id, _ = trained
+    (cwd / "full").mkdir()
+    (cwd / "full" / "notes.txt").write_text("mine")
+    proc = export_run(cwd, f"init_from={pre_id}", f"export.dir={cwd / 'full'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: export.dir={cwd / 'full'} is not empty; name a new or empty folder, or move its contents away")
+    proc = export_run(cwd, f"init_from={pre_id}", "export.format=peft", check=False)
+    assert proc.returncode == 2 and "export.format=peft needs a run trained with an adapter" in proc.stderr
+    assert (cwd / "full" / "notes.txt").read_text() == "mine"
+    assert all(r.info.status != "RUNNING" for r in all_runs(cwd))
