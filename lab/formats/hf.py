@@ -24,6 +24,20 @@ from lab.files import read_json, stream_safetensors
 
 SUPPORTED = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3")
 INDEX = "model.safetensors.index.json"
+_GEMMA = dict(rms_norm_eps=1e-6, head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192,
+              hidden_activation="gelu_pytorch_tanh")
+# What transformers assumes for a key config.json leaves out (a multimodal Gemma 3's text_config
+# leaves out most): absent is not "off", e.g. Gemma 2 soft-caps at 50 and 30 unless told otherwise.
+DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048),
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA | dict(query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                            final_logit_softcapping=30.0),
+    "gemma3_text": _GEMMA | dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=131072,
+                                 query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0,
+                                 rope_local_base_freq=10_000.0, sliding_window_pattern=6),
+}
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -39,8 +53,8 @@ def read_config(directory: Path) -> dict[str, Any]:
                               f"{', '.join(SUPPORTED)} (LlamaForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, "
                               "Gemma3ForCausalLM)")
     if model_type == "gemma3":  # Gemma3ForConditionalGeneration: lab takes the language model only
-        hf = {"model_type": "gemma3_text", **hf["text_config"]}
-    return hf
+        hf = {**hf.get("text_config", {}), "model_type": "gemma3_text"}
+    return DEFAULTS[hf["model_type"]] | hf
 
 
 def model_config_from_hf(hf: dict[str, Any], name: str) -> tuple[ModelConfig, int]:
@@ -49,12 +63,21 @@ def model_config_from_hf(hf: dict[str, Any], name: str) -> tuple[ModelConfig, in
     Reads both the older keys (`rope_theta`, `rope_scaling`, `rope_local_base_freq`,
     `sliding_window_pattern`) and transformers 5's (`rope_parameters`, `layer_types`).
     """
+    try:
+        return _model_config(hf, name)
+    except KeyError as e:
+        raise CheckpointError(f"config.json has no {e.args[0]!r}, which a {hf.get('model_type')} model needs; "
+                              "restore the file from the model's source") from None
+
+
+def _model_config(hf: dict[str, Any], name: str) -> tuple[ModelConfig, int]:
     kind = hf["model_type"]
     gemma = kind.startswith("gemma")
     n_layers = hf["num_hidden_layers"]
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-    if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
-        raise CheckpointError(f"config.json: hidden activation {act!r} is not supported; lab has silu and gelu_pytorch_tanh")
+    if act not in (("gelu_pytorch_tanh", "gelu") if gemma else ("silu",)):  # Gemma's "gelu" means the tanh form
+        raise CheckpointError(f"config.json: hidden activation {act!r} is not supported for {kind}; lab has silu "
+                              "(Llama) and gelu_pytorch_tanh (Gemma)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError("config.json: attention_bias/mlp_bias=true is not supported; lab's linear layers have no bias")
     window, pattern = _layer_pattern(hf, kind, n_layers)
@@ -63,7 +86,7 @@ def model_config_from_hf(hf: dict[str, Any], name: str) -> tuple[ModelConfig, in
         name=name, dim=hf["hidden_size"], n_layers=n_layers, n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        ffn_dim=hf["intermediate_size"], mlp="swiglu" if act == "silu" else "geglu",
+        ffn_dim=hf["intermediate_size"], mlp="geglu" if gemma else "swiglu",
         max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", gemma), init_std=hf.get("initializer_range", 0.02),
         sliding_window=window, sliding_window_pattern=pattern,

@@ -179,3 +179,44 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     save_random(transformers.LlamaConfig(**SMALL | {"vocab_size": tok_size - 5}), tmp_path)
     with pytest.raises(CheckpointError, match=f"the tokenizer has {tok_size} ids but the embedding only {tok_size - 5} rows"):
         load_hf(tmp_path)
+
+
+def test_a_multimodal_gemma3_folder_imports_its_language_model(tmp_path):
+    """Gemma3ForConditionalGeneration: a partial text_config (the rest are transformers' defaults),
+    tensors under language_model.model.*, and a vision tower lab leaves out."""
+    from safetensors.torch import load_file, save_file
+
+    text = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6, sliding_window=8,
+                max_position_embeddings=96, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    hf = save_random(transformers.Gemma3TextConfig(**text), tmp_path)  # heads, head_dim, bases: the defaults
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                      "model_type": "gemma3", "text_config": text}))
+    tensors = load_file(tmp_path / "model.safetensors")
+    renamed = {"language_model." + k: v for k, v in tensors.items()} | {"vision_tower.patch.weight": torch.ones(2)}
+    save_file(renamed, tmp_path / "model.safetensors")
+    model, _ = load_hf(tmp_path)
+    cfg = model.config
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rope_local_theta) == (8, 4, 256, 1e6, 1e4)
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() < TOL
+
+
+def test_gemma2_without_softcap_keys_caps_as_transformers_does(tmp_path):
+    hf = save_random(gemma2_config(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, _ = load_hf(tmp_path)
+    assert (model.config.attn_softcap, model.config.final_softcap) == (50.0, 30.0)
+    assert logits_gap(hf, tmp_path) < TOL
+
+
+def test_a_config_missing_a_needed_key_is_named(tmp_path):
+    save_random(transformers.LlamaConfig(**SMALL), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json has no 'num_hidden_layers', which a llama model needs"):
+        load_hf(tmp_path)
