@@ -21,8 +21,7 @@ import torch
 from lab.config import ModelConfig
 from lab.errors import ConfigError
 from lab.formats.hf import hf_config, hf_name
-from lab.formats.hf_tokenizer import HFTokenizer
-from lab.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from lab.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 ARCHS = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 

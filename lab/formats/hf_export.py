@@ -23,8 +23,7 @@ from lab.config import ModelConfig
 from lab.errors import ConfigError
 from lab.files import save_safetensors
 from lab.formats.hf import INDEX, hf_config, hf_name
-from lab.formats.hf_tokenizer import HFTokenizer
-from lab.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from lab.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

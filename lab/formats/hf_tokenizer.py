@@ -1,80 +1,18 @@
-"""Hugging Face tokenizers: a model folder's `tokenizer.json` (run by the `tokenizers` library) or
-SentencePiece `tokenizer.model`, as lab tokenizers.
+"""A Hugging Face model folder's tokenizer: `tokenizer.json` (as `lab.tokenizers.HFTokenizer`, run by
+the `tokenizers` library) or SentencePiece's `tokenizer.model`, with bos, eos and pad from the
+folder's configs.
 
     tok = load_hf_tokenizer(folder)        # None when the folder has neither file
-
-A checkpoint lab writes from such a model keeps the original `tokenizer.json` as `hf_tokenizer.json`
-in its tokenizer folder (lab's own `tokenizer.json` there is lab's record), with the bos, eos and
-pad ids; `lab.tokenizers.load_tokenizer` reads it back.
+    tok = load_any_tokenizer(folder)       # lab's tokenizer folder or a Hugging Face one
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
-from lab.errors import CheckpointError, ConfigError
-from lab.tokenizers import SentencePieceTokenizer, Tokenizer
-
-
-class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library; held as the file's bytes.
-
-    Its special tokens are the model's own (e.g. Gemma's `<start_of_turn>`); `bos`, `eos` and `pad`
-    come from the model folder (`special_ids`), pad falling back to eos where the model has none.
-    """
-
-    kind = "hf"
-
-    def __init__(self, json_bytes: bytes) -> None:
-        from tokenizers import Tokenizer as Fast
-
-        self.json_bytes = json_bytes
-        self.sha256 = hashlib.sha256(json_bytes).hexdigest()
-        self._tok = Fast.from_str(json_bytes.decode("utf-8"))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        added = self._tok.get_added_tokens_decoder()
-        self.special_tokens = [t.content for _, t in sorted(added.items()) if t.special]
-
-    def assign_roles(self, bos_id: int, eos_id: int, pad_id: int) -> "HFTokenizer":
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self._skipped = {bos_id, eos_id, pad_id}
-        return self
-
-    def id_of(self, piece: str) -> Optional[int]:
-        """Any token's id, or None."""
-        return self._tok.token_to_id(piece)
-
-    def piece(self, i: int) -> str:
-        return self._tok.id_to_token(i)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids if int(i) not in self._skipped], skip_special_tokens=False)
-
-    def token_id(self, piece: str) -> int:
-        i = self._tok.token_to_id(piece)
-        if i is None or piece not in self.special_tokens:
-            raise ConfigError(f"{piece!r} is not a special token of this model's tokenizer; pick a template that "
-                              "needs none (data.template=alpaca or instruct)")
-        return i
-
-    def save(self, directory: Path) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / HF_TOKENIZER).write_bytes(self.json_bytes)
-        super().save(directory)
-
-    def info(self) -> dict:
-        return {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
-
-
-HF_TOKENIZER = "hf_tokenizer.json"  # inside lab's tokenizer folder, whose tokenizer.json is lab's own record
+from lab.errors import CheckpointError
+from lab.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 
 def load_hf_tokenizer(directory: Path, embedding_rows: Optional[int] = None) -> Optional[Tokenizer]:
@@ -124,3 +62,22 @@ def special_ids(directory: Path, tok: HFTokenizer) -> tuple[int, int, int]:
 
 def _read_json_or_empty(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def load_any_tokenizer(directory: Path) -> Tokenizer:
+    """A tokenizer folder lab wrote (`<run>/export/tokenizer`, `<cache>/tokenizers/<key>`) or a Hugging
+    Face model folder's tokenizer.
+
+    Raises:
+        CheckpointError: the folder holds neither.
+    """
+    record = Path(directory) / "tokenizer.json"
+    try:
+        is_labs = record.is_file() and "sha256" in json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        is_labs = False
+    tok = load_tokenizer(directory) if is_labs else load_hf_tokenizer(directory)
+    if tok is None:
+        raise CheckpointError(f"{directory} holds no tokenizer (lab's tokenizer.json, or a Hugging Face tokenizer.json "
+                              "or tokenizer.model); point at a tokenizer folder")
+    return tok

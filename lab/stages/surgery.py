@@ -21,7 +21,8 @@ from lab.lineage import load_tokenizer_checked
 from lab.models import build_empty
 from lab.runner import Run
 from lab.surgery import COPIED, Plan, plan_rows, transplant
-from lab.tokenizers import Tokenizer, load_any_tokenizer
+from lab.formats.hf_tokenizer import load_any_tokenizer
+from lab.tokenizers import Tokenizer
 
 
 def surgery(run: Run) -> float:
