@@ -43,7 +43,7 @@ def test_a_tokenizer_onto_itself_copies_every_row_in_place(bpe):
     assert plan.sources == [[i] for i in range(bpe.vocab_size)] and set(plan.kinds) == {"copied"}
 
 
-def test_surgery_keeps_shared_rows_and_beats_random_rows_then_trains(tmp_path):
+def test_surgery_keeps_shared_rows_beats_random_rows_and_is_a_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from lab.lineage import load_tokenizer_checked, resolve
@@ -68,5 +68,7 @@ def test_surgery_keeps_shared_rows_and_beats_random_rows_then_trains(tmp_path):
     pairs = [(old_ids[p], j) for p, j in shared if p in old_ids]
     assert len(pairs) > 0.7 * new_tok.vocab_size
     assert all(torch.equal(after[j], before[i]) for i, j in pairs)
-    run_lab(*FAST, f"init_from={cut.info.run_id}", "tracking.experiment=s", "train.max_steps=3", cwd=tmp_path)
+    model = resolve(cut.info.run_id, None, ckpts, tmp_path).build()  # what init_from=<surgery run> loads
+    with torch.no_grad():
+        assert model(torch.tensor([new_tok.encode("In the beginning")])).shape[-1] == new_tok.vocab_size
     assert all(r.info.status == "FINISHED" for r in all_runs(tmp_path))

@@ -6,6 +6,7 @@ Each case builds a tiny random-weight checkpoint with `transformers` (test-only)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,18 @@ def test_a_config_missing_a_needed_key_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json has no 'num_hidden_layers', which a llama model needs"):
         load_hf(tmp_path)
+
+
+def test_chatml_needs_tokens_an_imported_tokenizer_lacks(tmp_path):
+    from labtest import save_hf_tokenizer
+
+    from lab.data.templates import stop_token_id
+    from lab.errors import ConfigError
+    from lab.formats.hf_tokenizer import load_hf_tokenizer
+
+    save_hf_tokenizer(tmp_path)
+    tok = load_hf_tokenizer(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("'<|im_end|>' is not a special token of this model's tokenizer; "
+                                                    "pick a template that needs none (data.template=alpaca or instruct)")):
+        stop_token_id("chatml", tok)
+    assert stop_token_id("alpaca", tok) == tok.eos_id
