@@ -30,7 +30,7 @@ from lab.errors import CheckpointError
 from lab.files import load_safetensors, load_torch, read_json, save_safetensors, save_torch, stream_safetensors
 
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 2  # 1: up to the Gemma options (no format_version in meta.json); 2: since
+FORMAT_VERSION = 2  # 1: before the Gemma options (no format_version in meta.json); 2: with them
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

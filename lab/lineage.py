@@ -126,10 +126,11 @@ def _read_hf(path: Path) -> Pretrained:
 def load_tokenizer_checked(pre: Pretrained):
     """The checkpoint's tokenizer, verified against the SHA-256 the checkpoint recorded (a Hugging
     Face folder records none: its file's SHA-256 becomes the tokenizer's identity from here on)."""
-    from lab.formats.hf_tokenizer import load_hf_tokenizer
     from lab.tokenizers import check_tokenizer, load_tokenizer
 
     if pre.hf:
+        from lab.formats.hf_tokenizer import load_hf_tokenizer
+
         tokenizer = load_hf_tokenizer(pre.path, pre.vocab_size)
         if tokenizer is None:
             raise CheckpointError(f"init_from=hf:{pre.path}: the folder has no tokenizer.json or tokenizer.model; "
