@@ -5,7 +5,8 @@ Layout of one checkpoint, `<paths.checkpoints>/<run id>/step_0000300/`:
     model_config.json    the ModelConfig and vocab size, enough to rebuild the model
     trainer_state.pt     optimizer, scheduler, grad scaler, step, tokens seen, data position
     rng_rank{r}.pt       every RNG state of each rank (python, numpy, torch, cuda)
-    meta.json            step, tokenizer SHA-256, config hash, MLflow run id, format_version
+    meta.json            step, tokenizer SHA-256, config hash, MLflow run id, format_version, and
+                         `event` for a checkpoint kept at an event (grokking), which pruning spares
     tokenizer/           the tokenizer files
 
 `FORMAT_VERSION` numbers this layout. Version 1 (no `format_version` key) predates the Gemma
@@ -119,10 +120,16 @@ def write_export(
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, and half-written ones a killed process left behind."""
-    done = sorted((p for p in run_dir.glob("step_*") if (p / "meta.json").exists()), key=lambda p: p.name)
+    """Delete all but the newest `keep` checkpoints, and half-written ones a killed process left behind.
+    Checkpoints saved at an event (their meta.json names it, e.g. grokking) are always kept."""
+    done = sorted((p for p in run_dir.glob("step_*") if (p / "meta.json").exists() and not _is_event(p)),
+                  key=lambda p: p.name)
     for old in [*(done[:-keep] if keep > 0 else []), *run_dir.glob(".step_*.tmp")]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_event(ckpt: Path) -> bool:
+    return "event" in read_json(ckpt / "meta.json", "checkpoint meta")
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:

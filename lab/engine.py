@@ -1,8 +1,14 @@
 """The one training loop, shared by every stage.
 
-A stage hands the engine a model, an objective `loss(model, batch) -> (loss, metrics)` and packed
-rows; the engine knows nothing about which stage it runs. Its own state (step, tokens seen, data
-position, RNG) is checkpointed like the weights, so a resumed run replays exactly.
+A stage hands the engine a model, named training tasks (a stream of batches, the objective
+`loss(model, batch) -> (loss, metrics)` that scores them, and a sampling weight) and named
+evaluation sets; the engine knows nothing about which stage it runs. Its own state (step, tokens
+seen, each stream's position, the task sampler's RNG, the gradient filter, the watchers) is
+checkpointed like the weights, so a resumed run replays exactly.
+
+Metric names: with one task and one evaluation set (both named ""), `train/loss`, `val/loss`,
+`val/<metric>`. With several, each also logs under its own name (`train/lm/loss`,
+`val/coherence/acc`), and `val/loss` is their weighted mean.
 """
 from __future__ import annotations
 
@@ -12,23 +18,81 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import psutil
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lab import checkpoint as ckpt
-from lab.config import TrainConfig
-from lab.data import PackedData
-from lab.errors import TrainingDiverged
-from lab.runner import Run
+from lab.config import HardwareConfig, TrainConfig
+from lab.data.batch import Batch
+from lab.data.mixture import TaskMixture
+from lab.errors import CheckpointError, TrainingDiverged
+from lab.grokfast import GradFilter
+from lab.grokking import GrokkingDetector
+from lab.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-Objective = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Parts:
+    """What the engine uses of a run: its configs, device, tracker, and where checkpoints go."""
+
+    train: TrainConfig
+    hardware: HardwareConfig
+    accelerator: Accelerator
+    tracker: Tracker
+    ckpt_dir: Path  # this run's checkpoints
+    meta: dict[str, Any] = field(default_factory=dict)  # written into every checkpoint's meta.json
+    resume_from: Optional[Path] = None
+    flush_every: int = 50  # steps between metric batches sent to the tracker
+    started_at: float = field(default_factory=time.time)  # when the job began (for time/job_to_first_step_s)
+    label: str = "train"  # the progress bar's name
+
+
+@dataclass
+class Task:
+    """A named stream of training batches, the objective that scores them, and their share of micro-batches.
+
+    `stream(micro_batch, seed=, rank=, world_size=)` makes the stream (e.g. `PackedData.stream`): an
+    object with `next_batch() -> Batch`, `state_dict()` and `load_state_dict(state)`.
+    """
+
+    name: str
+    stream: Callable[..., Any]
+    objective: Objective
+    weight: float = 1.0
+
+
+@dataclass
+class EvalSet:
+    """Fixed evaluation batches and their objective. `batches(micro_batch, max_batches, rank, world_size)`
+    yields them (e.g. `PackedData.val_batches`). `weight` counts in the combined val/loss."""
+
+    batches: Callable[..., Iterable[Batch]]
+    objective: Objective
+    weight: float = 1.0
+    perplexity: bool = True  # also log ppl = exp(loss): only meaningful for per-token cross-entropy
+    # metrics over the whole set at once (AUC, retrieval), instead of the mean of per-batch objectives
+    whole_set: Optional[Callable[[torch.nn.Module, Iterable[Batch]], dict[str, torch.Tensor]]] = None
+
+
+class Callback(Protocol):
+    """Something that watches evaluations (samples, the grokking detector, progress measures).
+
+    `after_eval` may return more metrics to log at this step, and may call `trainer.save(event=...)`.
+    An optional `after_log(trainer, metrics)` sees each logged step's train metrics (and may add to
+    them). A callback with `state_dict()` / `load_state_dict(state)` is checkpointed with the run.
+    """
+
+    def after_eval(self, trainer: "Trainer", values: dict[str, float]) -> Optional[dict[str, float]]: ...
 
 
 @dataclass
@@ -67,99 +131,93 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return type(batch)(to_device(v, device) for v in batch)
+def weight_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of all parameters together (a progress measure of grokking: weight decay shrinks it)."""
+    with torch.no_grad():
+        return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in model.parameters()))
 
 
-def batch_tokens(batch: Any) -> int:
-    """Tokens in a batch: the size of its first tensor (the inputs)."""
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-    return first.numel()
-
-
-def log_dataset(run: Run, data: Any) -> None:
-    """The run's data as MLflow dataset inputs: the cache's content hash as the digest, one input per split."""
-    meta = data.meta
-    source = {"cache": str(Path(data.directory).resolve()), "sources": [{"kind": s["kind"], "path": s["path"]} for s in meta["sources"]]}
-    profiles = {context: {"rows": meta[f"n_{split}_rows"], "seq_len": meta["seq_len"],
-                          "tokenizer_sha256": meta["tokenizer_sha256"]}
-                for context, split in (("train", "train"), ("validation", "val"))}
-    run.tracker.log_dataset(run.cfg.data.name, meta["key"], source, profiles)
+def prefixed(split: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`train/loss` for the unnamed task or set, `train/<name>/loss` for a named one."""
+    head = f"{split}/{name}/" if name else f"{split}/"
+    return {head + k: v for k, v in values.items()}
 
 
 class Trainer:
-    """Fits one model with one objective. Only rank 0 logs and saves."""
+    """Fits one model on one or more tasks. Only rank 0 logs and saves."""
 
-    def __init__(
-        self,
-        run: Run,
-        model: torch.nn.Module,
-        objective: Objective,
-        data: PackedData,
-        on_eval: Optional[Callable[[torch.nn.Module, int], None]] = None,
-        adapter: Any = None,
-        perplexity: bool = True,
-    ):
+    def __init__(self, parts: Parts, model: torch.nn.Module, tasks: list[Task], evals: dict[str, EvalSet],
+                 tokenizer: Any, adapter: Any = None, callbacks: Iterable[Callback] = ()):
         """`adapter` (from lab.adapters.apply_adapter) may merge itself into the base every few
-        steps (`after_step`) and reshape the schedule (`lr_factor`, ReLoRA's jagged re-warmups).
-        `perplexity`: log val/ppl = exp(val/loss); only meaningful when the loss is per-token cross-entropy."""
-        cfg, acc = run.cfg, run.accelerator
-        self.run, self.cfg, self.acc = run, cfg, acc
-        self.objective, self.data, self.on_eval, self.adapter = objective, data, on_eval, adapter
-        self.perplexity = perplexity
-        self.raw_model = model.to(acc.device)
-        self.raw_model.gradient_checkpointing = cfg.hardware.grad_checkpointing
-        optimizer = build_optimizer(self.raw_model, cfg.train)
+        steps (`after_step`) and reshape the schedule (`lr_factor`, ReLoRA's jagged re-warmups)."""
+        if len({t.name for t in tasks}) != len(tasks) or not tasks or not evals:
+            raise ValueError(f"need at least one task and one eval set, tasks uniquely named; got {[t.name for t in tasks]}")
+        self.parts, self.cfg, self.acc, self.tracker = parts, parts.train, parts.accelerator, parts.tracker
+        self.tasks, self.evals, self.tokenizer = {t.name: t for t in tasks}, evals, tokenizer
+        self.adapter, self.callbacks = adapter, list(callbacks)
+        if self.cfg.grokking.enabled:  # any stage can watch for grokking
+            self.callbacks.append(GrokkingDetector(self.cfg.grokking))
+        self.raw_model = model.to(self.acc.device)
+        self.raw_model.gradient_checkpointing = parts.hardware.grad_checkpointing
+        optimizer = build_optimizer(self.raw_model, self.cfg)
         jagged = adapter.lr_factor if adapter is not None else (lambda s: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train) * jagged(s))
-        compiled = torch.compile(self.raw_model) if cfg.hardware.compile else self.raw_model
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.cfg) * jagged(s))
+        compiled = torch.compile(self.raw_model) if parts.hardware.compile else self.raw_model
         # The scheduler is stepped by hand: accelerate would step it once per process.
-        self.model, self.optimizer = acc.prepare(compiled, optimizer)
-        self.stream = data.stream(cfg.hardware.micro_batch, seed=cfg.train.seed,
-                                  rank=acc.process_index, world_size=acc.num_processes)
+        self.model, self.optimizer = self.acc.prepare(compiled, optimizer)
+        self.streams = {t.name: t.stream(parts.hardware.micro_batch, seed=self.cfg.seed + i, rank=self.acc.process_index,
+                                         world_size=self.acc.num_processes) for i, t in enumerate(tasks)}
+        self.mixture = TaskMixture([t.name for t in tasks], [t.weight for t in tasks], seed=self.cfg.seed)
+        self.grad_filter = GradFilter(self.cfg.grokfast) if self.cfg.grokfast.kind != "none" else None
         self.state = TrainState()
-        self.steps_here = 0  # steps taken by this process (a resumed run starts above 0)
         self.bar: Optional[tqdm] = None
-        if run.resume_from is not None:  # before the stage logs anything: a wrong tokenizer stops here
-            self.restore(run.resume_from)
-        else:
-            log_dataset(run, data)
+        self._since_log = {"seconds": 0.0, "tokens": 0, "merges": False}  # train time and tokens since the last log
+        self._saved: Optional[tuple[int, Path]] = None  # the checkpoint this process wrote last
+        self._startup_logged = False
+        if parts.resume_from is not None:
+            self.restore(parts.resume_from)
 
     # ---- one step -------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """Forward and backward over `grad_accum` micro-batches, clip, and one optimizer step."""
-        accum = self.cfg.hardware.grad_accum
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """Forward and backward over `grad_accum` micro-batches (each from the task the mixture draws),
+        clip, filter, and one optimizer step. Returns the step's metrics, still on the device."""
+        accum = self.parts.hardware.grad_accum
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
+        counts: dict[str, int] = {}
+
+        def add(key: str, value: torch.Tensor) -> None:
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+            counts[key] = counts.get(key, 0) + 1
+
         for micro in range(accum):
-            batch = to_device(self.stream.next_batch(), self.acc.device)
-            tokens += batch_tokens(batch)
-            last = micro == accum - 1
+            name = self.mixture.next()
+            batch = self.streams[name].next_batch().to(self.acc.device)
+            self.state.tokens_seen += batch.tokens * self.acc.num_processes
+            self._since_log["tokens"] += batch.tokens * self.acc.num_processes
             # autocast wraps the prepared model's forward only: losses are computed in fp32
-            with nullcontext() if last else self.acc.no_sync(self.model):
-                loss, metrics = self.objective(self.model, batch)
+            with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
+                loss, metrics = self.tasks[name].objective(self.model, batch)
             self.acc.backward(loss / accum)
             for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+                add(f"{name}/{k}" if name else k, v)  # a task's metrics: means over its own micro-batches
+            if name:
+                add("loss", loss)  # the step's loss is over all its micro-batches
+        means = {k: v / counts[k] for k, v in sums.items()}
         grad_norm = self._clip()
+        if self.grad_filter is not None:  # after clipping: the raw gradient is bounded, then its slow part added
+            self.grad_filter.apply(self.raw_model.named_parameters())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        values = self._mean_over_ranks(sums | {"grad_norm": grad_norm})
-        self.state.tokens_seen += tokens * self.acc.num_processes
-        return {f"train/{k}": v for k, v in values.items()} | {"train/lr": self.scheduler.get_last_lr()[0]}
+        return means | {"grad_norm": grad_norm}
 
     def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         return torch.as_tensor(self.acc.clip_grad_norm_(params, max_norm)).detach().float()
 
-    def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _mean_over_ranks(self, values: dict[str, Any]) -> dict[str, float]:
         keys = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[k], device=self.acc.device).float() for k in keys])
         if self.acc.num_processes > 1:
@@ -167,37 +225,49 @@ class Trainer:
         return dict(zip(keys, stacked.tolist()))
 
     def step_and_log(self) -> dict[str, float]:
-        """One step, its checks, and its metrics: the engine's whole per-step path."""
-        t0, seen = time.perf_counter(), self.state.tokens_seen
-        metrics = self.train_step()
+        """One step, and at every `train.log_every`-th its checks and metrics: the engine's per-step path.
+        Returns the metrics logged ({} on a step that logs nothing)."""
+        t0 = time.perf_counter()
+        values = self.train_step()
         self.state.step += 1
         step = self.state.step
         if self.adapter is not None and self.adapter.after_step(step, getattr(self.optimizer, "optimizer", self.optimizer)):
-            metrics["train/adapter_merges"] = step // self.cfg.adapter.merge_every
-        if not math.isfinite(metrics["train/loss"]):
-            self._diverged(metrics["train/loss"])
-        # the tokens this step counted: DPO batches are narrower than data.seq_len
-        metrics["train/tokens_per_sec"] = (self.state.tokens_seen - seen) / (time.perf_counter() - t0)
-        metrics["train/tokens_seen"] = self.state.tokens_seen
-        self.steps_here += 1
-        if self.steps_here == 1:  # the first step this process took
-            metrics |= self._startup_times()
-        self.run.tracker.log_metrics(metrics, step)
-        if step % self.cfg.tracking.flush_every == 0:
-            self.run.tracker.flush()
+            self._since_log["merges"] = True
+        self._since_log["seconds"] += time.perf_counter() - t0
         if self.bar is not None:
             self.bar.update(1)
+        if step % self.cfg.log_every and step != self.cfg.max_steps:
+            return {}  # no host sync on this step
+        metrics = prefixed("train", "", self._mean_over_ranks(values)) | {"train/lr": self.scheduler.get_last_lr()[0]}
+        if not math.isfinite(metrics["train/loss"]):
+            self._diverged(metrics["train/loss"])
+        if self._since_log["merges"]:
+            metrics["train/adapter_merges"] = self.adapter.merges_at(step)
+        # the tokens these steps counted: DPO batches are narrower than data.seq_len
+        metrics["train/tokens_per_sec"] = self._since_log["tokens"] / self._since_log["seconds"]
+        metrics["train/tokens_seen"] = self.state.tokens_seen
+        self._since_log = {"seconds": 0.0, "tokens": 0, "merges": False}
+        if not self._startup_logged:  # the first step this process logs carries its start-up times
+            metrics |= self._startup_times()
+            self._startup_logged = True
+        for cb in self.callbacks:
+            if hasattr(cb, "after_log"):
+                cb.after_log(self, metrics)
+        self.tracker.log_metrics(metrics, step)
+        if step % self.parts.flush_every == 0:
+            self.tracker.flush()
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_sec']:,.0f}")
         return metrics
 
     def _startup_times(self) -> dict[str, float]:
-        """Seconds from the job's start, and from the process's start, to the end of the first step."""
+        """Seconds from the job's start, and from the process's start, to the end of the first logged step."""
         now = time.time()
-        return {"time/job_to_first_step_s": now - self.run.started_at,
+        return {"time/job_to_first_step_s": now - self.parts.started_at,
                 "time/process_to_first_step_s": now - psutil.Process().create_time()}
 
     def _diverged(self, loss: float) -> None:
-        last = ckpt.latest_checkpoint(self.run.ckpt_dir)
+        last = ckpt.latest_checkpoint(self.parts.ckpt_dir)
         then = f"then resume from it with train.resume={last}" if last else "then start again (no checkpoint was saved)"
         raise TrainingDiverged(
             f"train loss is {loss} at step {self.state.step}; last good checkpoint: {last or 'none'}; "
@@ -207,10 +277,10 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> FitResult:
         """Train to `train.max_steps` (or `train.stop_at_step`), evaluating and saving on schedule."""
-        tc = self.cfg.train
+        tc = self.cfg
         stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
         self.bar = tqdm(
-            total=tc.max_steps, initial=self.state.step, desc=self.cfg.stage.name, unit="step",
+            total=tc.max_steps, initial=self.state.step, desc=self.parts.label, unit="step",
             disable=not (self.acc.is_main_process and tc.progress), dynamic_ncols=True,
         )
         saved: Optional[Path] = None
@@ -230,48 +300,70 @@ class Trainer:
         else:
             val_loss = self.evaluate()
         saved = self.save()
-        self.run.tracker.flush()
+        self.tracker.flush()
         return FitResult(self.state.step, val_loss, self.state.tokens_seen, saved, self.state.step < tc.max_steps)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean objective over the fixed validation batches; logs val/loss (and val/ppl), val/<metric>."""
+        """Every evaluation set's mean objective, the weight norm, then the callbacks; returns val/loss."""
         self.model.eval()
-        hw, acc = self.cfg.hardware, self.acc
-        sums: dict[str, torch.Tensor] = {}
-        batches = list(self.data.val_batches(hw.micro_batch, self.cfg.train.eval_batches, acc.process_index, acc.num_processes))
-        for batch in batches:
-            loss, metrics = self.objective(self.model, to_device(batch, acc.device))
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(batches)
-        values = {f"val/{k}": v for k, v in self._mean_over_ranks(sums).items()}
-        if self.perplexity:
-            values["val/ppl"] = math.exp(min(values["val/loss"], 50.0))
-        self.run.tracker.log_metrics(values, self.state.step)
-        if self.on_eval is not None and acc.is_main_process:
-            self.on_eval(self.raw_model, self.state.step)
+        values: dict[str, float] = {}
+        losses: dict[str, float] = {}
+        for name, ev in self.evals.items():
+            means = self._evaluate_set(ev)
+            if ev.perplexity:
+                means["ppl"] = math.exp(min(means["loss"], 50.0))
+            values |= prefixed("val", name, means)
+            losses[name] = means["loss"]
+        if "" not in self.evals:  # named sets only: val/loss is their weighted mean
+            total = sum(self.evals[n].weight for n in losses)
+            values["val/loss"] = sum(self.evals[n].weight * loss for n, loss in losses.items()) / total
+        values["progress/weight_norm"] = weight_norm(self.raw_model)
+        # logged before any callback runs: a checkpoint a callback saves has this evaluation in MLflow
+        self.tracker.log_metrics(values, self.state.step)
+        for cb in self.callbacks:
+            more = cb.after_eval(self, values)
+            if more:
+                self.tracker.log_metrics(more, self.state.step)
+                values |= more
         return values["val/loss"]
 
+    def _evaluate_set(self, ev: EvalSet) -> dict[str, float]:
+        hw, acc = self.parts.hardware, self.acc
+        sums: dict[str, torch.Tensor] = {}
+        batches = list(ev.batches(hw.micro_batch, self.cfg.eval_batches, acc.process_index, acc.num_processes))
+        if ev.whole_set is not None:
+            return self._mean_over_ranks(ev.whole_set(self.model, (b.to(acc.device) for b in batches)))
+        for batch in batches:
+            loss, metrics = ev.objective(self.model, batch.to(acc.device))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(batches)
+        return self._mean_over_ranks(sums)
+
     # ---- checkpoints --------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self, event: Optional[str] = None) -> Path:
         """All ranks write their RNG state; rank 0 writes the rest and renames the folder into place.
 
         Metrics are flushed first: once a checkpoint exists, every step up to it is in MLflow, so a
-        run killed after it and resumed from it leaves no hole in its curves.
+        run killed after it and resumed from it leaves no hole in its curves. `event` (e.g.
+        "grokking") marks a checkpoint that `train.keep_checkpoints` never prunes.
         """
-        acc, step, run_dir = self.acc, self.state.step, self.run.ckpt_dir
-        self.run.tracker.flush()
+        acc, step, run_dir = self.acc, self.state.step, self.parts.ckpt_dir
+        if self._saved is not None and self._saved[0] == step and event is None:
+            return self._saved[1]  # already written at this step (an event checkpoint, say)
+        self.tracker.flush()
         if acc.is_main_process:
             ckpt.tmp_dir(run_dir, step).mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         try:
-            self._write(step, run_dir)
+            self._write(step, run_dir, event)
         except BaseException:  # Ctrl-C or a full disk mid-write: leave no half checkpoint behind
             shutil.rmtree(ckpt.tmp_dir(run_dir, step), ignore_errors=True)
             raise
-        return ckpt.step_dir(run_dir, step)
+        self._saved = (step, ckpt.step_dir(run_dir, step))
+        return self._saved[1]
 
-    def _write(self, step: int, run_dir: Path) -> None:
+    def _write(self, step: int, run_dir: Path, event: Optional[str]) -> None:
         acc = self.acc
         ckpt.write_rank_rng(run_dir, step, acc.process_index)
         acc.wait_for_everyone()
@@ -281,18 +373,22 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "state": dataclasses.asdict(self.state),
-                "stream": self.stream.state_dict(),
+                "streams": {name: s.state_dict() for name, s in self.streams.items()},
+                "mixture": self.mixture.state_dict(),
+                "grad_filter": self.grad_filter.state_dict() if self.grad_filter is not None else None,
+                "callbacks": {str(i): cb.state_dict() for i, cb in enumerate(self.callbacks) if hasattr(cb, "state_dict")},
             }
-            meta = self.run.checkpoint_meta() | {"tokenizer_sha256": self.data.tokenizer.sha256}
-            ckpt.write_checkpoint(run_dir, step, self.raw_model, trainer_state, meta, self.data.tokenizer, self.cfg.train.keep_checkpoints)
+            meta = self.parts.meta | {"tokenizer_sha256": self.tokenizer.sha256} | ({"event": event} if event else {})
+            ckpt.write_checkpoint(run_dir, step, self.raw_model, trainer_state, meta, self.tokenizer, self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
 
     def restore(self, path: Path) -> None:
-        """Load weights, optimizer, scheduler, data position and RNG: the run continues bit for bit."""
+        """Load weights, optimizer, scheduler, data positions, task draws, filter, watchers and RNG:
+        the run continues bit for bit."""
         from lab.tokenizers import check_tokenizer
 
         meta = ckpt.read_meta(path)
-        check_tokenizer(meta["tokenizer_sha256"], self.data.tokenizer, where=f"checkpoint {path}")
+        check_tokenizer(meta["tokenizer_sha256"], self.tokenizer, where=f"checkpoint {path}")
         ckpt.load_weights(self.raw_model, path)
         state, rng = ckpt.load_trainer_state(path, self.acc.process_index)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -300,6 +396,18 @@ class Trainer:
         if self.acc.scaler is not None and state["scaler"] is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["state"])
-        self.stream.load_state_dict(state["stream"])
+        streams = state.get("streams") or {next(iter(self.streams)): state["stream"]}  # one stream before tasks
+        if set(streams) != set(self.streams):
+            raise CheckpointError(f"checkpoint {path} has the tasks {sorted(streams)}, this run {sorted(self.streams)}; "
+                                       "resume with the same tasks, or start without resuming")
+        for name, saved in streams.items():
+            self.streams[name].load_state_dict(saved)
+        if "mixture" in state:
+            self.mixture.load_state_dict(state["mixture"])
+        if self.grad_filter is not None and state.get("grad_filter"):
+            self.grad_filter.load_state_dict(state["grad_filter"], self.acc.device)
+        for i, cb in enumerate(self.callbacks):
+            if hasattr(cb, "load_state_dict") and str(i) in state.get("callbacks", {}):
+                cb.load_state_dict(state["callbacks"][str(i)])
         ckpt.set_rng_state(rng)
-        log.info("resumed from %s at step %d <train.resume=%s>", path, self.state.step, self.cfg.train.resume)
+        log.info("resumed from %s at step %d <train.resume=%s>", path, self.state.step, self.cfg.resume)

@@ -9,6 +9,7 @@ import torch
 
 from lab import checkpoint as ckpt
 from lab.engine import FitResult, Trainer
+from lab.files import save_safetensors
 from lab.runner import Run
 
 
@@ -33,7 +34,11 @@ def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Pat
     """
     export = run.ckpt_dir / "export"
     meta = ckpt.read_meta(last)
-    ckpt.write_export(export, adapter.merged_state_dict(), model, tokenizer, meta)
+    weights = adapter.merged_state_dict()
+    heads = {k: weights.pop(k) for k in [k for k in weights if k.startswith(HEADS)]}  # multitask: the trunk alone
+    ckpt.write_export(export, weights, model, tokenizer, meta)
+    if heads:
+        save_safetensors(heads, export / "task_heads.safetensors", "task heads")
     run.tracker.log_artifacts(export / "tokenizer", "tokenizer")
     if run.cfg.adapter.kind != "none":
         adapter.save(export / "adapter")
@@ -43,6 +48,9 @@ def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Pat
         logged = export if full else _without_weights(export, Path(tmp))
         run.tracker.log_model(logged, meta["step"], registered_name(run))
     return export
+
+
+HEADS = "task_heads."  # lab.tasks.TaskHeads on a trunk: exported beside the weights, not in them
 
 
 def registered_name(run: Run) -> str | None:

@@ -23,3 +23,13 @@ def masked_lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> t
     logits = model(inputs, segment_ids=segments)  # (B, T, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     return loss, {"target_tokens": (targets != -100).sum().float()}
+
+
+def answer_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy and accuracy on each row's last position alone: the answer of `a op b =`
+    (data=modular). batch: inputs (B, T), targets (B, T) whose last column holds the answers."""
+    inputs, targets = batch
+    logits = model(inputs)[:, -1].float()  # (B, V)
+    answer = targets[:, -1]
+    loss = F.cross_entropy(logits, answer)
+    return loss, {"acc": (logits.argmax(-1) == answer).float().mean()}

@@ -12,7 +12,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
@@ -27,6 +27,9 @@ from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, resolve_precision
 from lab.lineage import Pretrained
 from lab.tracking import Tracker, source_tags, ui_command
+
+if TYPE_CHECKING:
+    from lab.engine import Parts
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +83,28 @@ class Run:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
+
+    def engine_parts(self) -> "Parts":
+        """What the engine uses of this run."""
+        from lab.engine import Parts
+
+        return Parts(train=self.cfg.train, hardware=self.cfg.hardware, accelerator=self.accelerator,
+                     tracker=self.tracker, ckpt_dir=self.ckpt_dir, meta=self.checkpoint_meta(),
+                     resume_from=self.resume_from, flush_every=self.cfg.tracking.flush_every,
+                     started_at=self.started_at, label=self.cfg.stage.name)
+
+    def log_dataset(self, data: Any) -> None:
+        """The run's data as MLflow dataset inputs, the cache's content hash as the digest, one input
+        per split; once per run (a resumed run logged them when it started)."""
+        if self.resume_from is not None:
+            return
+        meta = data.meta
+        source = {"cache": str(Path(data.directory).resolve()) if data.directory else None,
+                  "sources": [{"kind": s["kind"], "path": s["path"]} for s in meta["sources"]]}
+        profiles = {context: {"rows": meta[f"n_{split}_rows"], "seq_len": meta["seq_len"],
+                              "tokenizer_sha256": meta["tokenizer_sha256"]}
+                    for context, split in (("train", "train"), ("validation", "val"))}
+        self.tracker.log_dataset(self.cfg.data.name, meta["key"], source, profiles)
 
     def say(self, message: str) -> None:
         """Print on rank 0 only."""

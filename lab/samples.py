@@ -21,6 +21,11 @@ class SampleWriter:
         self.stop_id = tokenizer.eos_id if stop_id is None else stop_id  # chatml stops at <|im_end|>
         self.last: list[str] = []
 
+    def after_eval(self, trainer, values: dict[str, float]) -> None:
+        """The engine's callback: rank 0 samples from the unwrapped model after each evaluation."""
+        if trainer.acc.is_main_process:
+            self(trainer.raw_model, trainer.state.step)
+
     def __call__(self, model: torch.nn.Module, step: int) -> None:
         was_training = model.training
         model.eval()

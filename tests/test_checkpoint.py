@@ -70,3 +70,17 @@ def test_a_checkpoint_that_does_not_fit_the_model_names_the_tensor(export):
     wrong = build_model(ModelConfig(n_kv_heads=2, dim=32), 259)
     with pytest.raises(CheckpointError, match=r"does not fit model=micro: layers.0.attn.k_proj.weight is \(32, 64\), the model's \(16, 32\)"):
         ckpt.load_weights(wrong, folder)
+
+
+def test_pruning_keeps_the_newest_and_every_event_checkpoint(tmp_path):
+    import json
+
+    from lab.checkpoint import _prune, step_dir
+
+    for step, event in ((100, None), (200, "grokking"), (300, None), (400, None)):
+        folder = step_dir(tmp_path, step)
+        folder.mkdir()
+        (folder / "meta.json").write_text(json.dumps({"step": step} | ({"event": event} if event else {})))
+    (tmp_path / ".step_0000500.tmp").mkdir()  # a half-written one
+    _prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000200", "step_0000400"]

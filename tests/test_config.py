@@ -36,7 +36,9 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
     composed = compose_cfg(*overrides)
     cfg = to_run_config(composed)
     if group == "sweeps":  # a sweep sets Hydra's multirun mode and the metric it optimises
-        assert composed.hydra.mode.name == "MULTIRUN" and cfg.sweep.metric == "val/loss"
+        assert composed.hydra.mode.name == "MULTIRUN" and cfg.sweep.metric in ("val/loss", "val/acc")
+    elif group == "experiment" and option == "grokking":  # the grokking set-up: modular data, the detector on
+        assert cfg.data.name == "modular" and cfg.model.name == "grok" and cfg.train.grokking.enabled
     elif group == "experiment":  # an experiment chains stages in a pipeline
         assert cfg.stage.name == "pipeline" and len(cfg.pipeline.steps) >= 2
     elif group == "hydra/launcher":

@@ -104,6 +104,10 @@ class AdapterSet:
                 reset_moments_(state[p], self.cfg.optimizer_reset)
         return True
 
+    def merges_at(self, step: int) -> int:
+        """Merges done by the end of step `step` (ReLoRA and rank1)."""
+        return step // self.cfg.merge_every if self.cfg.merge_every else 0
+
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at step index `step`: ReLoRA's jagged re-warmup, else 1.
 

@@ -10,6 +10,12 @@ returns `SFTPackedData`, whose batches are `(inputs, targets with -100, segment_
 
 DPO: `prepare_preference_data(cfg.data, tokenizer, cache_dir)` reads preference / kjv_pref sources
 and returns `PreferenceData`, whose batches are dicts of chosen/rejected inputs and masked targets.
+
+Every stream and evaluation set yields `lab.data.batch.Batch`: the tensors, and the tokens they count.
+Grokking: `lab.data.modular.prepare_modular(cfg.data)` builds the `a op b mod p` table. Multi-task:
+`lab.data.verse_tasks.prepare_verse_tasks` builds the coherence, cross-reference and paraphrase
+streams from the KJV and the parallel corpus (`lab.data.verses`); `lab.data.mixture.TaskMixture`
+draws which task each micro-batch comes from.
 """
 from lab.data.chat import FORMATS, Conversation, Message, parse_record, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft

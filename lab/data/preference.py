@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from lab.config import DataConfig
+from lab.data.batch import Batch
 from lab.data.cache import content_key
 from lab.data.chat import Message, parse_turn
 from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
@@ -217,7 +218,7 @@ def used_width(masks: Sequence[np.ndarray], width: int) -> int:
     return min(width, inputs + 1)
 
 
-def preference_batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Tensor]:
+def preference_batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> Batch:
     """Pairs `idx` of one split as the batch dict (module docstring); int64 tensors of (B, T), index (B,).
 
     T is cut to what the batch's longest row needs (`used_width`): the padding after it would be
@@ -232,7 +233,8 @@ def preference_batch(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str
         batch[f"{name}_inputs"] = t[:, :-1].contiguous()
         batch[f"{name}_targets"] = t[:, 1:].masked_fill(~m[:, 1:], IGNORE_INDEX).contiguous()
     batch["index"] = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-    return batch
+    # both answers go through the model (one forward of 2B rows): both count
+    return Batch(batch, batch["chosen_inputs"].numel() + batch["rejected_inputs"].numel())
 
 
 class PreferenceBatchStream(BatchStream):
@@ -243,7 +245,7 @@ class PreferenceBatchStream(BatchStream):
         super().__init__(arrays["chosen"], micro_batch, seed, rank, world_size, row_weights)
         self.arrays = arrays
 
-    def next_batch(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def next_batch(self) -> Batch:
         idx = self.indices(self.consumed + self.rank * self.micro_batch, self.micro_batch)
         self.consumed += self.micro_batch * self.world_size
         return preference_batch(self.arrays, idx)
@@ -261,12 +263,12 @@ class PreferenceData(PackedData):
         return PreferenceBatchStream(self.train_arrays, micro_batch, seed, rank, world_size, self.row_weights)
 
     def val_batches(self, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
-                    world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+                    world_size: int = 1) -> Iterator[Batch]:
         """Fixed evaluation batch dicts in pair order, laid out by `val_indices`."""
         for idx in val_indices(len(self.val), micro_batch, max_batches, rank, world_size):
             yield preference_batch(self.val_arrays, idx)
 
-    def all_batches(self, split: str, micro_batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    def all_batches(self, split: str, micro_batch: int) -> Iterator[Batch]:
         """Every pair of `split` ("train" or "val") once, in order, the last batch partial: for reference log-probs."""
         arrays = self.train_arrays if split == "train" else self.val_arrays
         n = len(arrays["chosen"])

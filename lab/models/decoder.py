@@ -345,16 +345,18 @@ class Decoder(nn.Module):
             contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), local_mask)
         return contexts
 
-    def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Next-token logits.
+    def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+                hidden: bool = False) -> torch.Tensor:
+        """Next-token logits, or the final hidden states.
 
         Args:
             idx: (B, T) token ids, T <= config.max_seq_len.
             segment_ids: optional (B, T) ids of packed examples. A token then attends only to
                 earlier tokens of its own segment, and RoPE positions restart at 0 per segment.
+            hidden: return the normed hidden states (B, T, C) the head would read, for task heads.
 
         Returns:
-            (B, T, V) logits.
+            (B, T, V) logits, or (B, T, C) hidden states.
 
         Raises:
             ValueError: if T exceeds config.max_seq_len.
@@ -372,6 +374,8 @@ class Decoder(nn.Module):
                 x = checkpoint(layer, x, *contexts[layer.local], use_reentrant=False)
             else:
                 x = layer(x, *contexts[layer.local])
+        if hidden:
+            return self.norm(x)  # (B, T, C)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap

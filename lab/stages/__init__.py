@@ -3,6 +3,7 @@ from lab.stages.bench import bench
 from lab.stages.compare import compare
 from lab.stages.dpo import dpo
 from lab.stages.export import export
+from lab.stages.multitask import multitask
 from lab.stages.pipeline import pipeline
 from lab.stages.pretrain import pretrain
 from lab.stages.sft import sft
@@ -17,5 +18,6 @@ STAGES = {
     "compare": compare,
     "export": export,
     "surgery": surgery,
+    "multitask": multitask,
 }
 

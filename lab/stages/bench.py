@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.data import prepare_data
-from lab.engine import Trainer, build_optimizer, lr_factor
+from lab.engine import EvalSet, Task, Trainer, build_optimizer, lr_factor
 from lab.hardware import autocast_dtype, peak_memory_mb
 from lab.models import build_model
 from lab.objectives import lm_loss
@@ -73,7 +73,9 @@ def bench(run: Run) -> float:
     data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size)
-    trainer = Trainer(run, model, lm_loss, data)
+    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, lm_loss)], {"": EvalSet(data.val_batches, lm_loss)},
+                      data.tokenizer)
+    run.log_dataset(data)
     engine_steps = lambda n: [trainer.step_and_log() for _ in range(n)][-1]["train/loss"]  # noqa: E731
     bare_steps = _bare_loop(run, data, sc.bench_steps)
     for warm in (engine_steps, bare_steps):

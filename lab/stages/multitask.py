@@ -1,0 +1,66 @@
+"""Multi-task training: one trunk, its LM head and the verse-task heads, on a weighted mixture.
+
+Each micro-batch comes from one task, drawn by `multitask.weights` (the Genesis seed's 0.70 / 0.15
+/ 0.075 / 0.075 by default): next-token prediction on the data group's corpus, verse coherence,
+cross-references and cross-lingual paraphrase (`lab.tasks`). The trunk is any lab model, or the
+model `init_from` names (an imported one included). Each task logs under its own name, train and
+val (`train/coherence/loss`, `val/xref/recall_at_10`); val/loss is the weighted mean.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab.adapters import apply_adapter
+from lab.data import prepare_data
+from lab.data.verse_tasks import prepare_verse_tasks
+from lab.engine import EvalSet, Task, Trainer
+from lab.export import fit_and_export
+from lab.lineage import load_tokenizer_checked
+from lab.models import build_model
+from lab.objectives import lm_loss
+from lab.runner import Run
+from lab.samples import SampleWriter
+from lab.tasks import TaskHeads, VerseObjectives
+
+
+def multitask(run: Run) -> float:
+    """Build the trunk and heads, the task streams and evaluation sets, and fit. Returns val/loss."""
+    cfg, mt = run.cfg, run.cfg.multitask
+    start = run.pretrained
+    tokenizer = load_tokenizer_checked(start) if start else None
+    with run.accelerator.main_process_first():
+        lm = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    verse = prepare_verse_tasks(mt, cfg.data, lm.tokenizer)
+    model = start.build() if start else build_model(cfg.model, lm.tokenizer.vocab_size)
+    trunk_params = model.num_parameters()
+    model.task_heads = heads = TaskHeads(model.config.dim, mt.tasks)
+    adapter = apply_adapter(model, cfg.adapter)
+    heads.requires_grad_(True)  # an adapter freezes the trunk; the heads always train
+    objectives = VerseObjectives(heads, mt.pooling, mt.temperature, mt.recall_k, lm.tokenizer.pad_id)
+    weights = mt.task_weights()
+    tasks = [Task(name, lm.stream if name == "lm" else verse[name].stream,
+                  lm_loss if name == "lm" else getattr(objectives, name), weights[name]) for name in mt.tasks]
+    evals = {name: EvalSet(lm.val_batches, lm_loss, weights[name]) if name == "lm" else
+             EvalSet(verse[name].val_batches, getattr(objectives, name), weights[name], perplexity=False,
+                     whole_set=getattr(objectives, f"{name}_eval")) for name in mt.tasks}
+    callbacks = []
+    if "lm" in mt.tasks:
+        callbacks.append(SampleWriter(lm.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
+                                      run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed))
+    trainer = Trainer(run.engine_parts(), model, tasks, evals, lm.tokenizer, adapter=adapter, callbacks=callbacks)
+    run.log_dataset(lm)
+    share = heads.num_parameters() / trunk_params
+    run.tracker.log_params({"model.n_params": trunk_params, "multitask.head_params": heads.num_parameters(),
+                            "multitask.head_share": f"{share:.4f}", "adapter.n_trainable": adapter.num_trainable(),
+                            **{f"multitask.n_train_{n}": len(v.train) for n, v in verse.items()},
+                            **{f"multitask.n_val_{n}": len(v.val) for n, v in verse.items()}})
+    total = sum(weights.values())
+    run.say(f"multitask: model={cfg.model.name} ({trunk_params / 1e6:.2f}M) + heads {heads.num_parameters():,} "
+            f"({share:.1%}); tasks " + ", ".join(f"{n} {w / total:.3f}" for n, w in weights.items()))
+    result = fit_and_export(run, trainer, model, adapter, lm.tokenizer)
+    if result.stopped_early:
+        return float("nan")
+    latest = run.tracker.latest
+    run.say("val " + "   ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(latest.items())
+                                  if k.startswith("val/") and k.count("/") == 2 and not k.endswith("/ppl")))
+    return result.val_loss
