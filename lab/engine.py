@@ -334,10 +334,11 @@ class Trainer:
         batches = list(ev.batches(hw.micro_batch, self.cfg.eval_batches, acc.process_index, acc.num_processes))
         if ev.whole_set is not None:
             return self._mean_over_ranks(ev.whole_set(self.model, (b.to(acc.device) for b in batches)))
-        for batch in batches:
+        rows = sum(b.size for b in batches)
+        for batch in batches:  # each batch weighs by its rows: a last, partial batch counts for what it holds
             loss, metrics = ev.objective(self.model, batch.to(acc.device))
             for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(batches)
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * (batch.size / rows)
         return self._mean_over_ranks(sums)
 
     # ---- checkpoints --------------------------------------------------------------------------

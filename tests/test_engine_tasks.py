@@ -105,3 +105,21 @@ def test_resume_in_the_middle_of_a_mixture_replays_every_task(tmp_path):
     for key in ("train/a/loss", "train/b/loss", "train/b/double", "val/a/loss", "val/b/loss"):
         after = {s: m[key] for s, m in rec_whole.logged.items() if key in m and s > 5}
         assert after and after == {s: m[key] for s, m in rec_parts.logged.items() if key in m}, key
+
+
+def test_a_partial_last_eval_batch_weighs_by_its_rows(tmp_path):
+    t, rec = trainer(tmp_path, max_steps=1)
+
+    def batches(micro_batch, max_batches=None, rank=0, world_size=1):
+        for n in (3, 1):  # rows 0..3, the last batch holding one
+            yield Batch((torch.zeros(n, T, dtype=torch.long), torch.zeros(n, T, dtype=torch.long)), n * T)
+
+    first = iter([1.0, 0.0])  # the first batch scores 1 on each of its rows, the second 0
+
+    def score(model, batch):
+        value = torch.tensor(next(first))
+        return value, {"acc": value}
+
+    t.evals = {"": EvalSet(batches, score, perplexity=False)}
+    t.evaluate()
+    assert rec.logged[0]["val/acc"] == pytest.approx(0.75)  # 3 of 4 rows (the mean of batch means said 0.5)

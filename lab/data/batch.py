@@ -28,6 +28,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.tensors)
 
+    @property
+    def size(self) -> int:
+        """Rows in the batch (sequences, pairs, equations): the first dimension of its tensors."""
+        first = next(iter(self.tensors.values())) if isinstance(self.tensors, dict) else self.tensors[0]
+        return first.size(0)
+
     def with_tensors(self, **extra: torch.Tensor) -> "Batch":
         """The same batch with more named tensors (dict batches only), e.g. cached reference log-probs."""
         return Batch(self.tensors | extra, self.tokens)
