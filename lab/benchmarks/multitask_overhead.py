@@ -28,6 +28,7 @@ def build(args: argparse.Namespace, tasks: list[str], tmp: Path):
     from lab.data import prepare_data
     from lab.data.verse_tasks import prepare_verse_tasks
     from lab.engine import EvalSet, Parts, Task, Trainer
+    from lab.hardware import resolve_precision
     from lab.models import build_model
     from lab.objectives import lm_loss
     from lab.runner import REPO_ROOT
@@ -46,7 +47,7 @@ def build(args: argparse.Namespace, tasks: list[str], tmp: Path):
     heads = model.task_heads = TaskHeads(cfg.model.dim, tasks)
     objectives = VerseObjectives(heads, cfg.multitask.pooling, cfg.multitask.temperature, 10, lm.tokenizer.pad_id)
     weights = cfg.multitask.task_weights()
-    acc = Accelerator(cpu=True, mixed_precision="no" if args.precision == "fp32" else args.precision)
+    acc = Accelerator(cpu=True, mixed_precision=resolve_precision(cfg.hardware))  # bf16 only where the CPU has it
     parts = Parts(cfg.train, cfg.hardware, acc, Tracker(cfg.tracking, tmp, enabled=False), tmp / "ckpt")
     train = [Task(n, lm.stream if n == "lm" else verse[n].stream, lm_loss if n == "lm" else getattr(objectives, n),
                   weights[n]) for n in tasks]
@@ -78,7 +79,8 @@ def main() -> None:
                 seconds[name] += time.perf_counter() - t0
                 tokens[name] += trainer.state.tokens_seen - before
     rate = {n: tokens[n] / seconds[n] for n in engines}
-    print(f"model={args.model}, batch {args.batch} x {args.seq}, {args.precision}; {args.rounds} alternating chunks "
+    precision = engines["pretrain"].acc.mixed_precision.replace("no", "fp32")
+    print(f"model={args.model}, batch {args.batch} x {args.seq}, {precision}; {args.rounds} alternating chunks "
           f"of {args.steps} steps per engine")
     for n in engines:
         print(f"  {n:<10} {rate[n]:>10,.0f} tokens/s   ({tokens[n]:,} tokens in {seconds[n]:.1f} s)")
