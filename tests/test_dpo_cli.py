@@ -111,11 +111,12 @@ def test_dpo_raises_val_accuracy_well_above_chance(tmp_path):
     small = ["model=nano", "tokenizer.vocab_size=2048", "data.seq_len=128", "train.progress=false",
              f"paths.cache={tmp_path / 'cache'}"]
     run_lab(*small, "hardware.micro_batch=16", "train.max_steps=300", "train.warmup_steps=20", "train.lr=3e-3",
-            "train.eval_every=300", "train.eval_batches=2", "tracking.experiment=pre", cwd=tmp_path)
+            "train.eval_every=300", "train.eval_batches=2", "tracking.experiment=pre", cwd=tmp_path,
+            timeout=900)  # about 5 min on a 2-core CPU without bf16: the default 300 s limit is too close
     pre = only_run(tmp_path, "pre").info.run_id
     run_lab(*small, "stage=dpo", "data=kjv_pref", f"init_from={pre}", "hardware.micro_batch=8", "train.max_steps=200",
             "train.warmup_steps=10", "train.lr=3e-4", "train.eval_every=100", "train.eval_batches=19",
-            "tracking.experiment=dpo", cwd=tmp_path)
+            "tracking.experiment=dpo", cwd=tmp_path, timeout=900)
     run = only_run(tmp_path, "dpo")
     history = loss_history(tmp_path, run.info.run_id, "val/rewards/accuracies")
     assert sorted(history) == [100, 200]
