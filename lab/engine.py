@@ -206,7 +206,7 @@ class Trainer:
         means = {k: v / counts[k] for k, v in sums.items()}
         grad_norm = self._clip()
         if self.grad_filter is not None:  # after clipping: the raw gradient is bounded, then its slow part added
-            self.grad_filter.apply(self.raw_model.named_parameters())
+            self.grad_filter.apply(self.raw_model.named_parameters(), finite=torch.isfinite(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

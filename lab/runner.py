@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from lab import checkpoint as ckpt
@@ -143,7 +143,11 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     try:
         cfg = checked or to_run_config(dcfg)
         check_device(cfg.hardware)
-        accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu")
+        # a multi-task step trains one task: the other heads (and, on a verse task, the LM head) get no
+        # gradient, which DDP must be told of
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.stage.name == "multitask")
+        accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu",
+                                  kwargs_handlers=[ddp])
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
         twin = _finished_twin(cfg, info, tracker, accelerator)

@@ -2,7 +2,9 @@
 a batch, and its metrics over the whole held-out set.
 
 The heads ride on the trunk as `model.task_heads`, so checkpoints and resume treat them as part of
-the model; the export leaves them out (`lab.export`), so `init_from` gets a plain decoder.
+the model; the export leaves them out (`lab.export`), so `init_from` gets a plain decoder. They run
+inside the model's forward (`model(ids, task=..., lengths=...)`): under DDP a head used outside it
+would have its gradient missed by the all-reduce.
 
 - coherence: the pair as one row (`a <sep> b`, so attention compares the verses), pooled; an MLP
   gives one logit: binary cross-entropy; accuracy, and the AUC over the held-out pairs.
@@ -28,15 +30,21 @@ VERSE_TASKS = ("coherence", "xref", "paraphrase")
 class TaskHeads(nn.Module):
     """The heads of the tasks switched on; each is small next to the trunk (about dim^2 parameters)."""
 
-    def __init__(self, dim: int, tasks: Iterable[str]) -> None:
+    def __init__(self, dim: int, tasks: Iterable[str], pooling: str) -> None:
         super().__init__()
         tasks = set(tasks)
+        self.pooling = pooling
         if "coherence" in tasks:
             self.coherence = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
         if "xref" in tasks:
             self.xref = nn.Linear(dim, dim, bias=False)
         if "paraphrase" in tasks:
             self.paraphrase = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor, task: str) -> torch.Tensor:
+        """(B, T, C) final hidden states of right-padded rows of `lengths` tokens -> the task head's
+        output on each row's pooled state, in fp32: (B, 1) for coherence, (B, C) for the others."""
+        return getattr(self, task)(pool(hidden.float(), lengths, self.pooling))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -50,12 +58,12 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     return (hidden * mask[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
 
 
-def embed(model: nn.Module, rows: list[tuple[torch.Tensor, torch.Tensor]], how: str, pad_id: int) -> list[torch.Tensor]:
-    """Pooled fp32 embeddings of several groups of rows, in one forward pass (narrower groups padded)."""
+def embed(model: nn.Module, task: str, rows: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> list[torch.Tensor]:
+    """The task head's output for several groups of rows, in one forward pass (narrower groups padded)."""
     width = max(ids.size(1) for ids, _ in rows)
     ids = torch.cat([F.pad(x, (0, width - x.size(1)), value=pad_id) for x, _ in rows])
-    pooled = pool(model(ids, hidden=True).float(), torch.cat([n for _, n in rows]), how)
-    return list(pooled.split([x.size(0) for x, _ in rows]))
+    out = model(ids, task=task, lengths=torch.cat([n for _, n in rows]))
+    return list(out.split([x.size(0) for x, _ in rows]))
 
 
 def similarities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -84,16 +92,16 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class VerseObjectives:
     """Each verse task's `loss(model, batch)` and whole-set `evaluate(model, batches)` for the engine."""
 
-    def __init__(self, heads: TaskHeads, pooling: str, temperature: float, recall_k: int, pad_id: int) -> None:
-        self.heads, self.pooling, self.temperature, self.k, self.pad_id = heads, pooling, temperature, recall_k, pad_id
+    def __init__(self, temperature: float, recall_k: int, pad_id: int) -> None:
+        self.temperature, self.k, self.pad_id = temperature, recall_k, pad_id
 
-    def _embed(self, model: nn.Module, batch: Batch, *names: str) -> list[torch.Tensor]:
-        return embed(model, [(batch[n], batch[f"{n}_len"]) for n in names], self.pooling, self.pad_id)
+    def _embed(self, model: nn.Module, task: str, batch: Batch, *names: str) -> list[torch.Tensor]:
+        return embed(model, task, [(batch[n], batch[f"{n}_len"]) for n in names], self.pad_id)
 
     # coherence -----------------------------------------------------------------------------
     def _coherence_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        (pair,) = self._embed(model, batch, "pair")
-        return self.heads.coherence(pair).squeeze(-1)  # (B,)
+        (logits,) = self._embed(model, "coherence", batch, "pair")
+        return logits.squeeze(-1)  # (B,)
 
     def coherence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, label = self._coherence_logits(model, batch), batch["label"]
@@ -106,12 +114,12 @@ class VerseObjectives:
 
     # cross-references ------------------------------------------------------------------------
     def xref(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        a, p, n = (self.heads.xref(z) for z in self._embed(model, batch, "a", "p", "n"))
+        a, p, n = self._embed(model, "xref", batch, "a", "p", "n")
         loss, acc = info_nce(a, torch.cat([p, n]), self.temperature)
         return loss, {"acc": acc}
 
     def xref_eval(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        a, p, ids = self._pool_pairs(model, batches, self.heads.xref)
+        a, p, ids = self._pairs(model, "xref", batches)
         loss, _ = info_nce(a, p, self.temperature)
         sims = similarities(a, p)  # (N, N)
         top = sims.topk(min(self.k, sims.size(1)), dim=-1).indices  # (N, k)
@@ -120,21 +128,21 @@ class VerseObjectives:
 
     # paraphrase ------------------------------------------------------------------------------
     def paraphrase(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        a, p = (self.heads.paraphrase(z) for z in self._embed(model, batch, "a", "p"))
+        a, p = self._embed(model, "paraphrase", batch, "a", "p")
         there, acc = info_nce(a, p, self.temperature)
         back, _ = info_nce(p, a, self.temperature)
         return (there + back) / 2, {"acc": acc}
 
     def paraphrase_eval(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        a, p, _ = self._pool_pairs(model, batches, self.heads.paraphrase)
+        a, p, _ = self._pairs(model, "paraphrase", batches)
         there, acc = info_nce(a, p, self.temperature)
         back, _ = info_nce(p, a, self.temperature)
         return {"loss": (there + back) / 2, "acc": acc}
 
-    def _pool_pairs(self, model: nn.Module, batches: Iterable[Batch], head: nn.Module):
+    def _pairs(self, model: nn.Module, task: str, batches: Iterable[Batch]):
         a, p, ids = [], [], []
         for batch in batches:
-            za, zp = (head(z) for z in self._embed(model, batch, "a", "p"))
+            za, zp = self._embed(model, task, batch, "a", "p")
             a.append(za)
             p.append(zp)
             ids.append(batch["p_id"])

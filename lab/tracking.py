@@ -131,9 +131,15 @@ class Tracker:
             if not cfg.uri:
                 ensure_dir(outputs, "paths.outputs")
             check_reachable(self.uri)
+            try:  # the store is opened here: a scheme MLflow refuses (file:, a typo) stops in one line
+                self.client = MlflowClient(self.uri)
+                self.experiment_id = experiment_id(self.client, cfg.experiment, outputs)
+            except MlflowException as e:
+                why = str(e).strip().split(". ")[0]
+                raise TrackingError(f"tracking.uri={self.uri}: MLflow cannot open this store ({why}); use "
+                                    "sqlite:///PATH.db or http://HOST:PORT, or drop tracking.uri for the embedded "
+                                    "store outputs/mlflow.db") from None
             mlflow.set_tracking_uri(self.uri)  # the model registry looks logged models up through the global client
-            self.client = MlflowClient(self.uri)
-            self.experiment_id = experiment_id(self.client, cfg.experiment, outputs)
 
     # ---- the run's life ---------------------------------------------------------------------
     def start(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str] = None,

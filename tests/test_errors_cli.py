@@ -1,6 +1,8 @@
 """Bad input gets one clear line (exit code 2), no half-written checkpoint, no run left RUNNING."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from labtest import FAST, all_runs
@@ -162,3 +164,16 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_one_line(lab_cli, tmp_pat
     assert_one_line_error(proc, "cannot use 'blocked/", "a file stands where a folder is expected")
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FAILED" and "a file stands where a folder is expected" in run.data.tags["lab.error"]
+
+
+@pytest.mark.parametrize("uri,why", [
+    ("file:///tmp/lab-mlruns", "The filesystem tracking backend"),  # MLflow refuses its file store now
+    ("foo://x", "unsupported URI 'foo://x'"),
+])
+def test_a_store_mlflow_refuses_is_one_line(tmp_path, uri, why):
+    from lab.config import TrackingConfig
+    from lab.tracking import Tracker, TrackingError
+
+    with pytest.raises(TrackingError, match=re.escape(f"tracking.uri={uri}: MLflow cannot open this store")) as e:
+        Tracker(TrackingConfig(uri=uri), tmp_path)
+    assert why in str(e.value) and "\n" not in str(e.value) and "sqlite:///PATH.db" in str(e.value)

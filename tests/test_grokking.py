@@ -112,3 +112,20 @@ def test_grokfast_ema_and_ma_by_hand():
     p.grad = torch.tensor([2.0, 2.0])
     restored.apply([("w", p)])
     assert p.grad.tolist() == [3.0, 3.0]  # window [0, 0], [2, 2]: mean [1, 1]
+
+
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_grokfast_skips_an_overflowed_step(kind):
+    """An fp16 step whose gradients overflowed (the scaler skips it) must leave the filter's state as
+    it was: before, inf entered the average and every later gradient came out inf."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    gf = GradFilter(GrokfastConfig(kind=kind, alpha=0.5, lamb=1.0, window=2))
+    p.grad = torch.tensor([2.0, 4.0])
+    gf.apply([("w", p)])
+    p.grad = torch.tensor([float("inf"), 1.0])
+    gf.apply([("w", p)], finite=torch.isfinite(p.grad.norm()))
+    p.grad = torch.tensor([0.0, 0.0])
+    gf.apply([("w", p)])
+    # ema: avg [2, 4] kept through the overflow, then 0.5 [2, 4] -> [1, 2]; ma: window [[0, 0], [0, 0]] (the
+    # overflowed slot kept its zeros), mean 0 (with inf let in: [inf, 0.5])
+    assert p.grad.tolist() == ([1.0, 2.0] if kind == "ema" else [0.0, 0.0])

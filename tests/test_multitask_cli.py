@@ -71,6 +71,17 @@ def test_resumed_mixture_logs_the_same_per_task_losses(whole):
         loss_history(cwd, run.info.run_id, "val/xref/recall_at_10")
 
 
+def test_two_processes_train_every_head(whole, tmp_path):
+    """Under DDP a step leaves the other tasks' heads without gradient, and the heads run inside the
+    model's forward so that theirs is all-reduced: before both, the second step crashed."""
+    _, cache, _ = whole
+    run_lab(*FAST, *MT, f"paths.cache={cache}", "train.max_steps=8", "train.eval_every=4", cwd=tmp_path,
+            launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lab"))
+    run = only_run(tmp_path, "lab")
+    assert run.info.status == "FINISHED"
+    assert sorted(loss_history(tmp_path, run.info.run_id, "val/coherence/auc")) == [4, 8]
+
+
 @pytest.mark.parametrize("args,message", [
     (["multitask.tasks=[lm,rhyme]"], "multitask.tasks has 'rhyme', which is not a task"),
     (["multitask.tasks=[lm,coherence]", "multitask.weights.xref=0.5"],

@@ -44,8 +44,8 @@ def build(args: argparse.Namespace, tasks: list[str], tmp: Path):
     verse = prepare_verse_tasks(cfg.multitask, cfg.data, lm.tokenizer)
     torch.manual_seed(0)
     model = build_model(cfg.model, lm.tokenizer.vocab_size)
-    heads = model.task_heads = TaskHeads(cfg.model.dim, tasks)
-    objectives = VerseObjectives(heads, cfg.multitask.pooling, cfg.multitask.temperature, 10, lm.tokenizer.pad_id)
+    model.task_heads = TaskHeads(cfg.model.dim, tasks, cfg.multitask.pooling)
+    objectives = VerseObjectives(cfg.multitask.temperature, 10, lm.tokenizer.pad_id)
     weights = cfg.multitask.task_weights()
     acc = Accelerator(cpu=True, mixed_precision=resolve_precision(cfg.hardware))  # bf16 only where the CPU has it
     parts = Parts(cfg.train, cfg.hardware, acc, Tracker(cfg.tracking, tmp, enabled=False), tmp / "ckpt")

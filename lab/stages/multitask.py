@@ -33,10 +33,10 @@ def multitask(run: Run) -> float:
     verse = prepare_verse_tasks(mt, cfg.data, lm.tokenizer)
     model = start.build() if start else build_model(cfg.model, lm.tokenizer.vocab_size)
     trunk_params = model.num_parameters()
-    model.task_heads = heads = TaskHeads(model.config.dim, mt.tasks)
+    model.task_heads = heads = TaskHeads(model.config.dim, mt.tasks, mt.pooling)
     adapter = apply_adapter(model, cfg.adapter)
     heads.requires_grad_(True)  # an adapter freezes the trunk; the heads always train
-    objectives = VerseObjectives(heads, mt.pooling, mt.temperature, mt.recall_k, lm.tokenizer.pad_id)
+    objectives = VerseObjectives(mt.temperature, mt.recall_k, lm.tokenizer.pad_id)
     weights = mt.task_weights()
     tasks = [Task(name, lm.stream if name == "lm" else verse[name].stream,
                   lm_loss if name == "lm" else getattr(objectives, name), weights[name]) for name in mt.tasks]
