@@ -345,20 +345,19 @@ class Decoder(nn.Module):
             contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), local_mask)
         return contexts
 
-    def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None, hidden: bool = False,
+    def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 task: Optional[str] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Next-token logits, the final hidden states, or a task head's output.
+        """Next-token logits, or a task head's output.
 
         Args:
             idx: (B, T) token ids, T <= config.max_seq_len.
             segment_ids: optional (B, T) ids of packed examples. A token then attends only to
                 earlier tokens of its own segment, and RoPE positions restart at 0 per segment.
-            hidden: return the normed hidden states (B, T, C) the head would read.
             task, lengths: return the output of `self.task_heads` (lab.tasks.TaskHeads, which the
                 multi-task stage attaches) for that task, on each row's first `lengths` tokens.
 
         Returns:
-            (B, T, V) logits, (B, T, C) hidden states, or the task head's (B, ...) output.
+            (B, T, V) logits, or the task head's (B, ...) output.
 
         Raises:
             ValueError: if T exceeds config.max_seq_len.
@@ -376,11 +375,10 @@ class Decoder(nn.Module):
                 x = checkpoint(layer, x, *contexts[layer.local], use_reentrant=False)
             else:
                 x = layer(x, *contexts[layer.local])
+        x = self.norm(x)  # (B, T, C)
         if task is not None:
-            return self.task_heads(self.norm(x), lengths, task)
-        if hidden:
-            return self.norm(x)  # (B, T, C)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+            return self.task_heads(x, lengths, task)
+        logits = self.lm_head(x)  # (B, T, V)
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits
