@@ -19,6 +19,8 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where every schema is found)
+    ANALYSIS_KINDS,
+    AnalysisConfig,
     DPO_LOSSES,
     EXPORT_FORMATS,
     MULTITASK_TASKS,
@@ -38,7 +40,7 @@ from lab.ranges import check_ranges, ranged
 log = logging.getLogger(__name__)
 
 
-STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask")  # the keys of lab.stages.STAGES
+STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask", "analysis")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
 READS = {"pretraining": ("kjv", "bible", "modular", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
 STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining",
@@ -384,6 +386,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     init_from: Optional[str] = None  # start from: a checkpoint path, a run id, runs:/<id>, models:/<name>/<v>, or hf:<dir>
 
     def __post_init__(self) -> None:
@@ -398,6 +401,9 @@ class RunConfig:
         if stage != "pretrain" and any(s.kind == "modular" for s in self.data.sources):
             raise ConfigError(f"data=modular is trained by stage=pretrain only, not stage={stage}; "
                               "e.g. lab experiment=grokking")
+        if stage == "analysis" and self.analysis.kind is None:
+            raise ConfigError(f"stage=analysis needs a kind: add analysis=<{' | '.join(ANALYSIS_KINDS)}>, "
+                              "e.g. lab stage=analysis analysis=layers init_from=<run id>")
         if stage in STARTS_FROM_A_MODEL and not self.init_from:
             raise ConfigError(f"stage={stage} starts from a trained model: set init_from=<run id | runs:/<id> | "
                               "models:/<name>/<version> | checkpoint path | hf:<Hugging Face folder>>")

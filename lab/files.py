@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -151,8 +152,10 @@ def save_safetensors(tensors: dict, path: Path, what: str, metadata: dict | None
             save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
         raise StorageError(f"{what}: {os_error_message(e, path)}") from None
-    except SafetensorError as e:
-        raise StorageError(f"{what}: cannot write {str(path)!r} ({e}); {_FIXES[errno.ENOSPC]}") from None
+    except SafetensorError as e:  # it wraps the OS error as text: "... (os error 2) ..."
+        code = re.search(r"os error (\d+)", str(e))
+        fix = _FIXES.get(int(code.group(1)), _FIXES[errno.ENOSPC]) if code else _FIXES[errno.ENOSPC]
+        raise StorageError(f"{what}: cannot write {str(path)!r} ({e}); {fix}") from None
 
 
 def save_torch(obj: Any, path: Path, what: str) -> None:

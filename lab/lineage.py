@@ -47,10 +47,11 @@ class Pretrained:
         return model
 
 
-def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path) -> Pretrained:
-    """Find the checkpoint `init_from=spec` names and read its model config."""
+def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path, key: str = "init_from") -> Pretrained:
+    """Find the checkpoint `init_from=spec` names and read its model config (errors name `key`)."""
+    named = f"{key}={spec}"
     if spec.startswith("models:/"):
-        return _read(_download(spec, spec, tracker, cache))
+        return _read(_download(spec, named, tracker, cache))
     if spec.startswith("hf:"):
         return _read_hf(Path(spec[len("hf:"):]).expanduser())
     run_id, artifact = None, ""
@@ -61,31 +62,31 @@ def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path) -> Pret
         export = local / "export"
         path = local if (local / "meta.json").exists() else (export if (export / "meta.json").exists() else ckpt.latest_checkpoint(local))
         if path is None:
-            raise CheckpointError(f"init_from={spec}: no checkpoint in that folder; give a step_* folder or a run's checkpoint folder")
+            raise CheckpointError(f"{named}: no checkpoint in that folder; give a step_* folder or a run's checkpoint folder")
         return _read(path)
     run_id = run_id or (spec if _RUN_ID.match(spec) else None)
     if run_id is None:
-        raise CheckpointError(f"init_from={spec}: neither a path that exists nor an MLflow run id; give a path, a run id, "
+        raise CheckpointError(f"{named}: neither a path that exists nor an MLflow run id; give a path, a run id, "
                               "runs:/<id>[/<path>] or models:/<name>/<version>")
     if artifact:  # an explicit artifact path of the run
-        return _read(_download(f"runs:/{run_id}/{artifact}", spec, tracker, cache))
+        return _read(_download(f"runs:/{run_id}/{artifact}", named, tracker, cache))
     export = checkpoints / run_id / "export"  # an adapter run's merged weights, preferred over its steps
     path = export if (export / "meta.json").exists() else ckpt.latest_checkpoint(checkpoints / run_id)
-    return _read(path or _download(f"models:/{_logged_model(run_id, spec, tracker)}", spec, tracker, cache))
+    return _read(path or _download(f"models:/{_logged_model(run_id, named, tracker)}", named, tracker, cache))
 
 
-def _logged_model(run_id: str, spec: str, tracker: Tracker) -> str:
+def _logged_model(run_id: str, named: str, tracker: Tracker) -> str:
     try:
         model_id = tracker.logged_model(run_id)
     except TrackingError as e:
-        raise CheckpointError(f"init_from={spec}: {e}; check the id, or tracking.uri") from None
+        raise CheckpointError(f"{named}: {e}; check the id, or tracking.uri") from None
     if model_id is None:
-        raise CheckpointError(f"init_from={spec}: run {run_id} has no checkpoint (none under paths.checkpoints and "
+        raise CheckpointError(f"{named}: run {run_id} has no checkpoint (none under paths.checkpoints and "
                               "no logged model); pick a run that finished a training stage")
     return model_id
 
 
-def _download(uri: str, spec: str, tracker: Tracker, cache: Path) -> Path:
+def _download(uri: str, named: str, tracker: Tracker, cache: Path) -> Path:
     """Fetch a model lab logged (weights, config, tokenizer, meta) from MLflow into the cache."""
     target = cache / "init_from" / content_key(uri)
     shutil.rmtree(target, ignore_errors=True)  # a registered name's "latest" moves: fetch it anew
@@ -94,13 +95,13 @@ def _download(uri: str, spec: str, tracker: Tracker, cache: Path) -> Path:
             found = Path(tracker.download(uri, tmp))
             where = found.relative_to(tmp)  # MLflow puts a run's artifact path in a subfolder
             if not (found / "meta.json").exists():
-                raise CheckpointError(f"init_from={spec}: {uri} is not a model lab logged (no meta.json); "
+                raise CheckpointError(f"{named}: {uri} is not a model lab logged (no meta.json); "
                                       "pick a run that finished a training stage")
             if not (found / ckpt.WEIGHTS).exists():
-                raise CheckpointError(f"init_from={spec}: {uri} holds only an adapter; log full weights with "
+                raise CheckpointError(f"{named}: {uri} holds only an adapter; log full weights with "
                                       "adapter.merge=true, or start from the run's local checkpoints")
     except TrackingError as e:
-        raise CheckpointError(f"init_from={spec}: {e}; check the id, or tracking.uri") from None
+        raise CheckpointError(f"{named}: {e}; check the id, or tracking.uri") from None
     return target / where
 
 

@@ -82,7 +82,13 @@ class Run:
         return self.accelerator.is_main_process
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
+        """What every checkpoint of this run records beside its weights. An adapter run also records
+        its adapter and the weights it started from, so the update can be measured later
+        (`analysis=adapter_rank`)."""
+        meta = {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
+        if self.cfg.adapter.kind != "none":
+            meta |= {"adapter": dataclasses.asdict(self.cfg.adapter), "init_from": self.cfg.init_from}
+        return meta
 
     def engine_parts(self) -> "Parts":
         """What the engine uses of this run."""
@@ -242,7 +248,8 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
         if run_id:
             tracker.reopen(run_id)
         else:
-            named = cfg.stage.name if cfg.stage.name == "compare" else f"{cfg.stage.name}-{cfg.model.name}"  # compare trains no model
+            named = {"compare": "compare", "analysis": f"analysis-{cfg.analysis.kind}"}.get(  # they train no model
+                cfg.stage.name, f"{cfg.stage.name}-{cfg.model.name}")
             run_name = named + (f"-{info.job_num}" if info.job_num is not None else "")
             tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
             if pretrained is not None:  # lineage: which run this one grew from

