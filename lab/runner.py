@@ -183,6 +183,25 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     return Outcome(tracker.run_id or "", value)
 
 
+def run_nested(run: Run, overrides: list[str], folder: str, force: bool = False) -> Outcome:
+    """Compose `config.yaml` with `overrides` and run it as a child of `run` (a pipeline step, a
+    capacity point). A child whose exact config already FINISHED in this experiment is reused, not
+    run again (unless `force`): so re-running the parent resumes where it stopped."""
+    from hydra import compose
+
+    dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    try:
+        checked: Optional[RunConfig] = to_run_config(dcfg)
+    except LabError:
+        checked = None  # `execute` records the error as a FAILED child
+    twin = None if force or checked is None else sweeps.finished_twin(run.tracker, config_hash(checked))
+    if twin is not None:
+        return Outcome(twin.info.run_id, twin.data.metrics.get(run.cfg.sweep.metric, math.nan), reused=True)
+    choices = {k: str(v) for k, v in dcfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
+    info = HydraInfo(output_dir=run.info.output_dir / folder, choices=choices, overrides=overrides)
+    return execute(dcfg, info=info, parent=run.tracker.run_id, checked=checked)
+
+
 def one_line(e: BaseException) -> str:
     """An error as the one line a user reads (and MLflow keeps in `lab.error`)."""
     if isinstance(e, LabError):

@@ -232,6 +232,12 @@ class Tracker:
         if len(self._buffer) >= _BATCH:
             self.flush()
 
+    def annotate(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Add metrics to another, finished run (an analysis writing its finding onto the run it measured)."""
+        if self.enabled:
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
     def flush(self) -> None:
         while self._buffer:
             batch, self._buffer = self._buffer[:_BATCH], self._buffer[_BATCH:]
@@ -321,6 +327,10 @@ class Tracker:
         parent = self.get_run(parent_run_id, key)
         return self.client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                        order_by=["attributes.start_time ASC"], max_results=1000)
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every point a run logged for metric `key`, by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
 
     def download(self, uri: str, dst: Path) -> str:
         """Download `runs:/…` or `models:/…` into `dst`; returns the local path MLflow wrote."""

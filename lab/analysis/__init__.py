@@ -3,12 +3,14 @@
 `sources`, writes its tables and figures into `report`, and trains nothing."""
 from lab.analysis.adapter_rank import adapter_rank
 from lab.analysis.alignment import alignment
+from lab.analysis.capacity import capacity
 from lab.analysis.attention import attention
 from lab.analysis.concepts import concepts
 from lab.analysis.layers import layers
 from lab.analysis.tokenizer_stats import tokenizer_analysis
 
 KINDS = {
+    "capacity": capacity,
     "layers": layers,
     "adapter_rank": adapter_rank,
     "attention": attention,

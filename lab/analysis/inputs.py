@@ -51,11 +51,12 @@ class Source:
 
 
 def resolve_sources(run: "Run") -> list[Source]:
-    """Every checkpoint the analysis names, in order: init_from, analysis.runs, analysis.parent's children."""
+    """Every checkpoint the analysis names, in order: init_from, analysis.runs, analysis.parent's FINISHED children."""
     cfg = run.cfg
     named: list[tuple[str, str]] = [(f"analysis.runs[{i}]", spec) for i, spec in enumerate(cfg.analysis.runs)]
-    if cfg.analysis.parent:
-        named += [("analysis.parent", r.info.run_id) for r in run.tracker.children(cfg.analysis.parent, "analysis.parent")]
+    if cfg.analysis.parent:  # a failed or killed job left nothing to analyse
+        named += [("analysis.parent", r.info.run_id) for r in run.tracker.children(cfg.analysis.parent, "analysis.parent")
+                  if r.info.status == "FINISHED"]
     sources = [Source("init_from", cfg.init_from, run.pretrained)] if run.pretrained is not None else []
     for key, spec in named:
         pre = lineage.resolve(spec, run.tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache), key=key)

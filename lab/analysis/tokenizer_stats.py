@@ -11,6 +11,7 @@ window efficiency).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from lab import lineage
 from lab.analysis.inputs import Report, Source, pyplot
 from lab.data.sources import read_sources
 from lab.formats.hf_tokenizer import load_any_tokenizer
+
+
+TRAINABLE = ("byte", "bpe", "unigram")  # tokenizer kinds named in analysis.tokenizer.tokenizers are trained on the data
 
 
 def next_fit(lengths: np.ndarray, capacity: int) -> int:
@@ -60,18 +64,24 @@ def tokenizers_named(run, sources: list[Source]) -> list[tuple[str, Any]]:
     named = []
     for i, spec in enumerate(cfg.analysis.tokenizer.tokenizers):
         key, folder = f"analysis.tokenizer.tokenizers[{i}]", Path(spec).expanduser()
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+        if spec in TRAINABLE:  # trained on the data group's train split at tokenizer.vocab_size, as pretraining would
+            named.append(_trained(cfg, spec))
+        elif (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
             named.append((folder.name, load_any_tokenizer(folder)))
         else:  # a checkpoint or run, as init_from takes it
             pre = lineage.resolve(spec, run.tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache), key=key)
             named.append((Source(key, spec, pre).label, lineage.load_tokenizer_checked(pre)))
     named += [(s.label, s.tokenizer()) for s in sources]
-    if not named:
-        from lab.data import prepare_data
+    return named or [_trained(cfg, cfg.tokenizer.kind)]
 
-        tok = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache)).tokenizer
-        named.append((f"{cfg.tokenizer.kind}-{tok.vocab_size}", tok))
-    return named
+
+def _trained(cfg, kind: str) -> tuple[str, Any]:
+    """The tokenizer of this kind that pretraining on the data group would train (cached by content)."""
+    from lab.data import prepare_data
+
+    tok_cfg = dataclasses.replace(cfg.tokenizer, name=kind, kind=kind)
+    tok = prepare_data(cfg.data, tok_cfg, Path(cfg.paths.cache)).tokenizer
+    return f"{kind}-{tok.vocab_size}", tok
 
 
 def tokenizer_analysis(run, sources: list[Source], report: Report) -> float:

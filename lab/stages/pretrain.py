@@ -1,5 +1,6 @@
-"""Pretraining: a causal language model on the data group's corpus, or on modular arithmetic
-(data=modular, scored on the answer token alone: the grokking set-up)."""
+"""Pretraining: a causal language model on the data group's corpus, on modular arithmetic
+(data=modular, scored on the answer token alone: the grokking set-up), or on uniform random
+sequences (data=random: memorization capacity)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ from typing import Any
 from lab.adapters import apply_adapter
 from lab.data import prepare_data
 from lab.data.modular import prepare_modular
+from lab.data.random_tokens import prepare_random
 from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.grokking import FourierShare
@@ -24,8 +26,9 @@ def pretrain(run: Run) -> float:
     """Prepare data, build the model, fit, log the final weights. Returns the final val loss."""
     cfg = run.cfg
     start = run.pretrained  # continued pretraining: the earlier run's weights and tokenizer
-    arithmetic = cfg.data.sources[0].kind == "modular"
-    data, objective, callbacks = _modular(run) if arithmetic else _corpus(run)
+    kind = cfg.data.sources[0].kind
+    arithmetic = kind == "modular"
+    data, objective, callbacks = {"modular": _modular, "random": _random}.get(kind, _corpus)(run)
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
     adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
     trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, objective)],
@@ -63,6 +66,14 @@ def _corpus(run: Run) -> tuple[Any, Any, list]:
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
     return data, lm_loss, [samples]
+
+
+def _random(run: Run) -> tuple[Any, Any, list]:
+    """Random sequences: next-token loss on every token after <bos>; nothing to sample."""
+    data = prepare_random(run.cfg.data)
+    if run.pretrained:
+        check_tokenizer(load_tokenizer_checked(run.pretrained).sha256, data.tokenizer, where=f"init_from={run.cfg.init_from}")
+    return data, lm_loss, []
 
 
 def _modular(run: Run) -> tuple[Any, Any, list]:

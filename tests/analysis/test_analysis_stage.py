@@ -138,9 +138,35 @@ def test_analyses_that_cannot_be_made_say_why(runs, compose_cfg, overrides, frag
 def test_an_unknown_kind_lists_the_kinds_and_a_run_without_checkpoint_is_named(runs):
     cwd, cache, ids = runs
     proc = run_lab("stage=analysis", "analysis=anatomy", cwd=cwd, check=False)
-    assert proc.returncode != 0 and "adapter_rank, alignment, attention, concepts, layers, tokenizer" in proc.stderr
+    assert proc.returncode != 0 and "adapter_rank, alignment, attention, capacity, concepts, layers, tokenizer" in proc.stderr
     (analysis_run,) = [r for r in _ids(cwd, "analysis")[:1]]  # an analysis run: no checkpoint
     proc = run_lab(*FAST, f"paths.cache={cache}", "stage=analysis", "analysis=layers", f"init_from={analysis_run}",
                    cwd=cwd, check=False)
     assert proc.returncode != 0 and f"init_from={analysis_run}: run {analysis_run} has no checkpoint" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+CAPACITY = ["stage=analysis", "analysis=capacity", "analysis.capacity.vocab=16", "analysis.capacity.length=8",
+            "analysis.capacity.sequences=[8,32,128,512]", "analysis.capacity.dims=[8]", "analysis.capacity.steps=300",
+            "analysis.capacity.lr=1e-2", "hardware.precision=fp32", "train.progress=false", "tracking.experiment=cap"]
+
+
+def test_capacity_grows_then_flattens_and_mlflow_holds_what_it_is_computed_from(lab_cli, tmp_path):
+    lab_cli(*CAPACITY)
+    client = mlflow_client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("cap").experiment_id])
+    (analysis,) = [r for r in runs if r.info.run_name == "analysis-capacity"]
+    points = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == analysis.info.run_id),
+                    key=lambda r: int(r.data.params["data.random.sequences"]))
+    bits = [p.data.metrics["capacity/memorized_bits"] for p in points]
+    assert [int(p.data.params["data.random.sequences"]) for p in points] == [8, 32, 128, 512]
+    assert bits[0] < bits[1] < bits[2] and 0.8 * bits[2] <= bits[3] <= 1.15 * bits[2]  # grows, then flattens
+    assert bits[0] > 0.8 * 8 * 32  # 8 sequences of 32 bits: nearly all memorized
+    n_params = int(points[0].data.params["model.n_params"])
+    assert analysis.data.metrics["analysis/capacity/bits_per_param"] == pytest.approx(max(bits) / n_params)
+    files = {f.path for f in client.list_artifacts(analysis.info.run_id, "analysis")}
+    assert {"analysis/capacity.png", "analysis/capacity.csv", "analysis/capacity_points.csv"} <= files
+    # a sweep's parent works the same: the points are read back, nothing is trained
+    proc = lab_cli("stage=analysis", "analysis=capacity", f"analysis.parent={analysis.info.run_id}",
+                   "hardware.precision=fp32", "tracking.experiment=cap")
+    assert "model.dim=8" not in proc.stdout and f"{max(bits):,.0f} bits" in proc.stdout
