@@ -271,6 +271,7 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
                 cfg.stage.name, f"{cfg.stage.name}-{cfg.model.name}")
             run_name = named + (f"-{info.job_num}" if info.job_num is not None else "")
             tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
+            tags["lab.precision"] = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)  # what ran
             if pretrained is not None:  # lineage: which run this one grew from
                 tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or ""}
             run_id = tracker.start(run_name, tags, parent_run_id=parent, description=command_line(info))

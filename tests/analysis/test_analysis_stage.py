@@ -4,6 +4,7 @@ a start-up per analysis); one test goes through the CLI for the composition erro
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +43,13 @@ def analyse(runs, compose_cfg, *overrides: str):
     dcfg = compose_cfg("stage=analysis", *FAST, f"paths.outputs={cwd / 'outputs'}", f"paths.cache={cache}",
                        "tracking.experiment=analysis", *overrides)
     out = cwd / "outputs" / "runs" / f"a{len(list((cwd / 'outputs' / 'runs').glob('a*')))}"
-    outcome = execute(dcfg, info=HydraInfo(output_dir=out))
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        outcome = execute(dcfg, info=HydraInfo(output_dir=out))
+    finally:  # MLflow's set_tracking_uri also sets this variable, which the later tests' subprocesses would inherit
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
     return mlflow_client(cwd).get_run(outcome.run_id), out / "analysis"
 
 
@@ -162,6 +169,7 @@ def test_capacity_grows_then_flattens_and_mlflow_holds_what_it_is_computed_from(
     assert [int(p.data.params["data.random.sequences"]) for p in points] == [8, 32, 128, 512]
     assert bits[0] < bits[1] < bits[2] and 0.8 * bits[2] <= bits[3] <= 1.15 * bits[2]  # grows, then flattens
     assert bits[0] > 0.8 * 8 * 32  # 8 sequences of 32 bits: nearly all memorized
+    assert {p.data.tags["lab.precision"] for p in points} == {"fp32"}
     n_params = int(points[0].data.params["model.n_params"])
     assert analysis.data.metrics["analysis/capacity/bits_per_param"] == pytest.approx(max(bits) / n_params)
     files = {f.path for f in client.list_artifacts(analysis.info.run_id, "analysis")}

@@ -62,3 +62,5 @@ def test_capacity_is_the_plateau_per_model():
     models = capacity_of(points).set_index("dim")
     assert models.loc[8, "bits_per_param"] == 3.8 and models.loc[8, "plateau"] and models.loc[8, "at_sequences"] == 100
     assert models.loc[16, "bits_per_param"] == 1.25 and not models.loc[16, "plateau"]  # still rising at the largest size
+    points.loc[2, "memorized_bits"] = 300.0  # falling after the peak is past it too
+    assert capacity_of(points).set_index("dim").loc[8, "plateau"]
