@@ -171,7 +171,12 @@ class AdapterRankAnalysis:
 
 @dataclass
 class AttentionAnalysis:
-    prompt: str = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    # Genesis 1:1-5, about 120 BPE tokens: longer than a small sliding window, so local and global layers differ
+    prompt: str = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+                   "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
+                   "And God said, Let there be light: and there was light. And God saw the light, that it was good: and "
+                   "God divided the light from the darkness. And God called the light Day, and the darkness he called "
+                   "Night. And the evening and the morning were the first day.")
     layers: list[int] = field(default_factory=list)  # layers drawn (0-based); empty: every layer
     heads: list[int] = field(default_factory=list)  # heads drawn; empty: every head
 
