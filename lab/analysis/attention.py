@@ -89,6 +89,8 @@ def _chosen(wanted: list[int], n: int, key: str) -> list[int]:
 
 def _plot(maps: np.ndarray, heads: list[int], labels: list[str], layer: int, local: bool):
     plt = pyplot()
+    from matplotlib.colors import PowerNorm
+
     cols = min(4, len(heads))
     rows = -(-len(heads) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
@@ -96,7 +98,7 @@ def _plot(maps: np.ndarray, heads: list[int], labels: list[str], layer: int, loc
         ax.axis("off")
     for ax, h, m in zip(axes.flat, heads, maps):
         ax.axis("on")
-        ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
+        ax.imshow(m, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1))  # square-root scale: small weights show
         ax.set_title(f"head {h}", fontsize=8)
         if len(labels) <= 24:
             ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
