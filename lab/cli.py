@@ -1,6 +1,7 @@
 """The `lab` command: compose the config with Hydra, run its stage, report errors in one line."""
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import signal
@@ -60,6 +61,8 @@ def main() -> None:
 
     register_schemas()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # `kill -USR1 <pid>` prints every thread's stack: how to see where a run that will not stop is stuck
+    faulthandler.register(signal.SIGUSR1, all_threads=True, file=sys.__stderr__)
     try:
         with held_stderr:
             hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)()

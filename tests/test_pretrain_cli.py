@@ -175,13 +175,24 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_complete_checkpoints(tmp_path, sh
     import time
 
     args = [*FAST, "train.max_steps=100000", "train.warmup_steps=1", "train.save_every=3", f"paths.cache={shared_cache}"]
+    # A process started in the background of a shell without job control (`(pytest &)`) inherits SIGINT
+    # ignored, and Python keeps it ignored: lab would rightly train on. Ctrl-C is what is tested, so the
+    # child gets the default disposition back, as a terminal's foreground process has it.
     proc = subprocess.Popen([sys.executable, "-m", "lab", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not list((tmp_path / "outputs" / "checkpoints").glob("*/step_*")) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang: show where
+        proc.send_signal(signal.SIGUSR1)  # lab.cli's faulthandler prints every thread's stack
+        time.sleep(5)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"lab did not stop within 300 s of Ctrl-C; its threads:\n{err[-8000:]}")
     assert proc.returncode == 130, err
     (run,) = all_runs(tmp_path)
     assert run.info.status == "KILLED" and "interrupted by the user" in run.data.tags["lab.error"]
