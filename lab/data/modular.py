@@ -26,15 +26,19 @@ IGNORE = -100
 ROW = 5  # a op b = c
 
 
-def modular_tokenizer(p: int) -> HFTokenizer:
-    """Numbers 0..p-1 are ids 0..p-1; then the four operators, `=` and `<eos>` (also bos and pad)."""
+def word_tokenizer(symbols: list[str]) -> HFTokenizer:
+    """Whitespace-separated symbols, symbol i as id i; the last symbol serves as bos, eos, pad and unknown."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    symbols = [str(i) for i in range(p)] + list(MODULAR_OPS) + ["=", "<eos>"]
-    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<eos>"))
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token=symbols[-1]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    eos = len(symbols) - 1
-    return HFTokenizer(tok.to_str().encode()).assign_roles(eos, eos, eos)
+    last = len(symbols) - 1
+    return HFTokenizer(tok.to_str().encode()).assign_roles(last, last, last)
+
+
+def modular_tokenizer(p: int) -> HFTokenizer:
+    """Numbers 0..p-1 are ids 0..p-1; then the four operators, `=` and `<eos>` (also bos and pad)."""
+    return word_tokenizer([str(i) for i in range(p)] + list(MODULAR_OPS) + ["=", "<eos>"])
 
 
 def answers(a: np.ndarray, b: np.ndarray, op: str, p: int) -> np.ndarray:

@@ -17,17 +17,13 @@ import numpy as np
 
 from lab.config import DataConfig, RandomTokensConfig
 from lab.data.packing import PackedData
+from lab.data.modular import word_tokenizer
 from lab.tokenizers import HFTokenizer
 
 
 def random_tokenizer(vocab: int) -> HFTokenizer:
     """Symbols "0" .. str(vocab - 1) are ids 0 .. vocab - 1; `<bos>` is id vocab."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    symbols = [str(i) for i in range(vocab)] + ["<bos>"]
-    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<bos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return HFTokenizer(tok.to_str().encode()).assign_roles(vocab, vocab, vocab)
+    return word_tokenizer([str(i) for i in range(vocab)] + ["<bos>"])
 
 
 def random_rows(cfg: RandomTokensConfig) -> np.ndarray:
