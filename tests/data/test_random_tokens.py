@@ -64,3 +64,16 @@ def test_capacity_is_the_plateau_per_model():
     assert models.loc[16, "bits_per_param"] == 1.25 and not models.loc[16, "plateau"]  # still rising at the largest size
     points.loc[2, "memorized_bits"] = 300.0  # falling after the peak is past it too
     assert capacity_of(points).set_index("dim").loc[8, "plateau"]
+
+
+def test_capacity_refuses_a_point_that_did_not_train_on_random_data():
+    """Every run logs data.random.* (the schema has the node), so the data group's name decides."""
+    from types import SimpleNamespace
+
+    from lab.analysis.capacity import measure
+    from lab.errors import ConfigError
+
+    found = SimpleNamespace(data=SimpleNamespace(params={"data.name": "kjv", "data.random.vocab": "2048"}, tags={}))
+    run = SimpleNamespace(tracker=SimpleNamespace(get_run=lambda run_id, key: found))
+    with pytest.raises(ConfigError, match="did not train on data=random"):
+        measure(run, "0123456789abcdef0123456789abcdef")
