@@ -27,10 +27,14 @@ from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where
     SEED_WEIGHTS,
     CompareConfig,
     DPOConfig,
+    EvalConfig,
     ExportConfig,
+    GenerateConfig,
     MultitaskConfig,
     PipelineConfig,
     PipelineStep,
+    Sampling,
+    ServeConfig,
     SurgeryConfig,
     TaskWeights,
 )
@@ -40,12 +44,13 @@ from lab.ranges import check_ranges, ranged
 log = logging.getLogger(__name__)
 
 
-STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask", "analysis")  # the keys of lab.stages.STAGES
+STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask", "analysis",
+               "generate", "chat", "serve", "eval")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
 READS = {"pretraining": ("kjv", "bible", "modular", "random", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
 STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining",
-               "multitask": "pretraining"}
-STARTS_FROM_A_MODEL = ("sft", "dpo", "export", "surgery")
+               "multitask": "pretraining", "eval": "pretraining"}
+STARTS_FROM_A_MODEL = ("sft", "dpo", "export", "surgery", "generate", "chat", "serve")
 
 
 @dataclass
@@ -54,11 +59,18 @@ class StageConfig:
     bench_steps: int = ranged(10, "[1, inf)")  # bench: timed steps per loop in each round
     bench_warmup: int = ranged(3, "[0, inf)")  # bench: untimed steps of each loop before timing
     bench_rounds: int = ranged(6, "[1, inf)")  # bench: rounds of engine and bare chunks, interleaved; medians are reported
+    bench: str = "train"  # bench: what is timed: train (the engine against a bare loop) | generate (with and without the KV cache)
+    bench_contexts: list[int] = field(default_factory=lambda: [128, 1024])  # bench=generate: context lengths reached
+    bench_new_tokens: int = ranged(64, "[1, inf)")  # bench=generate: tokens generated per timing (and per server request)
+    bench_clients: int = ranged(4, "[0, inf)")  # bench=generate: concurrent clients of the server; 0: no server
+    bench_requests: int = ranged(4, "[1, inf)")  # bench=generate: requests each client sends
 
     def __post_init__(self) -> None:
         check_ranges(self, "stage")
         if self.name not in STAGE_NAMES:
             raise ConfigError(f"stage.name={self.name!r} is unknown; choose one of {', '.join(sorted(STAGE_NAMES))}")
+        if self.bench not in ("train", "generate"):
+            raise ConfigError(f"stage.bench={self.bench!r} is unknown; use train or generate")
 
 
 @dataclass
@@ -404,6 +416,10 @@ class RunConfig:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prompt: Optional[str] = None  # stage=generate: one prompt (generate.prompts: a file of them)
     init_from: Optional[str] = None  # start from: a checkpoint path, a run id, runs:/<id>, models:/<name>/<v>, or hf:<dir>
 
     def __post_init__(self) -> None:
@@ -422,6 +438,9 @@ class RunConfig:
         if stage == "analysis" and self.analysis.kind is None:
             raise ConfigError(f"stage=analysis needs a kind: add analysis=<{' | '.join(ANALYSIS_KINDS)}>, "
                               "e.g. lab stage=analysis analysis=layers init_from=<run id>")
+        if stage == "eval" and not (self.init_from or self.eval.runs):
+            raise ConfigError("stage=eval scores trained models: set init_from=<run id | checkpoint path | hf:<folder>> "
+                              "and, for more, eval.runs=[<run id>,...]")
         if stage in STARTS_FROM_A_MODEL and not self.init_from:
             raise ConfigError(f"stage={stage} starts from a trained model: set init_from=<run id | runs:/<id> | "
                               "models:/<name>/<version> | checkpoint path | hf:<Hugging Face folder>>")

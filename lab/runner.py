@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import RunConfig, TrackingConfig, config_hash, flatten, resolved, to_run_config
+from lab.config import STAGE_READS, RunConfig, TrackingConfig, config_hash, flatten, resolved, to_run_config
 from lab.errors import CheckpointError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, resolve_precision
@@ -86,6 +86,8 @@ class Run:
         its adapter and the weights it started from, so the update can be measured later
         (`analysis=adapter_rank`)."""
         meta = {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
+        if STAGE_READS.get(self.cfg.stage.name) in ("SFT", "DPO"):  # generation renders prompts as it learned them
+            meta["template"] = self.cfg.data.template
         if self.cfg.adapter.kind != "none":
             meta |= {"adapter": dataclasses.asdict(self.cfg.adapter), "init_from": self.cfg.init_from}
         return meta

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from lab.config_stages import Sampling
 from lab.generation import generate
 from lab.tracking import Tracker
 
@@ -27,17 +28,10 @@ class SampleWriter:
             self(trainer.raw_model, trainer.state.step)
 
     def __call__(self, model: torch.nn.Module, step: int) -> None:
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        self.last = []
-        for prompt in self.prompts:
-            ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
-            idx = torch.tensor([ids], device=device)
-            out = generate(model, idx, self.max_new_tokens, generator=generator, eos_id=self.stop_id)
-            self.last.append(self.tokenizer.decode(out[0].tolist()))  # decode skips bos/eos
-        model.train(was_training)
+        prompts = [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in self.prompts]
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=0.8, top_k=50, seed=self.seed)
+        result = generate(model, prompts, sampling, stop_ids=[self.stop_id], pad_id=self.tokenizer.pad_id)
+        self.last = [self.tokenizer.decode(p + c.ids) for p, c in zip(prompts, result.completions)]  # decode skips bos/eos
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(f"=== step {step} ===\n" + "\n---\n".join(self.last) + "\n\n")

@@ -19,7 +19,8 @@ NEEDS = {("data", "text"): ["data.path=x.txt"], ("data", "jsonl"): ["data.path=x
          ("data", "kjv_text_mix"): ["data.sources.1.path=x.txt"], ("data", "chat"): ["data.path=x.jsonl", *SFT],
          ("data", "kjv_sft"): SFT, ("data", "preference"): ["data.path=x.jsonl", *DPO], ("data", "kjv_pref"): DPO,
          ("stage", "sft"): ["init_from=x"], ("stage", "dpo"): ["init_from=x"],
-         ("stage", "export"): ["init_from=x"], ("stage", "surgery"): ["init_from=x"], ("stage", "analysis"): ["analysis=layers"]}
+         ("stage", "export"): ["init_from=x"], ("stage", "surgery"): ["init_from=x"], ("stage", "analysis"): ["analysis=layers"],
+         **{("stage", s): ["init_from=x"] for s in ("generate", "chat", "serve", "eval")}}
 
 
 def group_options():

@@ -104,7 +104,7 @@ def resolve_paths(pattern: str, kind: str, key: str) -> list[Path]:
     return [path]
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
@@ -133,7 +133,7 @@ def split_large(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
 
 def read_text_files(files: Sequence[Path]) -> list[str]:
     """Documents of plain-text files (see the module docstring)."""
-    return [doc for path in files for doc in split_large(_read_utf8(path))]
+    return [doc for path in files for doc in split_large(read_utf8(path))]
 
 
 def iter_jsonl(files: Sequence[Path]) -> Iterator[tuple[str, Any]]:
@@ -143,7 +143,7 @@ def iter_jsonl(files: Sequence[Path]) -> Iterator[tuple[str, Any]]:
         DataError: a file that cannot be read, or malformed JSON, naming file:line.
     """
     for path in files:
-        for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
+        for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
             if not line.strip():
                 continue
             try:

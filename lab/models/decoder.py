@@ -13,6 +13,9 @@ Gemma 2 and Gemma 3:
   (local or global) comes from the config.
 - `segment_ids` in `forward`: packed rows of several examples, each seeing only itself and each
   starting its RoPE positions at 0, so a packed example behaves as if it were run alone.
+- `cache` in `forward` (generation): a `KVCache` holding the keys and values of the tokens
+  already seen; the new tokens' positions follow from it, and only the last position's logits are
+  computed.
 
 Shape letters: B batch, T time, C = dim, nh query heads, nkv key/value heads, hs head size,
 V vocabulary.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lab.config import ModelConfig
+from lab.models.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -155,8 +159,9 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # its buffers in a KVCache
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_size
@@ -172,8 +177,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Queries, keys and values, (B, nh, T, hs) each: normed (QK-norm), rotated, kv heads repeated."""
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             cache: Optional[KVCache] = None) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values, (B, nh, T or L, hs) each: normed (QK-norm), rotated, kv heads
+        repeated; with a cache, the keys and values are the cached ones followed by x's."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -181,12 +188,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # the cache stores nkv heads, not nh: the repeat below is free memory
+            k, v = cache.extend(self.layer_idx, k, v)  # (B, nkv, L, hs)
         if self.n_kv_heads != self.n_heads:
             # each kv head serves a group of consecutive query heads; repeating (rather than
             # SDPA's enable_gqa) keeps this working on every torch >= 2.4 kernel
             rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, T or L, hs)
+            v = v.repeat_interleave(rep, dim=1)  # (B, nh, T or L, hs)
         return q, k, v
 
     @torch.no_grad()
@@ -206,15 +215,15 @@ class Attention(nn.Module):
         return F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+                mask: Optional[torch.Tensor], cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self._qkv(x, cos, sin, cache)
         dropout = self.dropout if self.training else 0.0
         if self.softcap is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None,  # is_causal: the flash-kernel fast path
                 dropout_p=dropout, scale=self.scale,
-            )  # (B, nh, T, hs)
+            )  # (B, nh, T, hs); with a cache, the mask is always given (it is (T, L), not square)
         else:
             y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hs)
@@ -256,18 +265,18 @@ class Block(nn.Module):
         self.alpha = (2 * cfg.n_layers) ** 0.25 if cfg.deepnorm else 1.0
         norm = partial(RMSNorm, cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
         self.attn_norm = norm()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = norm()
         self.mlp = MLP(cfg)
         self.post_attn_norm = norm() if cfg.sandwich_norm else None
         self.post_mlp_norm = norm() if cfg.sandwich_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+                mask: Optional[torch.Tensor], cache: Optional[KVCache] = None) -> torch.Tensor:
         if self.deepnorm:
-            x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask))
+            x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask, cache))
             return self.mlp_norm(self.alpha * x + self.mlp(x))
-        h = self.attn(self.attn_norm(x), cos, sin, mask)
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.mlp(self.mlp_norm(x))
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
@@ -367,8 +376,19 @@ class Decoder(nn.Module):
             contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), local_mask)
         return contexts
 
+    def _cached_contexts(self, idx: torch.Tensor, cache: KVCache) -> dict[bool, tuple]:
+        """(cos, sin, mask) of the new tokens for each layer kind, their positions taken from the cache."""
+        positions = cache.positions(idx.size(1))  # (B, T)
+        contexts = {False: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None],
+                            cache.mask(idx.size(1), local=False))}  # (B, 1, T, hs) x2, (B, 1, T, L)
+        if self.config.sliding_window is not None:
+            contexts[True] = (self.rope_local_cos[positions][:, None], self.rope_local_sin[positions][:, None],
+                              cache.mask(idx.size(1), local=True))
+        return contexts
+
     def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
-                task: Optional[str] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                task: Optional[str] = None, lengths: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         """Next-token logits, or a task head's output.
 
         Args:
@@ -377,9 +397,12 @@ class Decoder(nn.Module):
                 earlier tokens of its own segment, and RoPE positions restart at 0 per segment.
             task, lengths: return the output of `self.task_heads` (lab.tasks.TaskHeads, which the
                 multi-task stage attaches) for that task, on each row's first `lengths` tokens.
+            cache: generation. idx are the next tokens of the cache's timeline: they attend to the
+                cached keys and values and to each other, and are then stored in it.
 
         Returns:
-            (B, T, V) logits, or the task head's (B, ...) output.
+            (B, T, V) logits, (B, 1, V) for the last position only with a cache, or the task head's
+            (B, ...) output.
 
         Raises:
             ValueError: if T exceeds config.max_seq_len.
@@ -388,7 +411,9 @@ class Decoder(nn.Module):
         T = idx.size(1)
         if T > cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
-        contexts = self._contexts(idx, segment_ids)
+        if cache is not None and (segment_ids is not None or task is not None):
+            raise ValueError("a KV cache serves next-token generation only (no segment_ids, no task)")
+        contexts = self._contexts(idx, segment_ids) if cache is None else self._cached_contexts(idx, cache)
         x = self.tok_emb(idx)  # (B, T, C)
         if cfg.embed_scale:  # Gemma rounds sqrt(dim) to the activations' dtype first
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
@@ -396,7 +421,10 @@ class Decoder(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, *contexts[layer.local], use_reentrant=False)
             else:
-                x = layer(x, *contexts[layer.local])
+                x = layer(x, *contexts[layer.local], cache)
+        if cache is not None:
+            cache.advance(T)
+            x = x[:, -1:]  # decoding needs the next token's logits only: (B, 1, C)
         x = self.norm(x)  # (B, T, C)
         if task is not None:
             return self.task_heads(x, lengths, task)

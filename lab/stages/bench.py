@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lab.benchmarks.generation import bench_generation
 from lab.data import prepare_data
 from lab.engine import EvalSet, Task, Trainer, build_optimizer, lr_factor
 from lab.hardware import autocast_dtype, peak_memory_mb
+from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
 from lab.runner import Run
@@ -68,8 +70,11 @@ def _timed(run_steps, n: int, device: torch.device, last: dict[str, float], name
 
 
 def bench(run: Run) -> float:
-    """Print and log tokens/s of engine and bare loop, their ratio, MFU and peak memory."""
+    """Print and log tokens/s of engine and bare loop, their ratio, MFU and peak memory (or, with
+    stage.bench=generate, generation's speed with and without the KV cache)."""
     cfg, sc, device = run.cfg, run.cfg.stage, run.accelerator.device
+    if sc.bench == "generate":
+        return _bench_generation(run)
     data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size)
@@ -119,3 +124,37 @@ def _report(run: Run, m: dict[str, float]) -> None:
     mfu = m.get("bench/mfu_engine")
     run.say(f"  MFU         {f'{mfu:.1%}' if mfu is not None else 'n/a (hardware.peak_tflops unknown)':>12}")
     run.say(f"  peak memory {m['bench/peak_memory_mb']:>12,.0f} MB")
+
+
+def _bench_generation(run: Run) -> float:
+    """The model init_from names, or a fresh one of the model group (speed does not need training)."""
+    cfg = run.cfg
+    if run.pretrained is not None:
+        model, tokenizer = run.pretrained.build(), load_tokenizer_checked(run.pretrained)
+    else:
+        tokenizer = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache)).tokenizer
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, tokenizer.vocab_size)
+    longest = max(cfg.stage.bench_contexts)
+    if longest > model.config.max_seq_len:  # speed, not quality, is measured: RoPE tables grow freely
+        run.say(f"model.max_seq_len raised from {model.config.max_seq_len} to {longest} <stage.bench_contexts>")
+        model.config.max_seq_len = longest
+        model.reset_rope()
+    m = bench_generation(run, model, tokenizer)
+    run.tracker.log_metrics(m, step=0)
+    run.say(f"bench generate: model={cfg.model.name} ({model.num_parameters() / 1e6:.2f}M params), "
+            f"{cfg.stage.bench_new_tokens} new tokens, batch 1, greedy; median of {cfg.stage.bench_rounds} interleaved rounds")
+    run.say(f"  {'context':>8} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speed-up':>9} {'TTFT cache':>11} "
+            f"{'TTFT no-cache':>14} {'KV cache':>9}")
+    for c in cfg.stage.bench_contexts:
+        g = lambda k: m[f"bench/gen_{c}/{k}"]  # noqa: E731
+        run.say(f"  {c:>8} {g('tokens_per_sec_cache'):>12,.0f} {g('tokens_per_sec_nocache'):>15,.0f} "
+                f"{g('cache_speedup'):>8.2f}x {g('ttft_ms_cache'):>9.1f}ms {g('ttft_ms_nocache'):>12.1f}ms "
+                f"{g('kv_cache_mb'):>7.2f}MB")
+    run.say(f"  KV cache: {m['bench/kv_bytes_per_token']:,.0f} bytes per token" +
+            (f"; free memory holds {m['bench/kv_tokens_in_free_memory']:,.0f} tokens of it"
+             if "bench/kv_tokens_in_free_memory" in m else ""))
+    if "bench/server_requests_per_sec" in m:
+        run.say(f"  server: {m['bench/server_requests_per_sec']:.2f} requests/s, {m['bench/server_tokens_per_sec']:,.0f} "
+                f"tokens/s with {cfg.stage.bench_clients} concurrent clients")
+    return m[f"bench/gen_{cfg.stage.bench_contexts[-1]}/cache_speedup"]

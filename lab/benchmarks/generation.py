@@ -1,0 +1,152 @@
+"""`lab stage=bench stage.bench=generate`: how fast a model generates, with and without the KV cache.
+
+For each context length C in `stage.bench_contexts`, a seeded random prompt of C - N tokens is
+continued by N = `stage.bench_new_tokens` greedy tokens, so the last token sees C. Per mode
+(cache, no cache), interleaved over `stage.bench_rounds` rounds, medians of:
+- tokens/s: N over the whole generation, prefill included;
+- time to first token: the prefill and one sampled token (`max_new_tokens=1`);
+and, once: the KV cache's bytes at C, and how many tokens of cache the free memory would hold.
+Both modes must produce the same tokens (greedy): the benchmark checks it as it goes.
+
+With `stage.bench_clients` > 0, the OpenAI-compatible server (lab.serving) is started in this
+process and that many clients each send `stage.bench_requests` completions at once: requests/s.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from typing import Optional
+
+import torch
+
+from lab.config_stages import Sampling
+from lab.errors import ConfigError
+from lab.generation import generate
+from lab.models.kv_cache import KVCache
+from lab.runner import Run
+
+
+def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+    """Time generation at each context length; returns the metrics (also logged and printed)."""
+    sc, device = run.cfg.stage, run.accelerator.device
+    model = model.to(device).eval()
+    new = sc.bench_new_tokens
+    metrics: dict[str, float] = {}
+    for context in sc.bench_contexts:
+        if context - new < 1 or context > model.config.max_seq_len:
+            raise ConfigError(f"stage.bench_contexts has {context}: it must exceed stage.bench_new_tokens={new} and fit "
+                             f"the model's context (model.max_seq_len={model.config.max_seq_len})")
+        prompt = torch.randint(0, model.vocab_size, (context - new,), generator=torch.Generator().manual_seed(context)).tolist()
+        times: dict[str, list[float]] = {"cache": [], "nocache": [], "ttft_cache": [], "ttft_nocache": []}
+        outputs: dict[str, list[int]] = {}
+        for r in range(sc.bench_rounds):  # interleaved: drift in machine speed hits both modes alike
+            for mode in (("cache", "nocache") if r % 2 == 0 else ("nocache", "cache")):
+                use = mode == "cache"
+                times[f"ttft_{mode}"].append(_timed(model, prompt, 1, use, device)[0])
+                seconds, ids = _timed(model, prompt, new, use, device)
+                times[mode].append(seconds)
+                outputs[mode] = ids
+        if outputs["cache"] != outputs["nocache"]:
+            raise RuntimeError(f"at context {context} the KV cache changed the greedy tokens: a bug; please report it")
+        kv = KVCache(model, 1, context).nbytes()
+        metrics |= {f"bench/gen_{context}/tokens_per_sec_cache": new / statistics.median(times["cache"]),
+                    f"bench/gen_{context}/tokens_per_sec_nocache": new / statistics.median(times["nocache"]),
+                    f"bench/gen_{context}/ttft_ms_cache": 1000 * statistics.median(times["ttft_cache"]),
+                    f"bench/gen_{context}/ttft_ms_nocache": 1000 * statistics.median(times["ttft_nocache"]),
+                    f"bench/gen_{context}/kv_cache_mb": kv / 2**20}
+        metrics[f"bench/gen_{context}/cache_speedup"] = (metrics[f"bench/gen_{context}/tokens_per_sec_cache"]
+                                                         / metrics[f"bench/gen_{context}/tokens_per_sec_nocache"])
+    per_token = KVCache(model, 1, 1).nbytes()
+    metrics["bench/kv_bytes_per_token"] = per_token
+    free = _free_memory(device)
+    if free is not None:
+        metrics["bench/kv_tokens_in_free_memory"] = free // per_token
+    if sc.bench_clients:
+        metrics |= _server_throughput(run, model, tokenizer)
+    return metrics
+
+
+def _timed(model, prompt: list[int], new: int, use_cache: bool, device: torch.device) -> tuple[float, list[int]]:
+    _sync(device)
+    t0 = time.perf_counter()
+    result = generate(model, [prompt], Sampling(max_new_tokens=new, temperature=0.0), use_cache=use_cache)
+    _sync(device)
+    return time.perf_counter() - t0, result.completions[0].ids
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on the device: CUDA's own figure, or the OS's MemAvailable on the CPU (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:
+    """Requests/s of lab.serving with `stage.bench_clients` concurrent clients."""
+    import uvicorn
+
+    from lab.inference import TextModel
+    from lab.serving import Stats, build_app
+    from lab.stages.serve import listen
+
+    sc = run.cfg.stage
+    tm = TextModel(model, tokenizer, None, "bench")
+    defaults = Sampling(max_new_tokens=sc.bench_new_tokens, temperature=0.0)
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(tm, defaults, Stats()), log_level="warning"))
+    server.install_signal_handlers = lambda: None  # not the main thread: leave Ctrl-C to lab
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    body = json.dumps({"model": "bench", "prompt": "In the beginning", "max_tokens": sc.bench_new_tokens}).encode()
+
+    tokens: list[int] = []
+
+    def client() -> None:
+        for _ in range(sc.bench_requests):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=600) as response:
+                tokens.append(json.load(response)["usage"]["completion_tokens"])
+
+    try:
+        _wait_healthy(port)
+        clients = [threading.Thread(target=client) for _ in range(sc.bench_clients)]
+        t0 = time.perf_counter()
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        seconds = time.perf_counter() - t0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    n = sc.bench_clients * sc.bench_requests
+    return {"bench/server_requests_per_sec": n / seconds,
+            "bench/server_tokens_per_sec": sum(tokens) / seconds}
+
+
+def _wait_healthy(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -1,0 +1,116 @@
+"""A trained model ready to use: weights, tokenizer, chat template and stop ids together, so the
+generate, chat, serve and eval stages turn text (or a chat) into completions the same way.
+
+Prompts are rendered with the chat template the model was fine-tuned with (recorded in SFT and DPO
+checkpoints, or found in the run's MLflow params for older ones); a pretrained model gets plain
+text after `<bos>`. `generate.template` overrides either way.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from lab import checkpoint as ckpt
+from lab.config_stages import Sampling
+from lab.data.chat import Message
+from lab.data.templates import TEMPLATES, encode_conversation, stop_token_id
+from lab.errors import ConfigError
+from lab.generation import OnText, Result, generate
+from lab.lineage import Pretrained, load_tokenizer_checked
+from lab.tracking import Tracker, TrackingError
+
+Prompt = Union[str, Sequence[Message]]  # text, or a conversation ending in a user turn
+
+
+@dataclass
+class TextModel:
+    """A model and everything needed to talk to it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    template: Optional[str]  # a name in TEMPLATES, or None: plain text
+    name: str  # what /v1/models lists and results are labelled with
+    autocast: Optional[torch.dtype] = None  # the hardware profile's precision on an accelerator
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """eos always; a chat template's end-of-turn marker too (chatml's `<|im_end|>`)."""
+        ids = {self.tokenizer.eos_id}
+        if self.template is not None:
+            ids.add(stop_token_id(self.template, self.tokenizer))
+        return sorted(ids)
+
+    def encode(self, prompt: Prompt, system: Optional[str] = None, key: str = "prompt") -> list[int]:
+        """Token ids of a prompt, bos first: a conversation (or, under a template, a text as one user
+        turn) rendered up to where the assistant answers; a text without a template as it is."""
+        if isinstance(prompt, str) and self.template is None:
+            return [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+        if self.template is None:
+            raise ConfigError(f"{key} is a chat, but this model has no chat template (it was not fine-tuned on chats); "
+                              "set generate.template=<chatml | alpaca | instruct | chat>")
+        messages = [Message("user", prompt)] if isinstance(prompt, str) else list(prompt)
+        if system and not (messages and messages[0].role == "system"):
+            messages.insert(0, Message("system", system))
+        return encode_conversation(messages, self.template, self.tokenizer, add_generation_prompt=True)[0]
+
+    def check_fits(self, ids: Sequence[int], key: str) -> None:
+        """Stop in one line when a prompt leaves no room in the context to generate."""
+        if len(ids) >= self.context:
+            raise ConfigError(f"{key} is {len(ids)} tokens long, and the model's context (model.max_seq_len) is "
+                              f"{self.context}; shorten the prompt")
+
+    def complete(self, ids: Sequence[Sequence[int]], sampling: Sampling, *, use_cache: bool = True,
+                 on_text: Optional[OnText] = None) -> Result:
+        """Completions of encoded prompts, generated together as one batch."""
+        with self.autocast_context():
+            return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
+                            pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text)
+
+    def autocast_context(self):
+        """The hardware profile's autocast (bf16 or fp16 on an accelerator), or nothing."""
+        device = self.model.tok_emb.weight.device
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+def load(pretrained: Pretrained, template: Optional[str], device: torch.device, tracker: Optional[Tracker] = None,
+         name: Optional[str] = None, autocast: Optional[torch.dtype] = None) -> TextModel:
+    """The model `init_from` names, in eval mode on `device`, with its tokenizer and chat template.
+
+    Args:
+        template: `generate.template`: None takes the model's own, "none" is plain text.
+    """
+    model = pretrained.build().to(device).eval()
+    tokenizer = load_tokenizer_checked(pretrained)
+    label = name or pretrained.run_id or Path(pretrained.path).name
+    return TextModel(model, tokenizer, chat_template(pretrained, template, tracker), label, autocast)
+
+
+def chat_template(pretrained: Pretrained, override: Optional[str], tracker: Optional[Tracker]) -> Optional[str]:
+    """`generate.template` if set ("none": no template); else the template the checkpoint records;
+    else, for a checkpoint older than that record, its run's `data.template` if it fine-tuned on chats."""
+    if override is not None:
+        if override != "none" and override not in TEMPLATES:
+            raise ConfigError(f"generate.template={override!r} is unknown; use one of {', '.join(TEMPLATES)} or none")
+        return None if override == "none" else override
+    if pretrained.hf:
+        return None
+    meta = ckpt.read_meta(pretrained.path)
+    if "template" in meta:
+        return meta["template"]
+    if tracker is None or not pretrained.run_id:
+        return None
+    try:
+        params = tracker.get_run(pretrained.run_id).data.params
+    except TrackingError:  # a checkpoint copied from another machine: its run is not in this store
+        return None
+    return params.get("data.template") if params.get("stage.name") in ("sft", "dpo") else None

@@ -1,0 +1,114 @@
+"""The keys and values of tokens already seen, so generation runs each new token through the model once.
+
+A batch of prompts of different lengths is left-padded to a shared timeline of slots: slot t holds
+row b's token at position t - pad[b], so every row's next token lands in the same slot and one
+write serves the batch. Padding slots are never attended to. Global layers keep every slot;
+sliding-window layers keep only their last `window` slots, in a ring (attention does not care in
+which order its keys sit, since RoPE has already put each key's position into it).
+
+Shape letters: B batch, nkv key/value heads, S stored slots, T new tokens, L keys attended, hs head size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value buffers for a batch, and the timeline they share.
+
+    Attributes:
+        length: slots filled so far (the next token goes to slot `length`).
+        capacity: slots the timeline holds: the longest prompt plus the tokens to generate.
+        pad: (B,) padding slots at the start of each row.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, capacity: int, pad: Optional[torch.Tensor] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        cfg = model.config
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"{capacity} tokens exceed model.max_seq_len={cfg.max_seq_len} (the context)")
+        weight = model.tok_emb.weight
+        device, dtype = weight.device, dtype or weight.dtype
+        self.capacity, self.length, self.window = capacity, 0, cfg.sliding_window
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        nkv = cfg.n_kv_heads or cfg.n_heads
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for block in model.layers:
+            size = min(capacity, self.window) if block.local else capacity
+            self.keys.append(torch.zeros(batch, nkv, size, cfg.head_size, dtype=dtype, device=device))
+            self.values.append(torch.zeros_like(self.keys[-1]))
+
+    def nbytes(self) -> int:
+        """Memory the buffers hold."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) RoPE positions of the next T tokens (padding slots get 0)."""
+        slots = torch.arange(self.length, self.length + T, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def _held(self, size: int, filled: int) -> torch.Tensor:
+        """The timeline slot of each buffer entry once `filled` slots are written, in buffer order (a
+        ring of `size` entries holds, at index j, the latest slot congruent to j)."""
+        if filled <= size:
+            return torch.arange(filled, device=self.pad.device)
+        j = torch.arange(size, device=self.pad.device)
+        return j + size * torch.div(filled - 1 - j, size, rounding_mode="floor")
+
+    def _in_place(self, size: int, T: int) -> bool:
+        """Whether the T new keys can be written before attending: true unless a ring would overwrite
+        keys that the new tokens still see (a prefill longer than what the ring has left)."""
+        return T == 1 or self.length + T <= size
+
+    def _key_slots(self, size: int, T: int) -> torch.Tensor:
+        """The timeline slot of each key the T new tokens attend to, in the order `extend` returns them."""
+        if self._in_place(size, T):
+            return self._held(size, self.length + T)
+        new = torch.arange(self.length, self.length + T, device=self.pad.device)
+        return torch.cat([self._held(size, self.length), new])
+
+    def mask(self, T: int, local: bool) -> torch.Tensor:
+        """(B, 1, T, L) True where a new token may attend.
+
+        A key is seen when it is not padding, not in the future and (local layers) fewer than
+        `window` slots back. A padding token sees itself, so its row is never empty (an all-masked
+        softmax row would give NaN, which would then leak into the cache through its values).
+        """
+        size = min(self.capacity, self.window) if local else self.capacity
+        q = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
+        k = self._key_slots(size, T)  # (L,)
+        seen = (k[None, None, :] >= self.pad[:, None, None]) & (k[None, :] <= q[:, None])[None]  # (B, T, L)
+        if local:
+            seen &= (q[:, None] - k[None, :] < self.window)[None]
+        seen |= (k[None, :] == q[:, None])[None]
+        return seen[:, None]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values (B, nkv, T, hs); return every key and value they attend to,
+        (B, nkv, L, hs), in the order `mask` describes."""
+        kbuf, vbuf = self.keys[layer], self.values[layer]
+        size, T, t0 = kbuf.size(2), k.size(2), self.length
+        if t0 + T > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} slots; {t0} are filled and {T} more do not fit")
+        in_place = self._in_place(size, T)
+        if not in_place:  # a long prefill into a ring: attend to the old entries and all new ones, keep the newest
+            keys, values = torch.cat([kbuf[:, :, :min(t0, size)], k], dim=2), torch.cat([vbuf[:, :, :min(t0, size)], v], dim=2)
+        keep = min(T, size)
+        slots = torch.arange(t0 + T - keep, t0 + T, device=k.device) % size
+        if keep == 1:  # decoding: a slice, not an index tensor (cheaper, and the common case)
+            kbuf[:, :, slots.item():slots.item() + 1] = k[:, :, -1:]
+            vbuf[:, :, slots.item():slots.item() + 1] = v[:, :, -1:]
+        else:
+            kbuf[:, :, slots] = k[:, :, T - keep:].to(kbuf.dtype)
+            vbuf[:, :, slots] = v[:, :, T - keep:].to(vbuf.dtype)
+        if in_place:
+            n = min(t0 + T, size)
+            return kbuf[:, :, :n], vbuf[:, :, :n]
+        return keys, values
+
+    def advance(self, T: int) -> None:
+        """Mark T more slots filled (the model calls this after every layer has extended)."""
+        self.length += T

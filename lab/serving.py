@@ -1,0 +1,230 @@
+"""An OpenAI-compatible HTTP API over one `TextModel` (FastAPI; uvicorn runs it in `stage=serve`).
+
+    GET  /health                 {"status": "ok"}
+    GET  /v1/models              the one model served
+    POST /v1/completions         text in, text out (a list of prompts is generated as one batch)
+    POST /v1/chat/completions    messages in, an assistant message out, rendered with the chat template
+
+Both POSTs stream server-sent events with `"stream": true`, ending in `data: [DONE]`. Errors are JSON
+in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status: a malformed
+body or field (400), an unknown model (404), a prompt that with `max_tokens` exceeds the context
+(400: refused, never truncated). Requests are served one at a time, in arrival order, by a lock
+around the model: concurrent clients queue, and no request sees another's state. A request without
+a `seed` samples with a fresh one; the other sampling fields default to `generate.*`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from lab.config_stages import Sampling
+from lab.data.chat import Message
+from lab.errors import LabError
+from lab.inference import TextModel
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields lab does not use (user, logit_bias, ...)
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)  # not OpenAI's, but vLLM's and llama.cpp's
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    n: int = Field(1, ge=1, le=1)  # one completion per prompt
+    stream: bool = False
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str]]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+@dataclass
+class Stats:
+    """What the server did, logged to its MLflow run when it stops."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Stopped(Exception):
+    """The client went away mid-stream: generation stops."""
+
+
+def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
+    """The API over `tm`; `defaults` fill the sampling fields a request leaves out."""
+    app = FastAPI(title=f"lab: {tm.name}")
+    lock = threading.Lock()  # one generation at a time
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return _error(400, f"the body is not valid JSON (at character {first['loc'][-1]}); send a JSON object",
+                          code="invalid_json")
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return _error(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(APIError)
+    async def _api(_request: Request, e: APIError) -> JSONResponse:
+        return _error(e.status, e.message, e.param, e.code)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": tm.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "lab"}]}
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or not all(prompts):
+            raise APIError(400, "prompt: give a non-empty string (or a list of them)", "prompt")
+        ids = [[tm.tokenizer.bos_id] + tm.tokenizer.encode(p) for p in prompts]  # plain text, template or not
+        return _answer(req, ids, req.max_tokens, "text_completion", _text_choice, _text_chunk)
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest):
+        if tm.template is None:
+            raise APIError(400, "this model has no chat template (it was not fine-tuned on chats); use /v1/completions, "
+                                "or serve it with generate.template=<chatml | chat | ...>", "messages")
+        try:
+            ids = [tm.encode([Message(m.role, m.content) for m in req.messages])]
+        except (LabError, ValueError) as e:
+            raise APIError(400, f"messages: {e}", "messages") from None
+        return _answer(req, ids, req.max_completion_tokens or req.max_tokens, "chat.completion", _chat_choice, _chat_chunk)
+
+    def _answer(req: _Request, ids: list[list[int]], max_tokens: Optional[int], kind: str, choice, chunk):
+        if req.model != tm.name:
+            raise APIError(404, f"the model {req.model!r} does not exist here; this server serves {tm.name!r}",
+                           "model", "model_not_found")
+        sampling = _sampling(req, ids, max_tokens)
+        stats.requests += 1
+        stats.prompt_tokens += sum(len(i) for i in ids)
+        head = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()), "model": tm.name}
+        if req.stream:
+            return StreamingResponse(_events(ids, sampling, head, kind, chunk), media_type="text/event-stream")
+        with lock:
+            result = tm.complete(ids, sampling)
+        used = sum(len(c.ids) for c in result.completions)
+        stats.completion_tokens += used
+        prompt = sum(len(i) for i in ids)
+        return head | {"object": kind, "choices": [choice(i, c) for i, c in enumerate(result.completions)],
+                       "usage": {"prompt_tokens": prompt, "completion_tokens": used, "total_tokens": prompt + used}}
+
+    def _sampling(req: _Request, ids: list[list[int]], max_tokens: Optional[int]) -> Sampling:
+        longest = max(len(i) for i in ids)
+        if max_tokens is not None and longest + max_tokens > tm.context:
+            raise APIError(400, f"this model's context is {tm.context} tokens, but {longest + max_tokens} were requested "
+                                f"({longest} in the prompt, {max_tokens} for the completion); shorten the prompt or "
+                                "lower max_tokens", "max_tokens", "context_length_exceeded")
+        if longest >= tm.context:
+            raise APIError(400, f"this model's context is {tm.context} tokens, and the prompt alone is {longest}; "
+                                "shorten it", "prompt", "context_length_exceeded")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or defaults.stop)
+        chosen = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                  if getattr(req, k) is not None}
+        return dataclasses.replace(defaults, **chosen, stop=stop, seed=req.seed,
+                                   max_new_tokens=max_tokens or min(defaults.max_new_tokens, tm.context - longest))
+
+    def _events(ids: list[list[int]], sampling: Sampling, head: dict, kind: str, chunk) -> Iterator[str]:
+        """Server-sent events: generation runs in a thread and hands text over through a queue."""
+        pieces: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        gone = threading.Event()
+
+        def on_text(row: int, text: str) -> None:
+            if gone.is_set():
+                raise _Stopped
+            pieces.put(("text", (row, text)))
+
+        def work() -> None:
+            try:
+                with lock:
+                    pieces.put(("done", tm.complete(ids, sampling, on_text=on_text)))
+            except _Stopped:
+                pass
+            except Exception as e:  # reported to the client as the stream's last event
+                pieces.put(("error", e))
+
+        threading.Thread(target=work, daemon=True).start()
+        obj = f"{kind}.chunk" if kind.startswith("chat") else kind
+        send = lambda body: f"data: {json.dumps(head | {'object': obj} | body)}\n\n"  # noqa: E731
+        try:
+            if kind.startswith("chat"):
+                yield send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            while True:
+                what, value = pieces.get()
+                if what == "text":
+                    yield send({"choices": [chunk(value[0], value[1], None)]})
+                elif what == "done":
+                    stats.completion_tokens += sum(len(c.ids) for c in value.completions)
+                    yield send({"choices": [chunk(i, "", c.finish_reason) for i, c in enumerate(value.completions)]})
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"
+                    return
+        finally:
+            gone.set()  # a client that disconnected stops the generation at its next token
+
+    return app
+
+
+def _text_choice(i: int, c) -> dict:
+    return {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+
+
+def _chat_choice(i: int, c) -> dict:
+    return {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+
+
+def _text_chunk(i: int, text: str, finish: Optional[str]) -> dict:
+    return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _chat_chunk(i: int, text: str, finish: Optional[str]) -> dict:
+    return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}

@@ -1,0 +1,84 @@
+"""Eval: scores for one or several trained models, recorded as one MLflow run. No training.
+
+    lab stage=eval init_from=<run>                                  perplexity, bits per byte (data group's val split)
+    lab stage=eval init_from=<run> eval.runs=[<run>,<run>]          several models, one table
+    lab stage=eval init_from=<run> eval.references=refs.jsonl       BLEU, chrF, exact match
+    lab stage=eval init_from=<run> eval.choices=tasks.jsonl         multiple-choice accuracy
+
+The measures are `lab.evaluation`. One model's scores are logged as `eval/<name>`; several models'
+as `eval/<label>/<name>` (label: the run id's first 8 characters), with every score in results.csv.
+The run is tagged `lab.eval.runs` with the runs evaluated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from lab import evaluation, inference, lineage
+from lab.data import prepare_data
+from lab.data.prompts import read_choices, read_references
+from lab.hardware import autocast_dtype
+from lab.runner import Run
+
+
+def evaluate(run: Run) -> float:
+    """Score every model; returns the first model's bits per byte (or its first score)."""
+    if not run.is_main:
+        return float("nan")
+    cfg = run.cfg
+    named = [("init_from", cfg.init_from, run.pretrained)] if run.pretrained is not None else []
+    named += [(f"eval.runs[{i}]", spec, lineage.resolve(spec, run.tracker, Path(cfg.paths.checkpoints),
+                                                         Path(cfg.paths.cache), key=f"eval.runs[{i}]"))
+              for i, spec in enumerate(cfg.eval.runs)]
+    references = read_references(cfg.eval.references) if cfg.eval.references else None
+    choices = read_choices(cfg.eval.choices) if cfg.eval.choices else None
+    run.tracker.set_tags({"lab.eval.runs": ",".join(pre.run_id or spec for _, spec, pre in named)})
+    rows = []
+    for key, spec, pre in named:
+        tm = inference.load(pre, cfg.generate.template, run.accelerator.device, run.tracker,
+                            autocast=autocast_dtype(run.accelerator.mixed_precision))
+        label = pre.run_id[:8] if pre.run_id else Path(spec).name
+        run.say(f"eval {key}={spec} ({label})")
+        rows.append({"model": label, "run_id": pre.run_id or "", **_scores(run, tm, references, choices)})
+        run.say("  " + "  ".join(f"{k}={v:.4g}" for k, v in rows[-1].items() if isinstance(v, float)))
+    table = pd.DataFrame(rows)
+    out = run.info.output_dir / "results.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    run.tracker.log_artifact(out)
+    metrics = {}
+    for row in rows:
+        prefix = "eval/" if len(rows) == 1 else f"eval/{row['model']}/"
+        metrics |= {prefix + k: v for k, v in row.items() if isinstance(v, (int, float))}
+    run.tracker.log_metrics(metrics, step=0)
+    if len(rows) > 1:
+        run.say(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    first = rows[0]
+    return first.get("bits_per_byte", next((v for v in first.values() if isinstance(v, float)), float("nan")))
+
+
+def _scores(run: Run, tm: inference.TextModel, references, choices) -> dict[str, float]:
+    cfg, scores = run.cfg, {}
+    if cfg.eval.perplexity:
+        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tm.tokenizer)
+        batches = data.val_batches(cfg.hardware.micro_batch, cfg.eval.batches or None)
+        device = run.accelerator.device
+        with tm.autocast_context():
+            scores |= evaluation.perplexity(tm.model, ((i.to(device), t.to(device)) for i, t in batches), tm.tokenizer)
+    if references:
+        outputs = []
+        for start in range(0, len(references), cfg.generate.batch):
+            part = references[start:start + cfg.generate.batch]
+            ids = [tm.encode(r.prompt, cfg.generate.system, f"eval.references line {start + j + 1}") for j, r in enumerate(part)]
+            for j, i in enumerate(ids):
+                tm.check_fits(i, f"eval.references line {start + j + 1}")
+            seed = None if cfg.generate.seed is None else cfg.generate.seed + start
+            outputs += [c.text for c in tm.complete(ids, dataclasses.replace(cfg.generate, seed=seed)).completions]
+        scores |= evaluation.reference_scores(outputs, [r.reference for r in references], cfg.eval.compression,
+                                              cfg.eval.forbidden)
+    if choices:
+        with tm.autocast_context():
+            scores |= evaluation.choice_accuracy(tm.model, tm.tokenizer, choices, run.accelerator.device)
+    return scores

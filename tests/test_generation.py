@@ -1,0 +1,117 @@
+"""lab.generation and the KV cache: the cache changes no token, sampling filters do what they say,
+stop ids and strings end completions, streaming hands over exactly the final text."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab.config_stages import Sampling
+from lab.generation import generate, sample
+from lab.models.kv_cache import KVCache
+from labtest import V, make
+
+GREEDY = Sampling(max_new_tokens=24, temperature=0.0)
+WINDOWED = dict(sliding_window=4, sliding_window_pattern=2)  # layer 0 local (window 4), layer 1 global
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def letters(ids: list[int]) -> str:
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("options", [{}, WINDOWED, dict(sliding_window=4, sliding_window_pattern=0, attn_softcap=50.0)])
+def test_cached_logits_equal_the_full_forward(options):
+    model = make(**options)
+    ids = torch.tensor([prompt(20)])
+    full = model(ids)  # (1, 20, V)
+    cache = KVCache(model, 1, 20)
+    out = [model(ids[:, :7], cache=cache)]  # a prefill longer than the window, then one token at a time
+    out += [model(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
+    cached = torch.cat(out, dim=1)  # the last position of each call: 6, 7, ..., 19
+    torch.testing.assert_close(cached, full[:, 6:], rtol=0, atol=2e-5)
+
+
+def test_sliding_window_layers_keep_only_their_window():
+    model = make(**WINDOWED)
+    cache = KVCache(model, 2, 30)
+    assert [k.shape[2] for k in cache.keys] == [4, 30]
+    assert cache.nbytes() == 2 * 2 * 2 * (4 + 30) * 16 * 4  # k and v, batch 2, 2 kv heads, 16-wide fp32
+
+
+@pytest.mark.parametrize("options", [{}, WINDOWED])
+def test_greedy_with_the_cache_gives_the_tokens_of_generation_without_it(options):
+    model = make(**options)
+    prompts = [prompt(3, 1), prompt(9, 2), prompt(17, 3)]  # a batch of different lengths, left-padded
+    cached = generate(model, prompts, GREEDY).completions
+    plain = generate(model, prompts, GREEDY, use_cache=False).completions
+    alone = [generate(model, [p], GREEDY, use_cache=False).completions[0] for p in prompts]
+    assert [c.ids for c in cached] == [c.ids for c in plain] == [c.ids for c in alone]
+    assert all(len(c.ids) == 24 and c.finish_reason == "length" for c in cached)
+    assert len(set(tuple(c.ids) for c in cached)) == 3
+
+
+def test_one_forward_pass_per_token_and_the_context_bounds_the_output():
+    model = make(max_seq_len=32)
+    result = generate(model, [prompt(20)], Sampling(max_new_tokens=50, temperature=0.0))
+    assert len(result.completions[0].ids) == 12 and result.completions[0].finish_reason == "length"
+    assert result.forward_passes == 12
+    with pytest.raises(ValueError, match="prompt 0 has 32 tokens; the model's context"):
+        generate(model, [prompt(32)], GREEDY)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [prompt(3), []], GREEDY)
+
+
+def test_sampling_is_reproducible_and_leaves_the_global_rng_and_mode_alone():
+    model = make(dropout=0.1).train()
+    state = torch.get_rng_state()
+    options = Sampling(max_new_tokens=10, temperature=1.0, top_k=20, seed=7)
+    a = generate(model, [prompt(5)], options).completions[0].ids
+    b = generate(model, [prompt(5)], options).completions[0].ids
+    generate(model, [prompt(5)], Sampling(max_new_tokens=3, seed=None))  # a fresh seed: still not the global RNG
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training
+    assert a == b and len(a) == 10
+
+
+def test_top_k_1_is_greedy_and_a_stop_id_ends_a_row_unprinted():
+    model = make()
+    greedy = generate(model, [prompt(4)], GREEDY).completions[0].ids
+    top1 = generate(model, [prompt(4)], Sampling(max_new_tokens=24, temperature=1.0, top_k=1, seed=0))
+    assert top1.completions[0].ids == greedy
+    stopped = generate(model, [prompt(4), prompt(6, 2)], GREEDY, stop_ids=[greedy[5]]).completions[0]
+    assert stopped.ids == greedy[:greedy.index(greedy[5])] and stopped.finish_reason == "stop"
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(400, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, Sampling(temperature=1.0, top_k=0, top_p=0.5), g).tolist()) == {0}
+    assert set(sample(logits, Sampling(temperature=1.0, top_k=0, top_p=0.8), g).tolist()) == {0, 1}
+    assert set(sample(logits, Sampling(temperature=1.0, top_k=0, top_p=0.81), g).tolist()) == {0, 1, 2}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -1.0, 1.5, -0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    options = Sampling(temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits, options, torch.Generator(), seen).item() == 2  # 2.0 -> 1.0 falls below 1.5
+    assert sample(logits, Sampling(temperature=0.0), torch.Generator()).item() == 0
+
+
+def test_a_stop_string_cuts_the_text_and_streaming_gives_exactly_the_final_text():
+    model = make()
+    full = generate(model, [prompt(4)], GREEDY, decode=letters).completions[0]
+    stop = full.text[10:13]
+    first = full.text.index(stop)
+    pieces: list[str] = []
+    cut = generate(model, [prompt(4)], Sampling(max_new_tokens=24, temperature=0.0, stop=[stop]), decode=letters,
+                   on_text=lambda row, text: pieces.append(text)).completions[0]
+    assert cut.text == full.text[:first] and cut.finish_reason == "stop"
+    assert "".join(pieces) == cut.text
+    assert len(cut.ids) == first + len(stop)  # generation stopped on the token that completed the string
+    streamed: list[str] = []
+    generate(model, [prompt(4)], GREEDY, decode=letters, on_text=lambda row, text: streamed.append(text))
+    assert "".join(streamed) == full.text and len(streamed) == 24  # one piece per token when nothing is held back
