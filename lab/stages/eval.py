@@ -7,11 +7,13 @@
 
 The measures are `lab.evaluation`. One model's scores are logged as `eval/<name>`; several models'
 as `eval/<label>/<name>` (label: the run id's first 8 characters), with every score in results.csv.
-The run is tagged `lab.eval.runs` with the runs evaluated.
+The run is tagged `lab.eval.runs` with the runs evaluated; each model's outputs for the references
+are in outputs_<label>.jsonl beside results.csv.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -41,7 +43,7 @@ def evaluate(run: Run) -> float:
                             autocast=autocast_dtype(run.accelerator.mixed_precision))
         label = pre.run_id[:8] if pre.run_id else Path(spec).name
         run.say(f"eval {key}={spec} ({label})")
-        rows.append({"model": label, "run_id": pre.run_id or "", **_scores(run, tm, references, choices)})
+        rows.append({"model": label, "run_id": pre.run_id or "", **_scores(run, tm, label, references, choices)})
         run.say("  " + "  ".join(f"{k}={v:.4g}" for k, v in rows[-1].items() if isinstance(v, float)))
     table = pd.DataFrame(rows)
     out = run.info.output_dir / "results.csv"
@@ -59,7 +61,7 @@ def evaluate(run: Run) -> float:
     return first.get("bits_per_byte", next((v for v in first.values() if isinstance(v, float)), float("nan")))
 
 
-def _scores(run: Run, tm: inference.TextModel, references, choices) -> dict[str, float]:
+def _scores(run: Run, tm: inference.TextModel, label: str, references, choices) -> dict[str, float]:
     cfg, scores = run.cfg, {}
     if cfg.eval.perplexity:
         data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tm.tokenizer)
@@ -78,7 +80,19 @@ def _scores(run: Run, tm: inference.TextModel, references, choices) -> dict[str,
             outputs += [c.text for c in tm.complete(ids, dataclasses.replace(cfg.generate, seed=seed)).completions]
         scores |= evaluation.reference_scores(outputs, [r.reference for r in references], cfg.eval.compression,
                                               cfg.eval.forbidden)
+        _write_outputs(run, label, references, outputs)
     if choices:
         with tm.autocast_context():
             scores |= evaluation.choice_accuracy(tm.model, tm.tokenizer, choices, run.accelerator.device)
     return scores
+
+
+def _write_outputs(run: Run, label: str, references, outputs: list[str]) -> None:
+    """What the model wrote for each reference, beside it: outputs_<label>.jsonl, logged to the run."""
+    path = run.info.output_dir / f"outputs_{label}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r, o in zip(references, outputs):
+            prompt = r.prompt if isinstance(r.prompt, str) else [dataclasses.asdict(m) for m in r.prompt]
+            f.write(json.dumps({"prompt": prompt, "reference": r.reference, "output": o}, ensure_ascii=False) + "\n")
+    run.tracker.log_artifact(path)
