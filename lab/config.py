@@ -59,18 +59,21 @@ class StageConfig:
     bench_steps: int = ranged(10, "[1, inf)")  # bench: timed steps per loop in each round
     bench_warmup: int = ranged(3, "[0, inf)")  # bench: untimed steps of each loop before timing
     bench_rounds: int = ranged(6, "[1, inf)")  # bench: rounds of engine and bare chunks, interleaved; medians are reported
-    bench: str = "train"  # bench: what is timed: train (the engine against a bare loop) | generate (with and without the KV cache)
+    bench: str = "train"  # bench: what is timed: train (the engine against a bare loop) | generate (with and without the KV cache) | sbd (Set Block Decoding against greedy)
     bench_contexts: list[int] = field(default_factory=lambda: [128, 1024])  # bench=generate: context lengths reached
     bench_new_tokens: int = ranged(64, "[1, inf)")  # bench=generate: tokens generated per timing (and per server request)
     bench_clients: int = ranged(4, "[0, inf)")  # bench=generate: concurrent clients of the server; 0: no server
     bench_requests: int = ranged(4, "[1, inf)")  # bench=generate: requests each client sends
+    bench_gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])  # bench=sbd: entropy thresholds (nats) compared
+    bench_prompts: int = ranged(16, "[1, inf)")  # bench=sbd: held-out rows whose starts are the prompts
+    bench_prompt_tokens: int = ranged(16, "[1, inf)")  # bench=sbd: tokens of each row given as the prompt
 
     def __post_init__(self) -> None:
         check_ranges(self, "stage")
         if self.name not in STAGE_NAMES:
             raise ConfigError(f"stage.name={self.name!r} is unknown; choose one of {', '.join(sorted(STAGE_NAMES))}")
-        if self.bench not in ("train", "generate"):
-            raise ConfigError(f"stage.bench={self.bench!r} is unknown; use train or generate")
+        if self.bench not in ("train", "generate", "sbd"):
+            raise ConfigError(f"stage.bench={self.bench!r} is unknown; use train, generate or sbd")
 
 
 @dataclass
@@ -365,6 +368,8 @@ class TrainConfig:
     log_every: int = ranged(1, "[1, inf)")  # steps between train/* metrics (and the loss check); long runs log less
     grokfast: GrokfastConfig = field(default_factory=GrokfastConfig)
     grokking: GrokkingConfig = field(default_factory=GrokkingConfig)
+    sbd_block: int = ranged(0, "[0, inf)")  # Set Block Decoding (lab.sbd): also learn to fill masked blocks of this many future tokens; 0: off
+    sbd_weight: float = ranged(1.0, "[0, inf)")  # Set Block Decoding: weight of the masked-token loss beside the next-token loss
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
@@ -438,6 +443,9 @@ class RunConfig:
         if stage == "analysis" and self.analysis.kind is None:
             raise ConfigError(f"stage=analysis needs a kind: add analysis=<{' | '.join(ANALYSIS_KINDS)}>, "
                               "e.g. lab stage=analysis analysis=layers init_from=<run id>")
+        if self.train.sbd_block and (stage not in ("pretrain", "sft") or self.data.sources[0].kind in GENERATED_KINDS):
+            raise ConfigError(f"train.sbd_block={self.train.sbd_block} (Set Block Decoding) trains with stage=sft or with "
+                              f"stage=pretrain on text, not stage={stage} data={self.data.name}; drop it or change the stage")
         if stage == "eval" and not (self.init_from or self.eval.runs):
             raise ConfigError("stage=eval scores trained models: set init_from=<run id | checkpoint path | hf:<folder>> "
                               "and, for more, eval.runs=[<run id>,...]")

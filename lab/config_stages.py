@@ -246,6 +246,8 @@ class Sampling:
     repetition_penalty: float = ranged(1.0, "(0, inf)")  # above 1 discourages ids already in the prompt or output (CTRL)
     stop: list[str] = field(default_factory=list)  # strings that end a completion (left out of it)
     seed: Optional[int] = ranged(0, "[0, inf)")  # the sampler's own generator; null: a fresh seed each time
+    sbd_gamma: Optional[float] = ranged(None, "[0, inf)")  # Set Block Decoding: also take block tokens predicted below this entropy (nats); null: token by token
+    sbd_block: Optional[int] = ranged(None, "[1, inf)")  # Set Block Decoding: positions guessed per pass; null: train.sbd_block of the model's fine-tuning
 
 
 @dataclass

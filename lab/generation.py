@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from lab import sbd
 from lab.config_stages import Sampling
 from lab.models.kv_cache import KVCache
 
@@ -80,13 +81,14 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
             raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context (model.max_seq_len) is {context}")
     width = max(len(p) for p in prompts)
     new = min(sampling.max_new_tokens, context - width)  # the context bounds the longest row
+    if sampling.sbd_gamma is not None:
+        return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text)
     idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=model.tok_emb.weight.device)
     for b, p in enumerate(prompts):
         idx[b, width - len(p):] = torch.tensor(list(p))
     pad = torch.tensor([width - len(p) for p in prompts], device=idx.device)
     rows = [_Row(list(p)) for p in prompts]
-    generator = torch.Generator(device=idx.device)
-    generator.manual_seed(sampling.seed) if sampling.seed is not None else generator.seed()  # never the global RNG
+    generator = _generator(sampling, idx.device)
     step = _cached_steps(model, idx, pad, width + new) if use_cache else _uncached_steps(model, idx, pad)
     was_training = model.training
     model.eval()
@@ -105,6 +107,18 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
             nxt = nxt[:, None]  # (B, 1): the next step's input
     finally:
         model.train(was_training)
+    return _finish(rows, passes, on_text)
+
+
+def _generator(sampling: Sampling, device: torch.device) -> torch.Generator:
+    """The sampler's own generator: seeded by sampling.seed, or from the OS; never the global RNG."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sampling.seed) if sampling.seed is not None else generator.seed()
+    return generator
+
+
+def _finish(rows: list[_Row], passes: int, on_text: Optional[OnText]) -> Result:
+    """Rows still open ran out of tokens: "length"; their held-back text is final now."""
     for b, row in enumerate(rows):
         if row.finish_reason is None:
             row.finish_reason = "length"
@@ -112,13 +126,63 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     return Result([Completion(r.ids, r.text, r.finish_reason, len(r.prompt)) for r in rows], passes)
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """Under autocast keys come out in its dtype (bf16 or fp16): a cache stores them as they are, at half the memory."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def _cached_steps(model, idx: torch.Tensor, pad: torch.Tensor, capacity: int):
     """step(None) prefills the prompts; step(next ids (B, 1)) feeds one token per row."""
-    kind = idx.device.type
-    # under autocast the keys come out in its dtype (bf16 or fp16): the cache stores them as they are, at half the memory
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-    cache = KVCache(model, idx.size(0), capacity, pad, dtype)
+    cache = KVCache(model, idx.size(0), capacity, pad, _autocast_dtype(idx.device))
     return lambda nxt: model(idx if nxt is None else nxt, cache=cache)  # (B, 1, V)
+
+
+def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, new: int, decode, stop_ids: Sequence[int],
+                  mask_id: int, use_cache: bool, on_text: Optional[OnText]) -> Result:
+    """Set Block Decoding (`lab.sbd`), one prompt at a time: rows advance by different numbers of tokens per pass."""
+    if not sampling.sbd_block:
+        raise ValueError("Set Block Decoding needs a block size (sampling.sbd_block)")
+    generator = _generator(sampling, model.tok_emb.weight.device)
+    was_training = model.training
+    model.eval()
+    rows, passes = [_Row(list(p)) for p in prompts], 0
+    try:
+        for b, row in enumerate(rows):
+            passes += _sbd_row(model, row, b, sampling, len(row.prompt) + new, decode, stop_ids, mask_id, use_cache,
+                               on_text, generator)
+    finally:
+        model.train(was_training)
+    return _finish(rows, passes, on_text)
+
+
+def _sbd_row(model, row: _Row, b: int, sampling: Sampling, end: int, decode, stop_ids, mask_id: int, use_cache: bool,
+             on_text: Optional[OnText], generator: torch.Generator) -> int:
+    """Decode one row up to `end` tokens; returns the forward passes it took."""
+    device = model.tok_emb.weight.device
+    text, pending, filled, passes = list(row.prompt), list(row.prompt), {}, 0  # pending: known, not yet cached
+    cache = KVCache(model, 1, end, dtype=_autocast_dtype(device)) if use_cache else None
+    while row.finish_reason is None and len(text) < end:
+        t = len(text)
+        k = min(sampling.sbd_block, end - t)
+        ids, masked = sbd.next_block(filled, t, k, mask_id)
+        if cache is not None:
+            cache.transient = k
+            logits = model(torch.tensor([pending + ids], device=device), cache=cache)[0]  # (1 + k, V)
+        else:
+            positions, mask = sbd.decode_layout(t, k, device)
+            logits = model(torch.tensor([text + ids], device=device), positions=positions, attn_mask=mask)[0, t - 1:]
+        passes += 1
+        seen = _seen([row], logits.size(-1), sampling)
+        filled[t] = int(sample(logits[:1].float(), sampling, generator, seen)[0])  # the next token, as token by token
+        for j in sbd.confident(logits[1:], masked, sampling.sbd_gamma):
+            filled[t + j] = int(sample(logits[1 + j:2 + j].float(), sampling, generator, seen)[0])
+        pending = []
+        while len(text) in filled and row.finish_reason is None:
+            token = filled.pop(len(text))
+            text.append(token)
+            pending.append(token)
+            _advance(row, token, sampling, decode, stop_ids, b, on_text)
+    return passes
 
 
 def _uncached_steps(model, idx: torch.Tensor, pad: torch.Tensor):

@@ -8,6 +8,7 @@ text after `<bos>`. `generate.template` overrides either way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -21,6 +22,7 @@ from lab.data.templates import TEMPLATES, encode_conversation, stop_token_id
 from lab.errors import ConfigError
 from lab.generation import OnText, Result, generate
 from lab.lineage import Pretrained, load_tokenizer_checked
+from lab.sbd import mask_token
 from lab.tracking import Tracker, TrackingError
 
 Prompt = Union[str, Sequence[Message]]  # text, or a conversation ending in a user turn
@@ -35,6 +37,7 @@ class TextModel:
     template: Optional[str]  # a name in TEMPLATES, or None: plain text
     name: str  # what /v1/models lists and results are labelled with
     autocast: Optional[torch.dtype] = None  # the hardware profile's precision on an accelerator
+    sbd_block: Optional[int] = None  # train.sbd_block of its fine-tuning: it can decode blocks (lab.sbd)
 
     @property
     def context(self) -> int:
@@ -69,10 +72,21 @@ class TextModel:
 
     def complete(self, ids: Sequence[Sequence[int]], sampling: Sampling, *, use_cache: bool = True,
                  on_text: Optional[OnText] = None) -> Result:
-        """Completions of encoded prompts, generated together as one batch."""
+        """Completions of encoded prompts, generated together as one batch (one by one with SBD)."""
+        if sampling.sbd_gamma is not None:
+            sampling = dataclasses.replace(sampling, sbd_block=self._sbd_block(sampling))
+            mask_token(self.tokenizer)
         with self.autocast_context():
             return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
                             pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text)
+
+    def _sbd_block(self, sampling: Sampling) -> int:
+        if sampling.sbd_block is not None:
+            return sampling.sbd_block
+        if self.sbd_block is None:
+            raise ConfigError("generate.sbd_gamma decodes blocks of tokens, which this model never learned: fine-tune it "
+                              "with train.sbd_block=4 (stage=sft or pretrain), or set generate.sbd_block to try anyway")
+        return self.sbd_block
 
     def autocast_context(self):
         """The hardware profile's autocast (bf16 or fp16 on an accelerator), or nothing."""
@@ -92,7 +106,8 @@ def load(pretrained: Pretrained, template: Optional[str], device: torch.device, 
     model = pretrained.build().to(device).eval()
     tokenizer = load_tokenizer_checked(pretrained)
     label = name or pretrained.run_id or Path(pretrained.path).name
-    return TextModel(model, tokenizer, chat_template(pretrained, template, tracker), label, autocast)
+    sbd_block = None if pretrained.hf else ckpt.read_meta(pretrained.path).get("sbd_block")
+    return TextModel(model, tokenizer, chat_template(pretrained, template, tracker), label, autocast, sbd_block)
 
 
 def chat_template(pretrained: Pretrained, override: Optional[str], tracker: Optional[Tracker]) -> Optional[str]:

@@ -33,3 +33,13 @@ def answer_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     answer = targets[:, -1]
     loss = F.cross_entropy(logits, answer)
     return loss, {"acc": (logits.argmax(-1) == answer).float().mean()}
+
+
+def with_sbd(objective, train, tokenizer):
+    """`objective`, or, with train.sbd_block set, Set Block Decoding's mixed loss (`lab.sbd`) in its
+    place for training (evaluation keeps the plain objective, so val/loss compares across runs)."""
+    if not train.sbd_block:
+        return objective
+    from lab.sbd import mask_token, sbd_objective
+
+    return sbd_objective(train.sbd_block, mask_token(tokenizer), train.sbd_weight)

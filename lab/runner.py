@@ -88,6 +88,8 @@ class Run:
         meta = {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
         if STAGE_READS.get(self.cfg.stage.name) in ("SFT", "DPO"):  # generation renders prompts as it learned them
             meta["template"] = self.cfg.data.template
+        if self.cfg.train.sbd_block:  # it can decode blocks of this many tokens (generate.sbd_gamma)
+            meta["sbd_block"] = self.cfg.train.sbd_block
         if self.cfg.adapter.kind != "none":
             meta |= {"adapter": dataclasses.asdict(self.cfg.adapter), "init_from": self.cfg.init_from}
         return meta

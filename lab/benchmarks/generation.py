@@ -10,9 +10,15 @@ Both modes must produce the same tokens (greedy): the benchmark checks it as it 
 
 With `stage.bench_clients` > 0, the OpenAI-compatible server (lab.serving) is started in this
 process and that many clients each send `stage.bench_requests` completions at once: requests/s.
+
+`stage.bench=sbd` (`bench_sbd`) weighs Set Block Decoding against token-by-token greedy decoding on
+the same prompts (the first `stage.bench_prompt_tokens` tokens of `stage.bench_prompts` held-out
+rows of the data group): forward passes per token at each γ of `stage.bench_gammas`, and quality as
+the share of tokens equal to greedy's, place by place, and chrF of the text against greedy's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import threading
@@ -26,6 +32,7 @@ from lab.config_stages import Sampling
 from lab.errors import ConfigError
 from lab.generation import generate
 from lab.models.kv_cache import KVCache
+from lab.sbd import mask_token
 from lab.runner import Run
 
 
@@ -150,3 +157,31 @@ def _wait_healthy(port: int, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def bench_sbd(run: Run, model: torch.nn.Module, tokenizer, block: int, rows: list[list[int]]) -> dict[str, float]:
+    """Forward passes per token and agreement with greedy decoding, for each γ in stage.bench_gammas."""
+    import sacrebleu
+
+    sc, device = run.cfg.stage, run.accelerator.device
+    model = model.to(device).eval()
+    prompts = [r[:sc.bench_prompt_tokens] for r in rows]
+    greedy = Sampling(max_new_tokens=sc.bench_new_tokens, temperature=0.0)
+    t0 = time.perf_counter()  # one prompt at a time, as SBD decodes them: tokens/s compare
+    reference = [generate(model, [p], greedy, decode=tokenizer.decode).completions[0] for p in prompts]
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(c.ids) for c in reference)
+    metrics = {"bench/sbd/greedy_tokens_per_sec": tokens / seconds}
+    for gamma in sc.bench_gammas:
+        options = dataclasses.replace(greedy, sbd_gamma=gamma, sbd_block=block)
+        t0 = time.perf_counter()
+        result = generate(model, prompts, options, decode=tokenizer.decode, pad_id=mask_token(tokenizer))
+        seconds = time.perf_counter() - t0
+        made = sum(len(c.ids) for c in result.completions)
+        same = sum(a == b for c, r in zip(result.completions, reference) for a, b in zip(c.ids, r.ids))
+        chrf = sacrebleu.corpus_chrf([c.text for c in result.completions], [[r.text for r in reference]]).score
+        metrics |= {f"bench/sbd/gamma_{gamma:g}/passes_per_token": result.forward_passes / made,
+                    f"bench/sbd/gamma_{gamma:g}/same_as_greedy": same / max(tokens, 1),
+                    f"bench/sbd/gamma_{gamma:g}/chrf_vs_greedy": chrf,
+                    f"bench/sbd/gamma_{gamma:g}/tokens_per_sec": made / seconds}
+    return metrics

@@ -386,9 +386,20 @@ class Decoder(nn.Module):
                               cache.mask(idx.size(1), local=True))
         return contexts
 
+    def _explicit_contexts(self, positions: torch.Tensor, mask: torch.Tensor) -> dict[bool, tuple]:
+        """(cos, sin, mask) from given positions (B, T) and mask (B, 1, T, T); sliding-window layers
+        also drop keys `window` or more positions back (by position, not by place in the row)."""
+        contexts = {False: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask)}
+        window = self.config.sliding_window
+        if window is not None:
+            near = (positions[:, :, None] - positions[:, None, :] < window)[:, None]  # (B, 1, T, T)
+            contexts[True] = (self.rope_local_cos[positions][:, None], self.rope_local_sin[positions][:, None], mask & near)
+        return contexts
+
     def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 task: Optional[str] = None, lengths: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Next-token logits, or a task head's output.
 
         Args:
@@ -399,10 +410,13 @@ class Decoder(nn.Module):
                 multi-task stage attaches) for that task, on each row's first `lengths` tokens.
             cache: generation. idx are the next tokens of the cache's timeline: they attend to the
                 cached keys and values and to each other, and are then stored in it.
+            positions, attn_mask: any other attention pattern (Set Block Decoding's, `lab.sbd`):
+                each token's RoPE position (B, T) and a boolean mask (B, 1, T, T), True where
+                query t may attend to key s.
 
         Returns:
-            (B, T, V) logits, (B, 1, V) for the last position only with a cache, or the task head's
-            (B, ...) output.
+            (B, T, V) logits, (B, 1, V) for the last position only with a cache (plus its transient
+            block's), or the task head's (B, ...) output.
 
         Raises:
             ValueError: if T exceeds config.max_seq_len.
@@ -413,7 +427,12 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
         if cache is not None and (segment_ids is not None or task is not None):
             raise ValueError("a KV cache serves next-token generation only (no segment_ids, no task)")
-        contexts = self._contexts(idx, segment_ids) if cache is None else self._cached_contexts(idx, cache)
+        if attn_mask is not None:
+            contexts = self._explicit_contexts(positions, attn_mask)
+        elif cache is not None:
+            contexts = self._cached_contexts(idx, cache)
+        else:
+            contexts = self._contexts(idx, segment_ids)
         x = self.tok_emb(idx)  # (B, T, C)
         if cfg.embed_scale:  # Gemma rounds sqrt(dim) to the activations' dtype first
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
@@ -424,7 +443,7 @@ class Decoder(nn.Module):
                 x = layer(x, *contexts[layer.local], cache)
         if cache is not None:
             cache.advance(T)
-            x = x[:, -1:]  # decoding needs the next token's logits only: (B, 1, C)
+            x = x[:, -1 - cache.transient:]  # the next token's logits only (and a transient block's): (B, 1 [+ k], C)
         x = self.norm(x)  # (B, T, C)
         if task is not None:
             return self.task_heads(x, lengths, task)

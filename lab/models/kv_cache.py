@@ -6,6 +6,9 @@ write serves the batch. Padding slots are never attended to. Global layers keep 
 sliding-window layers keep only their last `window` slots, in a ring (attention does not care in
 which order its keys sit, since RoPE has already put each key's position into it).
 
+A forward pass may end with `transient` tokens that attend but are not stored (Set Block Decoding's
+block of guesses, `lab.sbd`): they see every stored and new token and each other, in both directions.
+
 Shape letters: B batch, nkv key/value heads, S stored slots, T new tokens, L keys attended, hs head size.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ class KVCache:
 
     Attributes:
         length: slots filled so far (the next token goes to slot `length`).
+        transient: how many of the next forward pass's last tokens are seen but not stored.
         capacity: slots the timeline holds: the longest prompt plus the tokens to generate.
         pad: (B,) padding slots at the start of each row.
     """
@@ -31,7 +35,7 @@ class KVCache:
             raise ValueError(f"{capacity} tokens exceed model.max_seq_len={cfg.max_seq_len} (the context)")
         weight = model.tok_emb.weight
         device, dtype = weight.device, dtype or weight.dtype
-        self.capacity, self.length, self.window = capacity, 0, cfg.sliding_window
+        self.capacity, self.length, self.window, self.transient = capacity, 0, cfg.sliding_window, 0
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
         nkv = cfg.n_kv_heads or cfg.n_heads
         self.keys: list[torch.Tensor] = []
@@ -61,7 +65,7 @@ class KVCache:
     def _in_place(self, size: int, T: int) -> bool:
         """Whether the T new keys can be written before attending: true unless a ring would overwrite
         keys that the new tokens still see (a prefill longer than what the ring has left)."""
-        return T == 1 or self.length + T <= size
+        return not self.transient and (T == 1 or self.length + T <= size)
 
     def _key_slots(self, size: int, T: int) -> torch.Tensor:
         """The timeline slot of each key the T new tokens attend to, in the order `extend` returns them."""
@@ -84,6 +88,8 @@ class KVCache:
         if local:
             seen &= (q[:, None] - k[None, :] < self.window)[None]
         seen |= (k[None, :] == q[:, None])[None]
+        if self.transient:  # the transient block sees all of itself
+            seen[:, T - self.transient:, len(k) - self.transient:] = True
         return seen[:, None]
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,24 +97,25 @@ class KVCache:
         (B, nkv, L, hs), in the order `mask` describes."""
         kbuf, vbuf = self.keys[layer], self.values[layer]
         size, T, t0 = kbuf.size(2), k.size(2), self.length
-        if t0 + T > self.capacity:
-            raise ValueError(f"the KV cache holds {self.capacity} slots; {t0} are filled and {T} more do not fit")
+        stored = T - self.transient
+        if t0 + stored > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} slots; {t0} are filled and {stored} more do not fit")
         in_place = self._in_place(size, T)
-        if not in_place:  # a long prefill into a ring: attend to the old entries and all new ones, keep the newest
+        if not in_place:  # a long prefill into a ring, or a transient block: attend to the old entries and all new ones
             keys, values = torch.cat([kbuf[:, :, :min(t0, size)], k], dim=2), torch.cat([vbuf[:, :, :min(t0, size)], v], dim=2)
-        keep = min(T, size)
-        slots = torch.arange(t0 + T - keep, t0 + T, device=k.device) % size
+        keep = min(stored, size)  # a ring keeps only the newest `size`
+        slots = torch.arange(t0 + stored - keep, t0 + stored, device=k.device) % size
         if keep == 1:  # decoding: a slice, not an index tensor (cheaper, and the common case)
-            kbuf[:, :, slots.item():slots.item() + 1] = k[:, :, -1:]
-            vbuf[:, :, slots.item():slots.item() + 1] = v[:, :, -1:]
-        else:
-            kbuf[:, :, slots] = k[:, :, T - keep:].to(kbuf.dtype)
-            vbuf[:, :, slots] = v[:, :, T - keep:].to(vbuf.dtype)
+            kbuf[:, :, int(slots):int(slots) + 1] = k[:, :, stored - 1:stored]
+            vbuf[:, :, int(slots):int(slots) + 1] = v[:, :, stored - 1:stored]
+        elif keep > 1:
+            kbuf[:, :, slots] = k[:, :, stored - keep:stored].to(kbuf.dtype)
+            vbuf[:, :, slots] = v[:, :, stored - keep:stored].to(vbuf.dtype)
         if in_place:
             n = min(t0 + T, size)
             return kbuf[:, :, :n], vbuf[:, :, :n]
         return keys, values
 
     def advance(self, T: int) -> None:
-        """Mark T more slots filled (the model calls this after every layer has extended)."""
-        self.length += T
+        """Mark the T new tokens' stored part filled (the model calls this after every layer has extended)."""
+        self.length += T - self.transient

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lab.benchmarks.generation import bench_generation
+from lab import checkpoint as ckpt
+from lab.benchmarks.generation import bench_generation, bench_sbd
 from lab.data import prepare_data
 from lab.engine import EvalSet, Task, Trainer, build_optimizer, lr_factor
+from lab.errors import ConfigError
 from lab.hardware import autocast_dtype, peak_memory_mb
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
@@ -75,6 +77,8 @@ def bench(run: Run) -> float:
     cfg, sc, device = run.cfg, run.cfg.stage, run.accelerator.device
     if sc.bench == "generate":
         return _bench_generation(run)
+    if sc.bench == "sbd":
+        return _bench_sbd(run)
     data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size)
@@ -158,3 +162,27 @@ def _bench_generation(run: Run) -> float:
         run.say(f"  server: {m['bench/server_requests_per_sec']:.2f} requests/s, {m['bench/server_tokens_per_sec']:,.0f} "
                 f"tokens/s with {cfg.stage.bench_clients} concurrent clients")
     return m[f"bench/gen_{cfg.stage.bench_contexts[-1]}/cache_speedup"]
+
+
+def _bench_sbd(run: Run) -> float:
+    """Set Block Decoding against greedy, on the model init_from names (fine-tuned with train.sbd_block)."""
+    cfg = run.cfg
+    if run.pretrained is None:
+        raise ConfigError("stage.bench=sbd measures a model fine-tuned with train.sbd_block: set init_from=<its run id>")
+    block = ckpt.read_meta(run.pretrained.path).get("sbd_block") if not run.pretrained.hf else None
+    if block is None:
+        raise ConfigError(f"init_from={cfg.init_from} was not trained with train.sbd_block, so it cannot decode blocks; "
+                          "fine-tune it first, e.g. lab stage=sft train.sbd_block=4 init_from=<run>")
+    tokenizer = load_tokenizer_checked(run.pretrained)
+    data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    rows = [list(map(int, r)) for r in data.val[:cfg.stage.bench_prompts]]
+    m = bench_sbd(run, run.pretrained.build(), tokenizer, block, rows)
+    run.tracker.log_metrics(m, step=0)
+    run.say(f"bench sbd: {len(rows)} prompts of {cfg.stage.bench_prompt_tokens} tokens, {cfg.stage.bench_new_tokens} new "
+            f"tokens each, block {block}; greedy {m['bench/sbd/greedy_tokens_per_sec']:,.0f} tokens/s")
+    run.say(f"  {'gamma':>6} {'passes/token':>13} {'same as greedy':>15} {'chrF vs greedy':>15} {'tokens/s':>9}")
+    for gamma in cfg.stage.bench_gammas:
+        g = lambda k: m[f"bench/sbd/gamma_{gamma:g}/{k}"]  # noqa: E731
+        run.say(f"  {gamma:>6g} {g('passes_per_token'):>13.3f} {g('same_as_greedy'):>15.1%} {g('chrf_vs_greedy'):>15.1f} "
+                f"{g('tokens_per_sec'):>9,.0f}")
+    return min(m[f"bench/sbd/gamma_{g:g}/passes_per_token"] for g in cfg.stage.bench_gammas)

@@ -16,7 +16,7 @@ from lab.export import fit_and_export
 from lab.grokking import FourierShare
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
-from lab.objectives import answer_loss, lm_loss
+from lab.objectives import answer_loss, lm_loss, with_sbd
 from lab.runner import Run
 from lab.samples import SampleWriter
 from lab.tokenizers import check_tokenizer
@@ -30,8 +30,9 @@ def pretrain(run: Run) -> float:
     arithmetic = kind == "modular"
     data, objective, callbacks = {"modular": _modular, "random": _random}.get(kind, _corpus)(run)
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
+    learn = with_sbd(objective, cfg.train, data.tokenizer)
     adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
-    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, objective)],
+    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, learn)],
                       {"": EvalSet(data.val_batches, objective, perplexity=not arithmetic)}, data.tokenizer,
                       adapter=adapter, callbacks=callbacks)
     run.log_dataset(data)

@@ -9,7 +9,7 @@ from lab.data.templates import prompt_text, stop_token_id
 from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.lineage import load_tokenizer_checked
-from lab.objectives import masked_lm_loss
+from lab.objectives import masked_lm_loss, with_sbd
 from lab.runner import Run
 from lab.samples import SampleWriter
 
@@ -32,7 +32,7 @@ def sft(run: Run) -> float:
     prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
     samples = SampleWriter(tokenizer, prompts, cfg.train.sample_tokens, run.info.output_dir / "samples.txt",
                            run.tracker, seed=cfg.train.seed, stop_id=stop_token_id(cfg.data.template, tokenizer))
-    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, masked_lm_loss)],
+    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, with_sbd(masked_lm_loss, cfg.train, tokenizer))],
                       {"": EvalSet(data.val_batches, masked_lm_loss)}, tokenizer, adapter=adapter, callbacks=[samples])
     run.log_dataset(data)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),

@@ -1,0 +1,95 @@
+"""Set Block Decoding: the training layout, the mixed objective, and decoding (exactly greedy at γ = 0;
+fewer forward passes than tokens on a model fine-tuned for it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab.config_stages import Sampling
+from lab.generation import generate
+from lab.sbd import block_layout, decode_layout, sbd_objective
+from labtest import FAST, V, make, mlflow_client, run_lab
+
+
+def test_block_layout_is_causal_text_beside_bidirectional_blocks():
+    positions, mask = block_layout(torch.zeros(1, 5, dtype=torch.long), block=2, offset=1)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+    m = mask[0, 0].int().tolist()
+    assert [row[:5] for row in m[:5]] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert all(row[5:] == [0] * 5 for row in m[:5])  # the clean text never sees the corrupted copy
+    # blocks at offset 1: places {0}, {1, 2}, {3, 4}; each sees the text before it and all of itself
+    assert [row[:5] for row in m[5:]] == [[0] * 5, [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert [row[5:] for row in m[5:]] == [[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
+
+
+def test_blocks_stop_at_segment_starts():
+    positions, mask = block_layout(torch.tensor([[0, 0, 0, 1, 1, 1]]), block=4, offset=0)
+    assert positions[0, :6].tolist() == [0, 1, 2, 0, 1, 2]
+    noisy = mask[0, 0, 6:].int().tolist()
+    # blocks of 4 from place 0 ({0-3}, {4, 5}), cut again where the second segment starts: {0-2}, {3}, {4, 5}
+    assert [row[6:] for row in noisy] == [[1, 1, 1, 0, 0, 0]] * 3 + [[0, 0, 0, 1, 0, 0]] + [[0, 0, 0, 0, 1, 1]] * 2
+    assert [row[:6] for row in noisy] == [[0] * 6] * 4 + [[0, 0, 0, 1, 0, 0]] * 2  # only its own segment's text
+
+
+def test_decode_layout_is_the_training_layout_with_the_block_after_the_text():
+    positions, mask = decode_layout(3, 2, torch.device("cpu"))
+    assert positions.tolist() == [[0, 1, 2, 3, 4]]
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_the_objective_masks_only_learned_tokens_and_adds_both_losses():
+    model = make()
+    torch.manual_seed(3)
+    inputs = torch.randint(0, V - 1, (4, 12))
+    targets = torch.cat([inputs[:, 1:], inputs[:, :1]], dim=1)
+    targets[:, :5] = -100  # a prompt: tokens 1-5 are no one's target
+    seen: list[torch.Tensor] = []
+    real = model.forward
+    model.forward = lambda idx, **kw: seen.append(idx) or real(idx, **kw)
+    loss, m = sbd_objective(block=3, mask_id=V - 1, weight=0.5)(model, (inputs, targets, torch.zeros_like(inputs)))
+    noisy = seen[0][:, 12:]
+    assert torch.equal(seen[0][:, :12], inputs)
+    assert not (noisy[:, :6] == V - 1).any() and (noisy == V - 1).any()  # only learned tokens (places 6-11) are masked
+    assert loss.item() == pytest.approx(m["ntp_loss"].item() + 0.5 * m["matp_loss"].item(), rel=1e-6)
+    loss.backward()
+    assert model.tok_emb.weight.grad[V - 1].abs().sum() > 0  # the mask token's embedding learns
+
+
+@pytest.mark.parametrize("options", [{}, dict(sliding_window=4, sliding_window_pattern=2)])
+def test_at_gamma_zero_sbd_is_greedy_decoding_one_token_per_pass(options):
+    model = make(**options)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    greedy = generate(model, prompts, Sampling(max_new_tokens=20, temperature=0.0)).completions
+    for cache in (True, False):
+        sbd = generate(model, prompts, Sampling(max_new_tokens=20, temperature=0.0, sbd_gamma=0.0, sbd_block=4),
+                       pad_id=V - 1, use_cache=cache)
+        assert [c.ids for c in sbd.completions] == [c.ids for c in greedy] and sbd.forward_passes == 40
+    wide = [generate(model, prompts, Sampling(max_new_tokens=20, temperature=0.0, sbd_gamma=9.0, sbd_block=4),
+                     pad_id=V - 1, use_cache=cache) for cache in (True, False)]
+    assert [c.ids for c in wide[0].completions] == [c.ids for c in wide[1].completions]  # the cache changes nothing
+    assert wide[0].forward_passes == 10  # everything taken: 4 tokens a pass
+
+
+def test_a_model_fine_tuned_for_sbd_decodes_in_fewer_passes_than_tokens(tmp_path, shared_cache):
+    from lab import inference
+    from lab.lineage import resolve
+
+    verses = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light: and there was light.",
+              "The LORD is my shepherd; I shall not want.", "Jesus wept."]
+    (tmp_path / "corpus").mkdir()
+    for d in range(40):
+        (tmp_path / "corpus" / f"d{d}.txt").write_text(" ".join(verses[(d + i) % 4] for i in range(10)))
+    run_lab(*FAST, "data=text", f"data.path={tmp_path / 'corpus'}", "tokenizer.vocab_size=400", "train.max_steps=80",
+            "train.lr=1e-2", "hardware.micro_batch=8", "train.sbd_block=4", "train.eval_every=0",
+            f"paths.cache={shared_cache}", cwd=tmp_path)
+    (run,) = mlflow_client(tmp_path).search_runs(["0"]) or mlflow_client(tmp_path).search_runs(
+        [mlflow_client(tmp_path).get_experiment_by_name("lab").experiment_id])
+    pre = resolve(str(tmp_path / "outputs" / "checkpoints" / run.info.run_id), None, tmp_path, shared_cache)
+    tm = inference.load(pre, None, torch.device("cpu"))
+    assert tm.sbd_block == 4
+    prompt = [tm.encode("In the beginning")]
+    greedy = tm.complete(prompt, Sampling(max_new_tokens=40, temperature=0.0))
+    sbd = tm.complete(prompt, Sampling(max_new_tokens=40, temperature=0.0, sbd_gamma=0.5))
+    same = sum(a == b for a, b in zip(sbd.completions[0].ids, greedy.completions[0].ids))
+    assert len(sbd.completions[0].ids) == 40 and same >= 36  # (nearly) the same text ...
+    assert sbd.forward_passes < greedy.forward_passes == 40  # ... in fewer passes than tokens
