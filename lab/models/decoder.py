@@ -423,7 +423,7 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         T = idx.size(1)
-        if T > cfg.max_seq_len:
+        if T > cfg.max_seq_len and positions is None:  # given positions may repeat (SBD's copy): they are what must fit
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
         if cache is not None and (segment_ids is not None or task is not None):
             raise ValueError("a KV cache serves next-token generation only (no segment_ids, no task)")
