@@ -274,9 +274,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor], cache: Optional[KVCache] = None) -> torch.Tensor:
         if self.deepnorm:
-            x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask, cache))
+            x = self.attn_norm(self.alpha * x + self.attn(x, cos, sin, mask, cache=cache))
             return self.mlp_norm(self.alpha * x + self.mlp(x))
-        h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache=cache)  # by keyword: hooks see (x, cos, sin, mask)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.mlp(self.mlp_norm(x))
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
