@@ -76,7 +76,10 @@ class TextModel:
         if sampling.sbd_gamma is not None:
             sampling = dataclasses.replace(sampling, sbd_block=self._sbd_block(sampling))
             mask_token(self.tokenizer)
-        with self.autocast_context():
+        # on a CPU, decoding one token at a time under autocast re-casts every weight per token: 25%
+        # slower than fp32 (measured on nano); scoring whole batches keeps the profile's precision
+        cpu = self.model.tok_emb.weight.device.type == "cpu"
+        with contextlib.nullcontext() if cpu else self.autocast_context():
             return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
                             pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text)
 

@@ -71,14 +71,9 @@ def greedy(runs, name: str, prompt_ids_of, new: int = 8) -> list[str]:
 
     cwd, cache, ids = runs
     pre = resolve(str(cwd / "outputs" / "checkpoints" / ids[name]), None, cwd / "outputs" / "checkpoints", cache)
-    tm = inference.load(pre, None, torch.device("cpu"))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16(cwd, ids[name])):
-        result = tm.complete([prompt_ids_of(tm)], Sampling(max_new_tokens=new, temperature=0.0))
+    tm = inference.load(pre, None, torch.device("cpu"))  # generation runs in fp32 on a CPU, whatever the profile
+    result = tm.complete([prompt_ids_of(tm)], Sampling(max_new_tokens=new, temperature=0.0))
     return [c.text for c in result.completions]
-
-
-def _bf16(cwd, run_id) -> bool:
-    return mlflow_client(cwd).get_run(run_id).data.tags["lab.precision"] == "bf16"
 
 
 # ---- generate -----------------------------------------------------------------------------------
