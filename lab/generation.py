@@ -7,7 +7,8 @@ the generate, chat and serve stages, stage=eval, the generation benchmark).
 With `use_cache` (the default) the prompts are run once into a `KVCache` and each new token is the
 only input of its forward pass. Without it every step re-runs the whole sequence; the padding is
 then a segment of its own (`segment_ids`), so each row still sees only itself from position 0.
-Both give the same tokens, which the tests check.
+Both give the same tokens, which the tests check. With `sampling.sbd_gamma` set, Set Block Decoding
+(`lab.sbd`) takes several tokens per forward pass, one prompt at a time.
 
 Sampling never touches the global RNG: it draws from its own generator, seeded by `Sampling.seed`.
 """
@@ -66,7 +67,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
             max_new_tokens and seed.
         decode: ids -> text; needed for stop strings and streaming (without it, text stays "").
         stop_ids: ids that end a row (eos, a template's end-of-turn); they are not part of the output.
-        pad_id: the id that fills left padding (never attended to).
+        pad_id: the id that fills left padding (never attended to); with sampling.sbd_gamma, Set
+            Block Decoding's mask token (`lab.sbd.mask_token`).
         use_cache: keep keys and values in a KVCache (one token per forward pass after the prefill).
         on_text: called with (row, new text) as text becomes final: streaming.
 

@@ -102,6 +102,7 @@ def test_bad_preference_records(start, tmp_path):
     assert proc.returncode == 2 and "pairs.jsonl:2" in proc.stderr and "rejected" in proc.stderr
 
 
+@pytest.mark.slow  # 5 to 6 minutes on 2 cores; the other DPO tests check the losses, references and resume in CI
 def test_dpo_raises_val_accuracy_well_above_chance(tmp_path):
     """A briefly pretrained nano model, then 200 full fine-tuning DPO steps on kjv_pref (~1.5 min in all).
 
