@@ -5,6 +5,7 @@ that one shorter.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -248,6 +249,10 @@ class Sampling:
     seed: Optional[int] = ranged(0, "[0, inf)")  # the sampler's own generator; null: a fresh seed each time
     sbd_gamma: Optional[float] = ranged(None, "[0, inf)")  # Set Block Decoding: also take block tokens predicted below this entropy (nats); null: token by token
     sbd_block: Optional[int] = ranged(None, "[1, inf)")  # Set Block Decoding: positions guessed per pass; null: train.sbd_block of the model's fine-tuning
+
+    def reseeded(self, offset: int) -> "Sampling":
+        """The same settings drawing from seed + offset (a batch or turn of its own, reproducibly); a null seed stays null."""
+        return dataclasses.replace(self, seed=None if self.seed is None else self.seed + offset)
 
 
 @dataclass

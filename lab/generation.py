@@ -97,7 +97,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     passes = 0
     try:
         nxt = None
-        for i in range(new):
+        for _ in range(new):
             logits = step(nxt)  # (B, T or 1, V)
             passes += 1
             nxt = sample(logits[:, -1].float(), sampling, generator, _seen(rows, logits.size(-1), sampling))

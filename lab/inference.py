@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
@@ -24,6 +24,9 @@ from lab.generation import OnText, Result, generate
 from lab.lineage import Pretrained, load_tokenizer_checked
 from lab.sbd import mask_token
 from lab.tracking import Tracker, TrackingError
+
+if TYPE_CHECKING:
+    from lab.runner import Run
 
 Prompt = Union[str, Sequence[Message]]  # text, or a conversation ending in a user turn
 
@@ -64,11 +67,13 @@ class TextModel:
             messages.insert(0, Message("system", system))
         return encode_conversation(messages, self.template, self.tokenizer, add_generation_prompt=True)[0]
 
-    def check_fits(self, ids: Sequence[int], key: str) -> None:
-        """Stop in one line when a prompt leaves no room in the context to generate."""
+    def prompt_ids(self, prompt: Prompt, system: Optional[str], key: str) -> list[int]:
+        """`encode`, stopping in one line (naming `key`) when the prompt leaves no room in the context to generate."""
+        ids = self.encode(prompt, system, key)
         if len(ids) >= self.context:
             raise ConfigError(f"{key} is {len(ids)} tokens long, and the model's context (model.max_seq_len) is "
                               f"{self.context}; shorten the prompt")
+        return ids
 
     def complete(self, ids: Sequence[Sequence[int]], sampling: Sampling, *, use_cache: bool = True,
                  on_text: Optional[OnText] = None) -> Result:
@@ -109,26 +114,32 @@ def load(pretrained: Pretrained, template: Optional[str], device: torch.device, 
     model = pretrained.build().to(device).eval()
     tokenizer = load_tokenizer_checked(pretrained)
     label = name or pretrained.run_id or Path(pretrained.path).name
-    sbd_block = None if pretrained.hf else ckpt.read_meta(pretrained.path).get("sbd_block")
-    return TextModel(model, tokenizer, chat_template(pretrained, template, tracker), label, autocast, sbd_block)
+    meta = {} if pretrained.hf else ckpt.read_meta(pretrained.path)  # a Hugging Face folder records neither
+    return TextModel(model, tokenizer, chat_template(meta, pretrained.run_id, template, tracker), label, autocast,
+                     meta.get("sbd_block"))
 
 
-def chat_template(pretrained: Pretrained, override: Optional[str], tracker: Optional[Tracker]) -> Optional[str]:
-    """`generate.template` if set ("none": no template); else the template the checkpoint records;
+def load_for(run: "Run", pretrained: Optional[Pretrained] = None, name: Optional[str] = None) -> TextModel:
+    """`load` with a run's settings: generate.template, its device and tracker, its profile's precision."""
+    from lab.hardware import autocast_dtype
+
+    return load(pretrained or run.pretrained, run.cfg.generate.template, run.accelerator.device, run.tracker, name,
+                autocast_dtype(run.accelerator.mixed_precision))
+
+
+def chat_template(meta: dict, run_id: Optional[str], override: Optional[str], tracker: Optional[Tracker]) -> Optional[str]:
+    """`generate.template` if set ("none": no template); else the template the checkpoint's `meta` records;
     else, for a checkpoint older than that record, its run's `data.template` if it fine-tuned on chats."""
     if override is not None:
         if override != "none" and override not in TEMPLATES:
             raise ConfigError(f"generate.template={override!r} is unknown; use one of {', '.join(TEMPLATES)} or none")
         return None if override == "none" else override
-    if pretrained.hf:
-        return None
-    meta = ckpt.read_meta(pretrained.path)
     if "template" in meta:
         return meta["template"]
-    if tracker is None or not pretrained.run_id:
+    if tracker is None or not run_id:
         return None
     try:
-        params = tracker.get_run(pretrained.run_id).data.params
+        params = tracker.get_run(run_id).data.params
     except TrackingError:  # a checkpoint copied from another machine: its run is not in this store
         return None
     return params.get("data.template") if params.get("stage.name") in ("sft", "dpo") else None

@@ -142,8 +142,9 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
             raise APIError(404, f"the model {req.model!r} does not exist here; this server serves {tm.name!r}",
                            "model", "model_not_found")
         sampling = _sampling(req, ids, max_tokens)
+        prompt = sum(len(i) for i in ids)
         stats.requests += 1
-        stats.prompt_tokens += sum(len(i) for i in ids)
+        stats.prompt_tokens += prompt
         head = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": tm.name}
         if req.stream:
@@ -152,7 +153,6 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
             result = tm.complete(ids, sampling)
         used = sum(len(c.ids) for c in result.completions)
         stats.completion_tokens += used
-        prompt = sum(len(i) for i in ids)
         return head | {"object": kind, "choices": [choice(i, c) for i, c in enumerate(result.completions)],
                        "usage": {"prompt_tokens": prompt, "completion_tokens": used, "total_tokens": prompt + used}}
 

@@ -32,6 +32,11 @@ class Choice:
     answer: int
 
 
+def prompt_json(prompt: Prompt):
+    """A prompt as JSON writes it back: the text, or the chat's list of {"role", "content"}."""
+    return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.content} for m in prompt]
+
+
 def _file(path: str, key: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():

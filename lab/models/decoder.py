@@ -376,25 +376,21 @@ class Decoder(nn.Module):
             contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), local_mask)
         return contexts
 
-    def _cached_contexts(self, idx: torch.Tensor, cache: KVCache) -> dict[bool, tuple]:
-        """(cos, sin, mask) of the new tokens for each layer kind, their positions taken from the cache."""
-        positions = cache.positions(idx.size(1))  # (B, T)
-        contexts = {False: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None],
-                            cache.mask(idx.size(1), local=False))}  # (B, 1, T, hs) x2, (B, 1, T, L)
+    def _positioned(self, positions: torch.Tensor, mask_for) -> dict[bool, tuple]:
+        """(cos, sin, mask) for each layer kind at explicit positions (B, T); `mask_for(local)` gives
+        that kind's mask, (B, 1, T, L)."""
+        contexts = {False: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask_for(False))}
         if self.config.sliding_window is not None:
             contexts[True] = (self.rope_local_cos[positions][:, None], self.rope_local_sin[positions][:, None],
-                              cache.mask(idx.size(1), local=True))
+                              mask_for(True))
         return contexts
 
     def _explicit_contexts(self, positions: torch.Tensor, mask: torch.Tensor) -> dict[bool, tuple]:
-        """(cos, sin, mask) from given positions (B, T) and mask (B, 1, T, T); sliding-window layers
-        also drop keys `window` or more positions back (by position, not by place in the row)."""
-        contexts = {False: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask)}
+        """Given positions (B, T) and mask (B, 1, T, T); sliding-window layers also drop keys `window`
+        or more positions back (by position, not by place in the row)."""
         window = self.config.sliding_window
-        if window is not None:
-            near = (positions[:, :, None] - positions[:, None, :] < window)[:, None]  # (B, 1, T, T)
-            contexts[True] = (self.rope_local_cos[positions][:, None], self.rope_local_sin[positions][:, None], mask & near)
-        return contexts
+        near = None if window is None else (positions[:, :, None] - positions[:, None, :] < window)[:, None]
+        return self._positioned(positions, lambda local: mask & near if local else mask)
 
     def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 task: Optional[str] = None, lengths: Optional[torch.Tensor] = None,
@@ -429,8 +425,8 @@ class Decoder(nn.Module):
             raise ValueError("a KV cache serves next-token generation only (no segment_ids, no task)")
         if attn_mask is not None:
             contexts = self._explicit_contexts(positions, attn_mask)
-        elif cache is not None:
-            contexts = self._cached_contexts(idx, cache)
+        elif cache is not None:  # the new tokens' positions and masks come from the cache's timeline
+            contexts = self._positioned(cache.positions(T), lambda local: cache.mask(T, local))
         else:
             contexts = self._contexts(idx, segment_ids)
         x = self.tok_emb(idx)  # (B, T, C)

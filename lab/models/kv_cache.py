@@ -41,9 +41,13 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for block in model.layers:
-            size = min(capacity, self.window) if block.local else capacity
+            size = self._size(block.local)
             self.keys.append(torch.zeros(batch, nkv, size, cfg.head_size, dtype=dtype, device=device))
             self.values.append(torch.zeros_like(self.keys[-1]))
+
+    def _size(self, local: bool) -> int:
+        """Slots a layer of this kind keeps: its window (sliding-window layers) or the whole timeline."""
+        return min(self.capacity, self.window) if local else self.capacity
 
     def nbytes(self) -> int:
         """Memory the buffers hold."""
@@ -81,7 +85,7 @@ class KVCache:
         `window` slots back. A padding token sees itself, so its row is never empty (an all-masked
         softmax row would give NaN, which would then leak into the cache through its values).
         """
-        size = min(self.capacity, self.window) if local else self.capacity
+        size = self._size(local)
         q = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
         k = self._key_slots(size, T)  # (L,)
         seen = (k[None, None, :] >= self.pad[:, None, None]) & (k[None, :] <= q[:, None])[None]  # (B, T, L)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lab import checkpoint as ckpt
+from lab import inference
 from lab.benchmarks.generation import bench_generation, bench_sbd
 from lab.data import prepare_data
 from lab.engine import EvalSet, Task, Trainer, build_optimizer, lr_factor
@@ -169,14 +169,14 @@ def _bench_sbd(run: Run) -> float:
     cfg = run.cfg
     if run.pretrained is None:
         raise ConfigError("stage.bench=sbd measures a model fine-tuned with train.sbd_block: set init_from=<its run id>")
-    block = ckpt.read_meta(run.pretrained.path).get("sbd_block") if not run.pretrained.hf else None
+    tm = inference.load(run.pretrained, "none", run.accelerator.device)
+    block = tm.sbd_block
     if block is None:
         raise ConfigError(f"init_from={cfg.init_from} was not trained with train.sbd_block, so it cannot decode blocks; "
                           "fine-tune it first, e.g. lab stage=sft train.sbd_block=4 init_from=<run>")
-    tokenizer = load_tokenizer_checked(run.pretrained)
-    data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tm.tokenizer)
     rows = [list(map(int, r)) for r in data.val[:cfg.stage.bench_prompts]]
-    m = bench_sbd(run, run.pretrained.build(), tokenizer, block, rows)
+    m = bench_sbd(run, tm.model, tm.tokenizer, block, rows)
     run.tracker.log_metrics(m, step=0)
     run.say(f"bench sbd: {len(rows)} prompts of {cfg.stage.bench_prompt_tokens} tokens, {cfg.stage.bench_new_tokens} new "
             f"tokens each, block {block}; greedy {m['bench/sbd/greedy_tokens_per_sec']:,.0f} tokens/s")

@@ -9,7 +9,6 @@ The transcript is logged to the run as chat.jsonl.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from typing import Optional
@@ -17,7 +16,6 @@ from typing import Optional
 from lab import inference
 from lab.data.chat import Message
 from lab.errors import ConfigError
-from lab.hardware import autocast_dtype
 from lab.runner import Run
 
 
@@ -26,8 +24,7 @@ def chat(run: Run) -> float:
     if not run.is_main:
         return float("nan")
     g = run.cfg.generate
-    tm = inference.load(run.pretrained, g.template, run.accelerator.device, run.tracker,
-                        autocast=autocast_dtype(run.accelerator.mixed_precision))
+    tm = inference.load_for(run)
     if tm.template is None:
         raise ConfigError("stage=chat needs a model fine-tuned on chats (stage=sft or dpo) to know its chat template; "
                           "for a pretrained model use stage=generate, or set generate.template=<chatml | chat | ...>")
@@ -57,8 +54,7 @@ def chat(run: Run) -> float:
             if ids is None:
                 continue
             print("model> ", end="", flush=True)
-            seed = None if g.seed is None else g.seed + answers
-            result = tm.complete([ids], dataclasses.replace(g, seed=seed), use_cache=g.cache,
+            result = tm.complete([ids], g.reseeded(answers), use_cache=g.cache,
                                  on_text=lambda _row, piece: print(piece, end="", flush=True))
             print(flush=True)
             answer = result.completions[0].text

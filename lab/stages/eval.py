@@ -12,7 +12,6 @@ are in outputs_<label>.jsonl beside results.csv.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import pandas as pd
 
 from lab import evaluation, inference, lineage
 from lab.data import prepare_data
-from lab.data.prompts import read_choices, read_references
-from lab.hardware import autocast_dtype
+from lab.data.prompts import prompt_json, read_choices, read_references
 from lab.runner import Run
 
 
@@ -39,8 +37,7 @@ def evaluate(run: Run) -> float:
     run.tracker.set_tags({"lab.eval.runs": ",".join(pre.run_id or spec for _, spec, pre in named)})
     rows = []
     for key, spec, pre in named:
-        tm = inference.load(pre, cfg.generate.template, run.accelerator.device, run.tracker,
-                            autocast=autocast_dtype(run.accelerator.mixed_precision))
+        tm = inference.load_for(run, pre)
         label = pre.run_id[:8] if pre.run_id else Path(spec).name
         run.say(f"eval {key}={spec} ({label})")
         rows.append({"model": label, "run_id": pre.run_id or "", **_scores(run, tm, label, references, choices)})
@@ -73,11 +70,9 @@ def _scores(run: Run, tm: inference.TextModel, label: str, references, choices) 
         outputs = []
         for start in range(0, len(references), cfg.generate.batch):
             part = references[start:start + cfg.generate.batch]
-            ids = [tm.encode(r.prompt, cfg.generate.system, f"eval.references line {start + j + 1}") for j, r in enumerate(part)]
-            for j, i in enumerate(ids):
-                tm.check_fits(i, f"eval.references line {start + j + 1}")
-            seed = None if cfg.generate.seed is None else cfg.generate.seed + start
-            outputs += [c.text for c in tm.complete(ids, dataclasses.replace(cfg.generate, seed=seed)).completions]
+            ids = [tm.prompt_ids(r.prompt, cfg.generate.system, f"eval.references line {start + j + 1}")
+                   for j, r in enumerate(part)]
+            outputs += [c.text for c in tm.complete(ids, cfg.generate.reseeded(start)).completions]
         scores |= evaluation.reference_scores(outputs, [r.reference for r in references], cfg.eval.compression,
                                               cfg.eval.forbidden)
         _write_outputs(run, label, references, outputs)
@@ -93,6 +88,6 @@ def _write_outputs(run: Run, label: str, references, outputs: list[str]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for r, o in zip(references, outputs):
-            prompt = r.prompt if isinstance(r.prompt, str) else [dataclasses.asdict(m) for m in r.prompt]
-            f.write(json.dumps({"prompt": prompt, "reference": r.reference, "output": o}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"prompt": prompt_json(r.prompt), "reference": r.reference, "output": o},
+                               ensure_ascii=False) + "\n")
     run.tracker.log_artifact(path)

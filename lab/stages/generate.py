@@ -8,16 +8,14 @@ the run, which is tagged with the run it generated from (`lab.lineage.parent_run
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 from lab import inference
-from lab.data.prompts import read_prompts
+from lab.data.prompts import prompt_json, read_prompts
 from lab.errors import ConfigError
 from lab.files import ensure_dir
-from lab.hardware import autocast_dtype
 from lab.runner import Run
 
 
@@ -31,23 +29,19 @@ def generate(run: Run) -> float:
         named += [(f"generate.prompts={g.prompts} (prompt {i + 1})", p) for i, p in enumerate(read_prompts(g.prompts, "generate.prompts"))]
     if not named:
         raise ConfigError("stage=generate has no prompt: give prompt=\"In the beginning\" or generate.prompts=<.txt or .jsonl file>")
-    tm = inference.load(run.pretrained, g.template, run.accelerator.device, run.tracker,
-                        autocast=autocast_dtype(run.accelerator.mixed_precision))
-    encoded = [tm.encode(p, g.system, key) for key, p in named]
-    for (key, _), ids in zip(named, encoded):
-        tm.check_fits(ids, key)
+    tm = inference.load_for(run)
+    encoded = [tm.prompt_ids(p, g.system, key) for key, p in named]
     out = Path(g.output) if g.output else run.info.output_dir / "completions.jsonl"
     ensure_dir(out.parent, "generate.output")
     run.say(f"generate: {len(named)} prompt(s) from {run.pretrained.path} (template {tm.template or 'none: plain text'})")
     tokens, passes, t0 = 0, 0, time.perf_counter()
     with out.open("w", encoding="utf-8") as f:
         for start in range(0, len(named), g.batch):
-            seed = None if g.seed is None else g.seed + start  # each batch its own draws, reproducibly
-            result = tm.complete(encoded[start:start + g.batch], dataclasses.replace(g, seed=seed), use_cache=g.cache)
+            result = tm.complete(encoded[start:start + g.batch], g.reseeded(start), use_cache=g.cache)
             passes += result.forward_passes
             for (key, prompt), c in zip(named[start:start + g.batch], result.completions):
                 tokens += len(c.ids)
-                record = {"prompt": prompt if isinstance(prompt, str) else [dataclasses.asdict(m) for m in prompt],
+                record = {"prompt": prompt_json(prompt),
                           "completion": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
                           "completion_tokens": len(c.ids)}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -13,7 +13,6 @@ import socket
 
 from lab import inference
 from lab.errors import ConfigError
-from lab.hardware import autocast_dtype
 from lab.runner import Run
 from lab.serving import Stats, build_app
 
@@ -25,8 +24,7 @@ def serve(run: Run) -> float:
     import uvicorn
 
     cfg = run.cfg
-    tm = inference.load(run.pretrained, cfg.generate.template, run.accelerator.device, run.tracker,
-                        name=cfg.serve.model_name, autocast=autocast_dtype(run.accelerator.mixed_precision))
+    tm = inference.load_for(run, name=cfg.serve.model_name)
     sock = listen(cfg.serve.host, cfg.serve.port)
     host, port = sock.getsockname()[:2]
     stats = Stats()
