@@ -353,7 +353,6 @@ class TrainConfig:
     warmup_steps: int = ranged(40, "[0, inf)")  # longer than the run: a tenth of train.max_steps
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     weight_decay: float = ranged(0.1, "[0, inf)")
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = ranged(1.0, "[0, inf)")  # max global grad norm; 0 disables clipping
     seed: int = ranged(1337, "[0, 4294967295]")  # numpy seeds take 32 bits
     eval_every: int = ranged(100, "[0, inf)")  # steps between evaluations (and sample generations); 0: only at the end
@@ -375,13 +374,40 @@ class TrainConfig:
         check_ranges(self, "train")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.schedule={self.schedule!r} is unknown; use cosine, linear or constant")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"train.betas={list(self.betas)} must be two numbers in [0, 1), e.g. train.betas=[0.9,0.95]")
         if self.warmup_steps >= self.max_steps:  # a short run must just work: warm up over a tenth of it
             scaled = self.max_steps // 10
             log.warning("train.warmup_steps=%d is not shorter than train.max_steps=%d; warming up over %d steps "
                         "instead (a tenth of the run)", self.warmup_steps, self.max_steps, scaled)
             self.warmup_steps = scaled
+
+
+OPTIMIZER_KINDS = ("adamw", "sgd", "adafactor", "muon")
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer (lab.optim). train.lr, train.weight_decay and the schedule apply to every kind."""
+
+    name: str = "adamw"
+    kind: str = "adamw"  # adamw | sgd (with momentum) | adafactor | muon (hidden matrices; AdamW for the rest)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw, and muon's AdamW part
+    eps: float = ranged(1e-8, "(0, inf)")  # adamw, and muon's AdamW part
+    fused: Optional[bool] = None  # adamw and sgd: the fused kernel; None: wherever the device has one (CPU, CUDA)
+    momentum: float = ranged(0.9, "[0, 1)")  # sgd and muon
+    nesterov: bool = False  # sgd and muon
+    beta2_decay: float = ranged(-0.8, "[-1, 0]")  # adafactor: the second moment's decay is 1 - step ** beta2_decay
+    ns_steps: int = ranged(5, "[1, 100)")  # muon: Newton-Schulz iterations that orthogonalise each update
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "optimizer")
+        if self.kind not in OPTIMIZER_KINDS:
+            raise ConfigError(f"optimizer.kind={self.kind!r} is unknown; use one of {', '.join(OPTIMIZER_KINDS)} "
+                              "(e.g. optimizer=muon)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1), "
+                              "e.g. optimizer.betas=[0.9,0.95]")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
 
 
 @dataclass
@@ -412,6 +438,7 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)

@@ -28,12 +28,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lab import checkpoint as ckpt
-from lab.config import HardwareConfig, TrainConfig
+from lab.config import HardwareConfig, OptimizerConfig, TrainConfig
 from lab.data.batch import Batch
 from lab.data.mixture import TaskMixture
 from lab.errors import CheckpointError, TrainingDiverged
 from lab.grokfast import GradFilter
 from lab.grokking import GrokkingDetector
+from lab.optim import build_optimizer
 from lab.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Parts:
     accelerator: Accelerator
     tracker: Tracker
     ckpt_dir: Path  # this run's checkpoints
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     meta: dict[str, Any] = field(default_factory=dict)  # written into every checkpoint's meta.json
     resume_from: Optional[Path] = None
     flush_every: int = 50  # steps between metric batches sent to the tracker
@@ -110,16 +112,6 @@ class FitResult:
     stopped_early: bool  # train.stop_at_step was reached before train.max_steps
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms and biases (1-D) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to 1, then cosine, linear or constant down to `min_lr_ratio` at max_steps."""
     if step < cfg.warmup_steps:
@@ -159,7 +151,7 @@ class Trainer:
             self.callbacks.append(GrokkingDetector(self.cfg.grokking))
         self.raw_model = model.to(self.acc.device)
         self.raw_model.gradient_checkpointing = parts.hardware.grad_checkpointing
-        optimizer = build_optimizer(self.raw_model, self.cfg)
+        optimizer = build_optimizer(self.raw_model, parts.optimizer, self.cfg)
         jagged = adapter.lr_factor if adapter is not None else (lambda s: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.cfg) * jagged(s))
         compiled = torch.compile(self.raw_model) if parts.hardware.compile else self.raw_model

@@ -98,7 +98,7 @@ class Run:
         """What the engine uses of this run."""
         from lab.engine import Parts
 
-        return Parts(train=self.cfg.train, hardware=self.cfg.hardware, accelerator=self.accelerator,
+        return Parts(train=self.cfg.train, hardware=self.cfg.hardware, optimizer=self.cfg.optimizer, accelerator=self.accelerator,
                      tracker=self.tracker, ckpt_dir=self.ckpt_dir, meta=self.checkpoint_meta(),
                      resume_from=self.resume_from, flush_every=self.cfg.tracking.flush_every,
                      started_at=self.started_at, label=self.cfg.stage.name)

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from lab.config import ModelConfig, TrackingConfig, TrainConfig
-from lab.engine import build_optimizer, lr_factor
+from lab.config import ModelConfig, OptimizerConfig, TrackingConfig, TrainConfig
+from lab.engine import lr_factor
+from lab.optim import build_optimizer
 from lab.models import build_model
 from lab.tracking import Tracker
 
@@ -30,7 +31,7 @@ def test_linear_and_constant_schedules():
 def test_weight_decay_only_on_matrices():
     torch.manual_seed(0)
     model = build_model(ModelConfig(), vocab_size=100)
-    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    decay, no_decay = build_optimizer(model, OptimizerConfig(), TrainConfig(weight_decay=0.1)).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()

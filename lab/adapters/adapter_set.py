@@ -32,6 +32,7 @@ from lab.adapters import peft_format as pf
 from lab.adapters.lora import LoRALinear
 from lab.config import AdapterConfig
 from lab.errors import CheckpointError, ConfigError
+from lab.optim import inner_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,12 @@ class AdapterSet:
         if self.cfg.kind not in ("relora", "rank1") or step <= 0 or step % every:
             return False
         self.merge_into_base()
-        state = getattr(optimizer, "optimizer", optimizer).state  # accelerate wraps the optimizer
-        for p in self.adapter_parameters():
-            if self.cfg.kind == "rank1":
-                state.pop(p, None)  # a fresh adapter gets fresh Adam moments, bias correction included
-            elif p in state:
-                reset_moments_(state[p], self.cfg.optimizer_reset)
+        for state in (opt.state for opt in inner_optimizers(optimizer)):
+            for p in self.adapter_parameters():
+                if self.cfg.kind == "rank1":
+                    state.pop(p, None)  # a fresh adapter gets fresh moments (Adam's bias correction included)
+                elif p in state:
+                    reset_moments_(state[p], self.cfg.optimizer_reset)
         return True
 
     def merges_at(self, step: int) -> int:
@@ -164,12 +165,15 @@ class AdapterSet:
 
 
 def reset_moments_(state: dict, share: float) -> None:
-    """ReLoRA's optimizer reset of one parameter: prune `share` of each Adam moment by magnitude.
+    """ReLoRA's optimizer reset of one parameter: prune `share` of each moment by magnitude
+    (Adam's two, or the momentum buffer of SGD and Muon; Adafactor's factored moments are kept).
 
     Then also zero the first moment wherever the second is zero. ReLoRA prunes the two
     independently, which can leave m != 0 over v == 0; right after a merge lora_A's gradient is
     exactly 0 (B is 0), so v stays 0 there and Adam steps by m / eps, about 1e8 times too far.
     """
+    if isinstance(state.get("momentum_buffer"), torch.Tensor):  # SGD's and Muon's one moment
+        prune_smallest_(state["momentum_buffer"], share)
     if "exp_avg_sq" not in state:
         return
     prune_smallest_(state["exp_avg_sq"], share)

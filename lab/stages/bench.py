@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from lab import inference
 from lab.benchmarks.generation import bench_generation, bench_sbd
 from lab.data import prepare_data
-from lab.engine import EvalSet, Task, Trainer, build_optimizer, lr_factor
+from lab.engine import EvalSet, Task, Trainer, lr_factor
+from lab.optim import build_optimizer
 from lab.errors import ConfigError
 from lab.hardware import autocast_dtype, peak_memory_mb
 from lab.lineage import load_tokenizer_checked
@@ -31,7 +32,7 @@ def _bare_loop(run: Run, data, steps: int):
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size).to(device)
     model.gradient_checkpointing = cfg.hardware.grad_checkpointing
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
     fwd = torch.compile(model) if cfg.hardware.compile else model
     stream = data.stream(cfg.hardware.micro_batch, seed=cfg.train.seed)
