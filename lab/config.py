@@ -33,6 +33,7 @@ from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where
     MultitaskConfig,
     PipelineConfig,
     PipelineStep,
+    PlanConfig,
     Sampling,
     ServeConfig,
     SurgeryConfig,
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask", "analysis",
-               "generate", "chat", "serve", "eval")  # the keys of lab.stages.STAGES
+               "generate", "chat", "serve", "eval", "plan")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
 READS = {"pretraining": ("kjv", "bible", "modular", "random", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
 STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining",
@@ -285,14 +286,19 @@ class HardwareConfig:
     name: str = "cpu"
     device: str = "cpu"  # cpu | cuda | mps
     precision: str = "bf16"  # bf16 | fp16 | fp32; bf16 falls back to fp32 where the device lacks it
-    micro_batch: int = ranged(8, "[1, inf)")  # sequences per forward pass
-    grad_accum: int = ranged(1, "[1, inf)")  # micro-batches per optimizer step
+    micro_batch: Any = 8  # sequences per forward pass, or auto: the most that fit (lab.planner), train.global_batch kept
+    grad_accum: int = ranged(1, "[1, inf)")  # micro-batches per optimizer step (derived when train.global_batch is set)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     peak_tflops: Optional[float] = ranged(None, "(0, inf)")  # dense bf16/fp16 peak, for MFU; None where unknown
+    memory_gb: Optional[float] = ranged(None, "(0, inf)")  # device memory in GiB, for the planner; None: read from the device
 
     def __post_init__(self) -> None:
         check_ranges(self, "hardware")
+        if self.micro_batch != "auto" and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                                           or self.micro_batch < 1):
+            raise ConfigError(f"hardware.micro_batch={self.micro_batch!r} must be a whole number >= 1, or auto "
+                              "(the most that fit; set train.global_batch)")
         if self.device not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"hardware.device={self.device!r} is unknown; use cpu, cuda or mps")
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -354,6 +360,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     weight_decay: float = ranged(0.1, "[0, inf)")
     grad_clip: float = ranged(1.0, "[0, inf)")  # max global grad norm; 0 disables clipping
+    global_batch: Optional[int] = ranged(None, "[1, inf)")  # sequences per optimizer step over all ranks; sets hardware.grad_accum; None: micro_batch * grad_accum
     seed: int = ranged(1337, "[0, 4294967295]")  # numpy seeds take 32 bits
     eval_every: int = ranged(100, "[0, inf)")  # steps between evaluations (and sample generations); 0: only at the end
     eval_batches: int = ranged(20, "[0, inf)")  # micro-batches per evaluation; 0: all of them
@@ -451,6 +458,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     prompt: Optional[str] = None  # stage=generate: one prompt (generate.prompts: a file of them)
     init_from: Optional[str] = None  # start from: a checkpoint path, a run id, runs:/<id>, models:/<name>/<v>, or hf:<dir>
 

@@ -282,6 +282,25 @@ class ServeConfig:
         check_ranges(self, "serve")
 
 
+PLANNED_STAGES = ("pretrain", "sft", "dpo")
+
+
+@dataclass
+class PlanConfig:
+    """stage=plan: peak training memory predicted against a profile's memory (lab.planner)."""
+
+    stage: str = "pretrain"  # the training planned: pretrain | sft | dpo (its objective and batch)
+    models: list[str] = field(default_factory=list)  # a table: these model options as rows; empty: the composed model alone
+    profiles: list[str] = field(default_factory=list)  # a table: these hardware options as columns (mps:16 sets its GiB); empty: the composed one
+    seq_lens: list[int] = field(default_factory=list)  # a table: these data.seq_len; empty: data.seq_len
+
+    def __post_init__(self) -> None:
+        if self.stage not in PLANNED_STAGES:
+            raise ConfigError(f"plan.stage={self.stage!r} is unknown; use one of {', '.join(PLANNED_STAGES)}")
+        if any(n < 1 for n in self.seq_lens):
+            raise ConfigError(f"plan.seq_lens={list(self.seq_lens)} must be positive lengths, e.g. plan.seq_lens=[1024,4096]")
+
+
 @dataclass
 class EvalConfig:
     """stage=eval: scores for init_from and eval.runs, on held-out text and local task files."""

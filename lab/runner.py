@@ -166,6 +166,7 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
             return Outcome(twin.info.run_id, record["value"], reused=True)
         run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
+        _settle_batch(run)
         result = STAGES[cfg.stage.name](run)
         value = tracker.latest.get(cfg.sweep.metric, result)
         tracker.finish("FINISHED")
@@ -288,6 +289,21 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
         if pretrained is not None:
             cfg.model = pretrained.model
     return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained)
+
+
+def _settle_batch(run: Run) -> None:
+    """hardware.micro_batch=auto and train.global_batch become a micro-batch and grad_accum, before
+    anything is built: printed, and logged as the params plan.micro_batch and plan.grad_accum."""
+    from lab.planner import Job, choose_batch
+
+    cfg = run.cfg
+    if cfg.stage.name not in STAGE_READS:
+        return
+    vocab = run.pretrained.vocab_size if run.pretrained else None
+    chosen = choose_batch(cfg, run.accelerator.num_processes, Job.of(cfg, vocab_size=vocab))
+    if chosen:
+        run.say(chosen)
+        run.tracker.log_params({"plan.micro_batch": cfg.hardware.micro_batch, "plan.grad_accum": cfg.hardware.grad_accum})
 
 
 def _init_from(cfg: RunConfig, tracker: Tracker) -> Optional[Pretrained]:

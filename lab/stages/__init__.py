@@ -9,6 +9,7 @@ from lab.stages.export import export
 from lab.stages.generate import generate
 from lab.stages.multitask import multitask
 from lab.stages.pipeline import pipeline
+from lab.stages.plan import plan
 from lab.stages.pretrain import pretrain
 from lab.stages.serve import serve
 from lab.stages.sft import sft
@@ -29,5 +30,6 @@ STAGES = {
     "chat": chat,
     "serve": serve,
     "eval": evaluate,
+    "plan": plan,
 }
 
