@@ -15,7 +15,6 @@ count carries over; what CUDA adds outside tensors is in `RUNTIME`.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -23,6 +22,7 @@ import torch
 from accelerate.utils.operations import convert_outputs_to_fp32
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lab.config import AdapterConfig, DPOConfig, HardwareConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
 from lab.errors import ConfigError
@@ -165,6 +165,22 @@ def _batch(job: Job, micro_batch: int) -> Any:
     return lm_batch(ids(), ids())
 
 
+class _EveryPositionCounts(TorchDispatchMode):
+    """Boolean-mask indexing has a data-dependent shape, which fake tensors cannot know. A trace
+    takes the largest: every position selected, as when every target of a DPO pair counts."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        if func in (aten.index.Tensor, aten.index_put_.default, aten._index_put_impl_.default):
+            x, indices = args[0], args[1]
+            masks = [i for i in indices if i is not None and i.dtype == torch.bool]
+            if len(masks) == 1 and indices[0] is masks[0]:
+                if func is aten.index.Tensor:  # x[mask] -> (mask.numel(), *x.shape[mask.dim():])
+                    return x.new_empty((masks[0].numel(), *x.shape[masks[0].dim():]))
+                return x  # x[mask] = values, in place
+        return func(*args, **(kwargs or {}))
+
+
 def _grad_bytes(params: list[nn.Parameter]) -> int:
     return sum(p.grad.nbytes for p in params if p.grad is not None)
 
@@ -190,18 +206,18 @@ def trace(job: Job, micro_batch: int) -> Trace:
     from lab.optim import state_bytes
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision)
-    with FakeTensorMode(), LiveMemory() as mem:
+    with FakeTensorMode(), LiveMemory() as mem, _EveryPositionCounts():
         model = build_model(job.model, job.vocab_size)
         frozen = None
         if job.objective == "dpo" and job.adapter.kind == "none" and job.dpo.loss != "simpo" and job.dpo.reference == "copy":
-            frozen = copy.deepcopy(model).requires_grad_(False)
+            frozen = build_model(job.model, job.vocab_size).requires_grad_(False)  # the copy's twin: deepcopy mixes fake modes
         adapter = apply_adapter(model, job.adapter)
         model.gradient_checkpointing = job.grad_checkpointing
         model.train()
         weights = sum(p.nbytes for p in model.parameters())
         reference = sum(p.nbytes for p in frozen.parameters()) if frozen is not None else 0
         optimizer = state_bytes(model, job.optimizer)
-        state = torch.empty(optimizer, dtype=torch.uint8)  # noqa: F841  (held: it is counted while alive)
+        state = torch.empty(optimizer, dtype=torch.uint8)  # counted while it is alive, as the optimizer's is
         trainable = [p for p in model.parameters() if p.requires_grad]
         batch = _batch(job, micro_batch)
         mem.probe = lambda: _grad_bytes(trainable)
@@ -211,7 +227,7 @@ def trace(job: Job, micro_batch: int) -> Trace:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         grads = _grad_bytes(trainable)
         peak, grads_at_peak = mem.peak, mem.at_peak or 0
-        del loss, batch
+        del state, loss, batch
         scratch = _step_scratch(model, job.optimizer)
     fixed = dict(weights=weights, reference=reference, optimizer=optimizer)
     backward = Breakdown(**fixed, gradients=grads_at_peak, activations=peak - weights - reference - optimizer - grads_at_peak)

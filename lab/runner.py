@@ -152,12 +152,14 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     record = {"status": "failed", "run_id": None, "value": math.nan}
     try:
         cfg = checked or to_run_config(dcfg)
-        check_device(cfg.hardware)
+        planning = cfg.stage.name == "plan"  # plans for a device need not run on it
+        if not planning:
+            check_device(cfg.hardware)
         # a multi-task step trains one task: the other heads (and, on a verse task, the LM head) get no
         # gradient, which DDP must be told of
         ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.stage.name == "multitask")
-        accelerator = Accelerator(mixed_precision=resolve_precision(cfg.hardware), cpu=cfg.hardware.device == "cpu",
-                                  kwargs_handlers=[ddp])
+        accelerator = Accelerator(mixed_precision="no" if planning else resolve_precision(cfg.hardware),
+                                  cpu=planning or cfg.hardware.device == "cpu", kwargs_handlers=[ddp])
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
         twin = _finished_twin(cfg, info, tracker, accelerator)
