@@ -180,6 +180,26 @@ def _unsafe_global(text: str) -> str:
     return "an unsupported global"
 
 
+def _remove_orphans(final: Path) -> None:
+    """Delete temporary folders for `final` left by processes that died mid-write (killed, not
+    interrupted: an interrupt cleans up after itself). The writer's pid is in the folder's name, so
+    a live writer's folder (a sweep's other job, say) is left alone."""
+    for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+        pid = tmp.name[len(final.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; rename it to `final` when the block succeeds.
@@ -190,7 +210,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _remove_orphans(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
     except BaseException:

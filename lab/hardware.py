@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -63,3 +64,54 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# Dense (no sparsity) bf16 tensor-core peaks with fp32 accumulate, TFLOP/s, from the vendors' data
+# sheets and whitepapers; fp16 for cards without bf16 (T4, V100). Matched in order against
+# torch.cuda.get_device_name(), so the more specific name comes first ("L40S" before "L4").
+CUDA_PEAK_TFLOPS = (
+    ("GH200", 989.4), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H100", 989.4),
+    ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX 5090", 209.5), ("RTX 5080", 112.6), ("RTX 5070 Ti", 87.9), ("RTX 4090", 165.2), ("RTX 4080", 97.5),
+    ("RTX 4070", 58.3), ("RTX 3090", 71.0), ("RTX 3080", 59.5), ("T4", 65.0), ("V100", 125.0),
+)
+
+
+def peak_tflops(hw: HardwareConfig, device: torch.device) -> tuple[Optional[float], str]:
+    """(the device's dense peak TFLOP/s, where it came from): `hardware.peak_tflops`, else on CUDA the
+    data sheet figure for the device's name; (None, why) where neither is known."""
+    if hw.peak_tflops:
+        return hw.peak_tflops, f"hardware.peak_tflops={hw.peak_tflops}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in CUDA_PEAK_TFLOPS:
+            if key in name:
+                return tflops, f"{name}'s data sheet"
+        return None, f"{name} is not in lab.hardware.CUDA_PEAK_TFLOPS; set hardware.peak_tflops"
+    return None, "no data sheet peak for a CPU; set hardware.peak_tflops"
+
+
+def measured_matmul_tflops(device: torch.device, dtype: Optional[torch.dtype], repeats: int = 5) -> float:
+    """This device's own roofline: TFLOP/s of a square matmul in the training dtype (2048 on a CPU,
+    8192 on a GPU), the best of `repeats` after a warm-up."""
+    import time
+
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:  # the first is a warm-up
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -260,7 +260,7 @@ class HFTokenizer(Tokenizer):
 HF_TOKENIZER = "hf_tokenizer.json"  # inside lab's tokenizer folder, whose tokenizer.json is lab's own record
 
 
-def train_sentencepiece(cfg: TokenizerConfig, texts: Sequence[str]) -> SentencePieceTokenizer:
+def train_sentencepiece(cfg: TokenizerConfig, texts: Iterable[str]) -> SentencePieceTokenizer:
     """Train a SentencePiece model on `texts` (at most `cfg.max_train_chars` characters), deterministically.
 
     Raises:
@@ -287,13 +287,13 @@ def train_sentencepiece(cfg: TokenizerConfig, texts: Sequence[str]) -> SentenceP
     return SentencePieceTokenizer(buf.getvalue(), cfg.kind, cfg.special_tokens)
 
 
-def _training_lines(texts: Sequence[str], max_chars: int) -> Iterator[str]:
+def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
     """Non-empty lines of `texts`, cut to MAX_SENTENCE_CHARS; evenly thinned to about `max_chars` in all.
 
     Thinning keeps every k-th line rather than the first `max_chars`, so that every source (and every
     part of a long source) is represented when the corpus is larger than the cap.
     """
-    total = sum(len(t) for t in texts)
+    total = getattr(texts, "chars", None) or sum(len(t) for t in texts)  # a stream states its length: no extra pass
     stride = max(1, -(-total // max(max_chars, 1)))  # ceil(total / max_chars)
     fed, n = 0, 0
     for text in texts:
@@ -329,7 +329,7 @@ def settings_key(cfg: TokenizerConfig, corpus_hash: str) -> str:
 
 
 def load_or_train_tokenizer(
-    cfg: TokenizerConfig, texts: Sequence[str], corpus_hash: str, cache_dir: Path
+    cfg: TokenizerConfig, texts: Iterable[str], corpus_hash: str, cache_dir: Path
 ) -> Tokenizer:
     """The tokenizer for `cfg` trained on `texts`, from `cache_dir/tokenizers/<key>/` when it is there.
 

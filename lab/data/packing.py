@@ -7,13 +7,14 @@ from one source and `meta["sources"][i]["train_rows"]` gives its `[start, stop)`
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch
 from lab.config import DataConfig, SourceConfig, TokenizerConfig
 from lab.data.cache import content_key
 from lab.files import atomic_directory
-from lab.data.sources import corpus_hash, read_sources, source_keys
+from lab.data.sources import Documents, source_keys, stream_sources
 from lab.data.stream import BatchStream
 from lab.data.stream import val_batches as _val_batches
 from lab.errors import DataError
@@ -29,7 +30,7 @@ from lab.tokenizers import Tokenizer, check_tokenizer, load_or_train_tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when packing changes, so old cache entries are not reused
-_ENCODE_CHUNK = 512  # documents tokenized at a time, to bound the memory of Python int lists
+_ENCODE_CHARS = 4_000_000  # characters tokenized at a time: bounds the memory of the encoder's Python int lists
 
 
 @dataclass
@@ -85,14 +86,35 @@ def _token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 2**16 else np.uint32
 
 
-def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
     """`bos + ids + eos` of every document, concatenated, as a flat array of the token dtype."""
-    dtype = _token_dtype(tokenizer.vocab_size)
-    parts: list[np.ndarray] = []
-    for start in range(0, len(docs), _ENCODE_CHUNK):
-        for ids in tokenizer.encode_batch(docs[start:start + _ENCODE_CHUNK]):
-            parts.append(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    parts = list(encoded_chunks(docs, tokenizer))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=_token_dtype(tokenizer.vocab_size))
+
+
+def encoded_chunks(docs: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    """`tokenize_documents` a chunk of about `_ENCODE_CHARS` characters at a time, each chunk encoded
+    on every core: the memory held is one chunk's, whatever the corpus's size."""
+    chunk: list[str] = []
+    size = 0
+    for doc in itertools.chain(docs, [None]):
+        if doc is not None:
+            chunk.append(doc)
+            size += len(doc)
+        if chunk and (size >= _ENCODE_CHARS or doc is None):
+            yield _flat(tokenizer.encode_batch(chunk), tokenizer)
+            chunk, size = [], 0
+
+
+def _flat(encoded: list[list[int]], tokenizer: Tokenizer) -> np.ndarray:
+    out = np.empty(sum(len(ids) + 2 for ids in encoded), dtype=_token_dtype(tokenizer.vocab_size))
+    pos = 0
+    for ids in encoded:
+        out[pos] = tokenizer.bos_id
+        out[pos + 1:pos + 1 + len(ids)] = ids
+        pos += len(ids) + 2
+        out[pos - 1] = tokenizer.eos_id
+    return out
 
 
 def pack_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -101,21 +123,45 @@ def pack_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: n_rows * (seq_len + 1)].reshape(n_rows, seq_len + 1)
 
 
+class RowWriter:
+    """Rows of `width` tokens appended to a `.npy` file as tokens arrive; the header, which holds the
+    row count, is written at `close`. Each source's tokens are cut into rows on their own: `end_source`
+    drops its remainder, as `pack_rows` does."""
+
+    HEADER = 128  # bytes: the magic string, the version, and the header dict padded with spaces
+
+    def __init__(self, path: Path, width: int, dtype: type):
+        self.path, self.width, self.dtype = path, width, np.dtype(dtype)
+        self.file = path.open("wb")
+        self.file.write(b"\0" * self.HEADER)
+        self.rows = self.source_start = self.tokens = 0
+        self.held = np.zeros(0, dtype=self.dtype)
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = np.concatenate([self.held, tokens])
+        n = len(tokens) // self.width * self.width
+        self.file.write(tokens[:n].tobytes())
+        self.rows += n // self.width
+        self.tokens += len(tokens) - len(self.held)
+        self.held = tokens[n:].copy()
+
+    def end_source(self) -> tuple[int, int]:
+        """Drop the source's last partial row; returns its rows' [start, stop)."""
+        self.held = self.held[:0]
+        span = (self.source_start, self.rows)
+        self.source_start = self.rows
+        return span
+
+    def close(self) -> None:
+        header = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (self.rows, self.width)})
+        header = header.ljust(self.HEADER - 11) + "\n"
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1"))
+        self.file.close()
+
+
 def _label(source: SourceConfig, path_key: str, i: int) -> str:
     return f"data.sources[{i}] (kjv)" if source.kind == "kjv" else f"{path_key}={source.path!r}"
-
-
-def _pack_source(docs: list[str], split: tuple[np.ndarray, np.ndarray], tokenizer: Tokenizer,
-                 seq_len: int, label: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    train_tokens = tokenize_documents([docs[i] for i in split[0]], tokenizer)
-    val_tokens = tokenize_documents([docs[i] for i in split[1]], tokenizer)
-    train, val = pack_rows(train_tokens, seq_len), pack_rows(val_tokens, seq_len)
-    if len(train) == 0:
-        raise DataError(f"{label}: its train split has {len(train_tokens)} tokens, less than one row of "
-                        f"data.seq_len+1={seq_len + 1}; lower data.seq_len or add text")
-    info = {"n_documents": len(docs), "n_train_documents": len(split[0]), "n_val_documents": len(split[1]),
-            "n_tokens": int(len(train_tokens) + len(val_tokens)), "n_train_rows": len(train), "n_val_rows": len(val)}
-    return train, val, info
 
 
 Arrays = dict[str, np.ndarray]  # file suffix ("" for the tokens, "_mask", "_chosen", ...) -> rows
@@ -137,17 +183,12 @@ def write_cache(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, hashes: 
         row counts), then `meta`, then the sources' infos.
     """
     n_rows = {"train": 0, "val": 0}
-    for (train, val, info), source, corpus in zip(per_source, cfg.sources, hashes):
-        info.update(kind=source.kind, path=source.path, corpus_hash=corpus)
+    for train, val, info in per_source:
         for split, arrays in (("train", train), ("val", val)):
             n = len(next(iter(arrays.values())))
             info[f"{split}_rows"] = [n_rows[split], n_rows[split] + n]
             n_rows[split] += n
-    full = {"key": directory.name, "tokenizer_sha256": tokenizer.sha256, "tokenizer_kind": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
-            "split_seed": cfg.split_seed, "corpus_hash": content_key(hashes, length=64),
-            "n_train_rows": n_rows["train"], "n_val_rows": n_rows["val"], **meta,
-            "sources": [info for _, _, info in per_source]}
+    full = cache_meta(directory, cfg, tokenizer, hashes, [info for _, _, info in per_source], meta)
     with atomic_directory(directory) as tmp:
         for i, split in enumerate(("train", "val")):
             for suffix in per_source[0][i]:
@@ -156,23 +197,80 @@ def write_cache(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, hashes: 
     return full
 
 
-def _write_packed(directory: Path, cfg: DataConfig, docs: list[list[str]], hashes: list[str],
+def cache_meta(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, hashes: list[str], infos: list[dict],
+               meta: dict) -> dict:
+    """meta.json's content: the shared header (tokenizer, seq_len, split settings, corpus hash, row
+    counts), then `meta`, then the sources' infos, each with its `[start, stop)` rows in each split
+    (`train_rows`, `val_rows`) and given here its kind, path and corpus hash."""
+    for info, source, corpus in zip(infos, cfg.sources, hashes):
+        info.update(kind=source.kind, path=source.path, corpus_hash=corpus)
+    return {"key": directory.name, "tokenizer_sha256": tokenizer.sha256, "tokenizer_kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
+            "split_seed": cfg.split_seed, "corpus_hash": content_key(hashes, length=64),
+            "n_train_rows": infos[-1]["train_rows"][1], "n_val_rows": infos[-1]["val_rows"][1], **meta,
+            "sources": infos}
+
+
+def _split_documents(docs: Documents, keep: np.ndarray) -> Iterator[str]:
+    """The documents whose index is True in `keep` (one split), in order."""
+    return (doc for i, doc in enumerate(docs) if keep[i])
+
+
+def _write_packed(directory: Path, cfg: DataConfig, sources: list[Documents], hashes: list[str],
                   splits: list[tuple[np.ndarray, np.ndarray]], tokenizer: Tokenizer) -> None:
+    """Tokenize each split a chunk at a time, straight into the rows of the cache folder's `.npy` files."""
     start = time.perf_counter()
-    per_source = []
-    for i, source in enumerate(cfg.sources):
-        label = _label(source, source_keys(cfg, i)[0], i)
-        train, val, info = _pack_source(docs[i], splits[i], tokenizer, cfg.seq_len, label)
-        per_source.append(({"": train}, {"": val}, info))
-    n_tokens = sum(info["n_tokens"] for _, _, info in per_source)
-    if sum(len(val[""]) for _, val, _ in per_source) == 0:
-        raise DataError(f"data: the val split has fewer than data.seq_len+1={cfg.seq_len + 1} tokens (of {n_tokens} "
-                        f"in all); lower data.seq_len or raise data.val_fraction={cfg.val_fraction}")
-    meta = write_cache(directory, cfg, tokenizer, hashes, per_source,
-                       {"version": FORMAT_VERSION, "n_tokens": n_tokens,
-                        "pack_seconds": round(time.perf_counter() - start, 3)})
+    infos = []
+    with atomic_directory(directory) as tmp:
+        writers = {split: RowWriter(tmp / f"{split}.npy", cfg.seq_len + 1, _token_dtype(tokenizer.vocab_size))
+                   for split in ("train", "val")}
+        for i, (docs, split) in enumerate(zip(sources, splits)):
+            infos.append(_pack_source(docs, split, tokenizer, writers))
+            if infos[-1]["n_train_rows"] == 0:
+                raise DataError(f"{_label(cfg.sources[i], source_keys(cfg, i)[0], i)}: its train split has "
+                                f"{infos[-1]['n_train_tokens']} tokens, less than one row of "
+                                f"data.seq_len+1={cfg.seq_len + 1}; lower data.seq_len or add text")
+        for w in writers.values():
+            w.close()
+        n_tokens = sum(info["n_train_tokens"] + info["n_val_tokens"] for info in infos)
+        if writers["val"].rows == 0:
+            raise DataError(f"data: the val split has fewer than data.seq_len+1={cfg.seq_len + 1} tokens (of {n_tokens} "
+                            f"in all); lower data.seq_len or raise data.val_fraction={cfg.val_fraction}")
+        meta = cache_meta(directory, cfg, tokenizer, hashes, infos,
+                          {"version": FORMAT_VERSION, "n_tokens": n_tokens,
+                           "pack_seconds": round(time.perf_counter() - start, 3)})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("packed %d train / %d val rows of %d tokens in %.1fs <data.seq_len=%d> -> %s",
              meta["n_train_rows"], meta["n_val_rows"], cfg.seq_len + 1, meta["pack_seconds"], cfg.seq_len, directory)
+
+
+def _pack_source(docs: Documents, split: tuple[np.ndarray, np.ndarray], tokenizer: Tokenizer,
+                 writers: dict[str, RowWriter]) -> dict:
+    """One source's documents, each split into its own writer; returns the source's info for meta.json."""
+    n = len(split[0]) + len(split[1])
+    info: dict = {"n_documents": n, "n_train_documents": len(split[0]), "n_val_documents": len(split[1])}
+    for name, chosen in zip(("train", "val"), split):
+        keep = np.zeros(n, dtype=bool)
+        keep[chosen] = True
+        writer, before = writers[name], writers[name].tokens
+        for tokens in encoded_chunks(_split_documents(docs, keep), tokenizer):
+            writer.add(tokens)
+        start, stop = writer.end_source()
+        info |= {f"n_{name}_tokens": writer.tokens - before, f"n_{name}_rows": stop - start, f"{name}_rows": [start, stop]}
+    return info
+
+
+class _TrainTexts:
+    """Every source's train documents in order, read afresh on each pass; `chars` is their total length."""
+
+    def __init__(self, sources: list[Documents], splits: list[tuple[np.ndarray, np.ndarray]], chars: int):
+        self.sources, self.splits, self.chars = sources, splits, chars
+
+    def __iter__(self) -> Iterator[str]:
+        for docs, (train, val) in zip(self.sources, self.splits):
+            keep = np.zeros(len(train) + len(val), dtype=bool)
+            keep[train] = True
+            yield from _split_documents(docs, keep)
 
 
 def mixture_row_weights(meta: dict, weights: Optional[Sequence[float]]) -> Optional[np.ndarray]:
@@ -229,17 +327,22 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: Path
         DataError: missing, malformed or too little data. ConfigError: a vocab size that does not fit.
     """
     cache_dir = Path(cache_dir)
-    docs = read_sources(data_cfg)
-    hashes = [corpus_hash(d) for d in docs]
-    splits = [split_documents(len(d), data_cfg.val_fraction, data_cfg.split_seed,
+    sources = stream_sources(data_cfg)
+    scans = [docs.scan() for docs in sources]  # the first pass: lengths and hashes
+    hashes = [corpus for _, corpus in scans]
+    splits = [split_documents(len(lengths), data_cfg.val_fraction, data_cfg.split_seed,
                               where=_label(s, source_keys(data_cfg, i)[0], i))
-              for i, (d, s) in enumerate(zip(docs, data_cfg.sources))]
-    train_texts = [docs[i][j] for i, (train, _) in enumerate(splits) for j in train]
-    tokenizer = tokenizer or load_or_train_tokenizer(tok_cfg, train_texts, corpus_hash(train_texts), cache_dir)
+              for i, ((lengths, _), s) in enumerate(zip(scans, data_cfg.sources))]
+    if tokenizer is None:
+        # the train split is a function of the corpora and the split settings: its key needs no pass
+        train_key = content_key({"corpora": hashes, "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed},
+                                length=64)
+        train_texts = _TrainTexts(sources, splits, sum(int(l[t].sum()) for (l, _), (t, _) in zip(scans, splits)))
+        tokenizer = load_or_train_tokenizer(tok_cfg, train_texts, train_key, cache_dir)
     key = content_key({"version": FORMAT_VERSION, "corpora": hashes, "tokenizer": tokenizer.sha256,
                        "seq_len": data_cfg.seq_len, "val_fraction": data_cfg.val_fraction,
                        "split_seed": data_cfg.split_seed})
     directory = cache_dir / "data" / key
     if not (directory / "meta.json").is_file():
-        _write_packed(directory, data_cfg, docs, hashes, splits, tokenizer)
+        _write_packed(directory, data_cfg, sources, hashes, splits, tokenizer)
     return load_packed(directory, tokenizer, [s.weight for s in data_cfg.sources])

@@ -19,7 +19,7 @@ from lab.data import prepare_data
 from lab.engine import EvalSet, Task, Trainer, lr_factor
 from lab.optim import build_optimizer
 from lab.errors import ConfigError
-from lab.hardware import autocast_dtype, peak_memory_mb
+from lab.hardware import autocast_dtype, measured_matmul_tflops, peak_memory_mb, peak_tflops
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
@@ -109,9 +109,13 @@ def bench(run: Run) -> float:
         "bench/engine_last_loss": last["engine"],
         "bench/bare_last_loss": last["bare"],
     }
-    if cfg.hardware.peak_tflops:
-        flops = model.flops_per_token(cfg.data.seq_len)
-        metrics["bench/mfu_engine"] = tps["engine"] * flops / (cfg.hardware.peak_tflops * 1e12)
+    achieved = tps["engine"] * model.flops_per_token(cfg.data.seq_len) / 1e12  # TFLOP/s
+    peak, _ = peak_tflops(cfg.hardware, device)
+    if peak:
+        metrics["bench/mfu_engine"] = achieved / peak
+    # the machine's own roofline: a square matmul in the training dtype, measured now
+    metrics["bench/matmul_tflops"] = measured_matmul_tflops(device, autocast_dtype(run.accelerator.mixed_precision))
+    metrics["bench/mfu_engine_vs_matmul"] = achieved / metrics["bench/matmul_tflops"]
     run.tracker.log_metrics(metrics, step=0)
     run.tracker.flush()
     _report(run, metrics)
@@ -126,8 +130,11 @@ def _report(run: Run, m: dict[str, float]) -> None:
     run.say(f"  engine      {m['bench/engine_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  bare loop   {m['bench/bare_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  engine/bare {m['bench/engine_over_bare']:>12.3f}")
+    peak, source = peak_tflops(cfg.hardware, run.accelerator.device)
     mfu = m.get("bench/mfu_engine")
-    run.say(f"  MFU         {f'{mfu:.1%}' if mfu is not None else 'n/a (hardware.peak_tflops unknown)':>12}")
+    run.say(f"  MFU         {f'{mfu:.1%}' if mfu is not None else 'n/a':>12}   of the peak ({source})")
+    run.say(f"  MFU         {m['bench/mfu_engine_vs_matmul']:>12.1%}   of this machine's measured matmul peak, "
+            f"{m['bench/matmul_tflops']:.2f} TFLOP/s")
     run.say(f"  peak memory {m['bench/peak_memory_mb']:>12,.0f} MB")
 
 
