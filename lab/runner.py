@@ -296,7 +296,8 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
 def _settle_batch(run: Run) -> None:
     """hardware.micro_batch=auto and train.global_batch become a micro-batch and grad_accum, before
     anything is built: printed, and logged as the params plan.micro_batch and plan.grad_accum."""
-    from lab.planner import Job, choose_batch
+    from lab.planner import choose_batch
+    from lab.step_trace import Job
 
     cfg = run.cfg
     if cfg.stage.name not in STAGE_READS:

@@ -81,9 +81,9 @@ def test_sweeps_are_found_through_conf():
 
 def test_conf_has_every_group_the_lab_promises():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    assert {"stage", "model", "tokenizer", "data", "adapter", "hardware", "tracking"} <= groups
+    assert {"stage", "model", "tokenizer", "data", "adapter", "optimizer", "hardware", "tracking"} <= groups
     hardware = {p.stem for p in (CONF_DIR / "hardware").glob("*.yaml")}
-    assert hardware == {"cpu", "rtx4070", "rtx4090", "rtx5070ti", "t2000", "mps"}
+    assert hardware == {"cpu", "cuda", "rtx4070", "rtx4090", "rtx5070ti", "t2000", "mps"}
 
 
 def options(group: str) -> list[str]:

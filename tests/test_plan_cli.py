@@ -45,7 +45,8 @@ def test_auto_micro_batch_accumulates_to_the_same_losses(tmp_path):
     """A memory size that fits 2 sequences: auto takes 2 x 4 for a global batch of 8, and each step's
     loss is the single 8-sequence step's."""
     from lab.config import to_run_config
-    from lab.planner import Job, runtime_bytes, trace, GiB
+    from lab.planner import GiB, runtime_bytes
+    from lab.step_trace import Job, trace
     from hydra import compose, initialize_config_dir
     from lab.config import register_schemas
     from lab.runner import REPO_ROOT

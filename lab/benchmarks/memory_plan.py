@@ -49,7 +49,7 @@ def _job(case: Case, precision: str):
     from omegaconf import OmegaConf
 
     from lab.config import AdapterConfig, ModelConfig, OptimizerConfig
-    from lab.planner import Job
+    from lab.step_trace import Job
     from lab.runner import REPO_ROOT
 
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
@@ -70,7 +70,7 @@ def predicted_and_measured(case: Case, steps: int = 3) -> tuple[int, int]:
     from lab.memory import measured_peak
     from lab.models import build_model
     from lab.objectives import lm_loss
-    from lab.planner import trace
+    from lab.step_trace import trace
     from lab.tracking import Tracker
 
     hardware = HardwareConfig(micro_batch=case.micro_batch, grad_checkpointing=case.grad_checkpointing)

@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lab.config import HardwareConfig, ModelConfig
-from lab.planner import GiB, Job, Plan, gib, largest_micro_batch, make_plan, tensor_budget, device_memory
+from lab.planner import GiB, Plan, device_memory, gib, largest_micro_batch, make_plan, tensor_budget
+from lab.step_trace import Job
 from lab.runner import REPO_ROOT, Run
 
 
@@ -63,7 +64,7 @@ def report(p: Plan, stage: str, model_name: str) -> str:
         f"  total            {gib(p.total):>8} GiB of {gib(p.memory)} GiB (hardware={hw.name}): "
         + ("fits" if p.fits else "does NOT fit"),
         f"  largest micro-batch that fits: {p.largest_micro_batch or 'none'} "
-        f"({p.per_sequence / 2**20:.1f} MiB per sequence)",
+        f"({p.per_sequence / 2**20:.1f} MiB per {'pair' if j.objective == 'dpo' else 'sequence'})",
     ]
     if p.adapter_savings:
         lines.append(f"  adapter={j.adapter.kind} saves {gib(p.adapter_savings)} GiB of gradients and optimizer state")
