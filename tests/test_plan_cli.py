@@ -43,7 +43,7 @@ def test_the_table_lists_the_largest_micro_batch_per_model_and_profile(tmp_path)
 
 def test_auto_micro_batch_accumulates_to_the_same_losses(tmp_path):
     """A memory size that fits 2 sequences: auto takes 2 x 4 for a global batch of 8, and each step's
-    loss is the single 8-sequence step's."""
+    loss is the single 8-sequence step's. Then a plan of the trained run."""
     from lab.config import to_run_config
     from lab.planner import GiB, runtime_bytes
     from lab.step_trace import Job, trace
@@ -69,12 +69,7 @@ def test_auto_micro_batch_accumulates_to_the_same_losses(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(abs(a[s] - b[s]) < 1e-5 * a[s] for s in a), (a, b)
     assert auto.data.metrics["train/tokens_seen"] == whole.data.metrics["train/tokens_seen"] == 6 * 8 * 64
+    # a plan from a trained run takes its model and vocabulary, not the model group's or the default 8192
+    proc = run_lab("stage=plan", f"init_from={whole.info.run_id}", "model=tiny", "hardware.memory_gb=1", cwd=tmp_path / "whole")
+    assert f"model=outputs/checkpoints/{whole.info.run_id}/" in proc.stdout and "(0.1M parameters, vocab 512)" in proc.stdout
 
-
-def test_plan_reads_the_model_and_vocabulary_of_init_from(tmp_path):
-    run_lab(*PLAN, "train.max_steps=2", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false", cwd=tmp_path)
-    (trained,) = all_runs(tmp_path)
-    proc = run_lab("stage=plan", f"init_from={trained.info.run_id}", "model=tiny", "hardware.memory_gb=1", cwd=tmp_path)
-    # the checkpoint's micro and its 512-token vocabulary, not model=tiny's config or the default 8192
-    assert f"model=outputs/checkpoints/{trained.info.run_id}/" in proc.stdout
-    assert "(0.1M parameters, vocab 512)" in proc.stdout
