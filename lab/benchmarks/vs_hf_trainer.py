@@ -146,10 +146,10 @@ def main() -> None:
     print(f"model=tiny's shape, batch {BATCH} x {SEQ}, {lab[0]['precision'].replace('no', 'fp32')}, "
           f"{'compiled' if args.compile else 'eager'}; {args.rounds} rounds of one process each, "
           f"{args.steps} timed steps per process")
-    print(f"  lab engine        {lab_tps:>9,.0f} tokens/s")
+    print(f"  lab's engine      {lab_tps:>9,.0f} tokens/s")
     print(f"  HF Trainer        {hf_tps:>9,.0f} tokens/s")
-    print(f"  lab / HF          {ratio:>9.3f}x  (median of the rounds' pairs)")
-    print(f"  lab MFU           {achieved / roofline:>9.1%}  of this machine's {roofline:.3f} TFLOP/s matmul peak")
+    print(f"  lab's / HF's      {ratio:>9.3f}x  (median of the rounds' pairs)")
+    print(f"  lab's MFU         {achieved / roofline:>9.1%}  of this machine's {roofline:.3f} TFLOP/s matmul peak")
 
 
 if __name__ == "__main__":
