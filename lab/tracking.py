@@ -271,7 +271,14 @@ class Tracker:
                                        source=json.dumps(source), profile=json.dumps(profile)),
                                tags=[InputTag("mlflow.data.context", context)])
                   for context, profile in profiles.items()]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as e:
+            # Two jobs of a parallel sweep log the same new dataset at once: the slower insert meets
+            # the faster one's row and the store rolls it back. Logged again, it links to that row.
+            if "UNIQUE constraint failed" not in str(e):
+                raise
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_model(self, directory: Path, step: int, registered_name: Optional[str]) -> Optional[str]:
         """`directory` as this run's logged model (`models:/<id>`), registered under `registered_name`."""

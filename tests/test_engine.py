@@ -58,3 +58,26 @@ def test_disabled_tracker_is_silent(tmp_path):
     tracker.log_metrics({"a": 1.0}, 1)
     tracker.finish()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_dataset_two_parallel_jobs_log_at_once_is_logged_by_both(tmp_path, monkeypatch):
+    """The race a joblib sweep hit: the other job inserted the same new dataset between this job's
+    check and its insert, and the store refused the duplicate row."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = Tracker(TrackingConfig(experiment="race"), tmp_path)
+    tracker.start("t", {})
+    real, calls = tracker.client.log_inputs, []
+
+    def racing(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real(run_id, datasets=datasets)
+
+    monkeypatch.setattr(tracker.client, "log_inputs", racing)
+    tracker.log_dataset("kjv", "abc123", {"kind": "kjv"}, {"train": {"rows": 10}, "val": {"rows": 2}})
+    tracker.finish()
+    inputs = tracker.client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and sorted(i.dataset.name for i in inputs) == ["kjv-train", "kjv-val"]
