@@ -165,11 +165,12 @@ def suggestions(job: Job, hw: HardwareConfig, memory: int) -> list[str]:
     return fits
 
 
-def choose_batch(cfg: RunConfig, world_size: int, job: Job) -> Optional[str]:
+def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[str]:
     """Settle hardware.micro_batch and grad_accum in place; returns what was chosen, or None.
 
     With train.global_batch set, grad_accum is what keeps it: global / (micro_batch * world_size).
-    With micro_batch=auto, the micro-batch is the largest divisor of the per-rank batch that fits.
+    With micro_batch=auto, the micro-batch is the largest divisor of the per-rank batch that fits
+    (`vocab_size`: init_from's, else the tokenizer config's); only then is anything traced.
 
     Raises:
         ConfigError: the numbers do not divide, global_batch is missing for auto, or nothing fits
@@ -185,6 +186,7 @@ def choose_batch(cfg: RunConfig, world_size: int, job: Job) -> Optional[str]:
         raise ConfigError(f"train.global_batch={want} does not split over {world_size} processes; use a multiple of {world_size}")
     per_rank = want // world_size
     if hw.micro_batch == "auto":
+        job = Job.of(cfg, vocab_size=vocab_size)
         memory = device_memory(hw)
         largest, _ = largest_micro_batch(job, tensor_budget(hw, memory))
         if largest == 0:

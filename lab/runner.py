@@ -297,13 +297,11 @@ def _settle_batch(run: Run) -> None:
     """hardware.micro_batch=auto and train.global_batch become a micro-batch and grad_accum, before
     anything is built: printed, and logged as the params plan.micro_batch and plan.grad_accum."""
     from lab.planner import choose_batch
-    from lab.step_trace import Job
 
     cfg = run.cfg
     if cfg.stage.name not in STAGE_READS:
         return
-    vocab = run.pretrained.vocab_size if run.pretrained else None
-    chosen = choose_batch(cfg, run.accelerator.num_processes, Job.of(cfg, vocab_size=vocab))
+    chosen = choose_batch(cfg, run.accelerator.num_processes, run.pretrained.vocab_size if run.pretrained else None)
     if chosen:
         run.say(chosen)
         run.tracker.log_params({"plan.micro_batch": cfg.hardware.micro_batch, "plan.grad_accum": cfg.hardware.grad_accum})

@@ -96,17 +96,17 @@ def test_auto_takes_the_largest_divisor_that_fits_and_keeps_the_global_batch(com
                                     "hardware.micro_batch=auto", "train.global_batch=12"))
     j = Job.of(cfg)
     cfg.hardware.memory_gb = _memory_gb(trace(j, 5).peak + 100, cfg.hardware)  # 5 fit, not 6
-    said = choose_batch(cfg, 1, j)
+    said = choose_batch(cfg, 1)
     assert (cfg.hardware.micro_batch, cfg.hardware.grad_accum) == (4, 3)  # 12's largest divisor up to 5
     assert said.startswith("batch: hardware.micro_batch=4 x hardware.grad_accum=3 x 1 process(es) = train.global_batch=12")
     fixed = to_run_config(compose_cfg("hardware.micro_batch=4", "train.global_batch=16"))
-    assert choose_batch(fixed, 2, Job.of(fixed)) and fixed.hardware.grad_accum == 2
+    assert choose_batch(fixed, 2) and fixed.hardware.grad_accum == 2
 
 
 def test_batch_errors_name_the_keys_and_the_fixes(compose_cfg):
     def settle(*overrides, world=1):
         cfg = to_run_config(compose_cfg("model=micro", "data.seq_len=64", "hardware.precision=fp32", *overrides))
-        return choose_batch(cfg, world, Job.of(cfg))
+        return choose_batch(cfg, world)
 
     with pytest.raises(ConfigError, match="set train.global_batch"):
         settle("hardware.micro_batch=auto")
