@@ -289,7 +289,7 @@ class HardwareConfig:
     micro_batch: Any = 8  # sequences per forward pass, or auto: the most that fit (lab.planner), train.global_batch kept
     grad_accum: int = ranged(1, "[1, inf)")  # micro-batches per optimizer step (derived when train.global_batch is set)
     grad_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    compile: Any = False  # torch.compile each training step's forward and loss: true | false | auto (lab.planner.choose_compile)
     peak_tflops: Optional[float] = ranged(None, "(0, inf)")  # dense bf16/fp16 peak, for MFU; None where unknown
     memory_gb: Optional[float] = ranged(None, "(0, inf)")  # device memory in GiB, for the planner; None: read from the device
 
@@ -299,6 +299,9 @@ class HardwareConfig:
                                            or self.micro_batch < 1):
             raise ConfigError(f"hardware.micro_batch={self.micro_batch!r} must be a whole number >= 1, or auto "
                               "(the most that fit; set train.global_batch)")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ConfigError(f"hardware.compile={self.compile!r} must be true, false or auto (compile when the run "
+                              "is long enough to repay the compile)")
         if self.device not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"hardware.device={self.device!r} is unknown; use cpu, cuda or mps")
         if self.precision not in ("bf16", "fp16", "fp32"):

@@ -37,6 +37,9 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
         logps (B,) in float32, and n_tokens (B,).
     """
     mask = targets != -100  # (B, T)
+    if torch.compiler.is_compiling():  # a compiled graph has no data-dependent shapes: all positions, masked after
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (picked * mask).sum(-1), mask.sum(-1)
     # Normalise only the counted positions: the prompt's and the padding's would be thrown away,
     # and the vocabulary-wide log-softmax is a large share of a small model's step.
     counted = torch.log_softmax(logits[mask].float(), dim=-1)  # (N, V)

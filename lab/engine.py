@@ -154,9 +154,14 @@ class Trainer:
         optimizer = build_optimizer(self.raw_model, parts.optimizer, self.cfg)
         jagged = adapter.lr_factor if adapter is not None else (lambda s: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.cfg) * jagged(s))
-        compiled = torch.compile(self.raw_model) if parts.hardware.compile else self.raw_model
+        # One process compiles each task's whole objective (forward and loss), so the fp32 log-softmax
+        # over the batch's logits fuses with the head; under DDP dynamo compiles the model alone.
+        compile_model = parts.hardware.compile and self.acc.num_processes > 1
         # The scheduler is stepped by hand: accelerate would step it once per process.
-        self.model, self.optimizer = self.acc.prepare(compiled, optimizer)
+        self.model, self.optimizer = self.acc.prepare(
+            torch.compile(self.raw_model) if compile_model else self.raw_model, optimizer)
+        if parts.hardware.compile and not compile_model:
+            self.tasks = {t.name: dataclasses.replace(t, objective=torch.compile(t.objective)) for t in tasks}
         self.streams = {t.name: t.stream(parts.hardware.micro_batch, seed=self.cfg.seed + i, rank=self.acc.process_index,
                                          world_size=self.acc.num_processes) for i, t in enumerate(tasks)}
         self.mixture = TaskMixture([t.name for t in tasks], [t.weight for t in tasks], seed=self.cfg.seed)

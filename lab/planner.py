@@ -4,7 +4,9 @@ A plan is a `lab.step_trace` trace (the tensors of one real training step, count
 plus what a device holds beside them (`RUNTIME`: the CUDA context, the allocator's slack; an
 estimate, named as such), against the profile's memory. A step's peak grows linearly with the
 micro-batch, so the largest micro-batch that fits takes a few traces. `choose_batch` turns
-`hardware.micro_batch=auto` and `train.global_batch` into a micro-batch and gradient accumulation.
+`hardware.micro_batch=auto` and `train.global_batch` into a micro-batch and gradient accumulation;
+`choose_compile` turns `hardware.compile=auto` into on or off, by whether the run is long enough to
+repay the compile.
 """
 from __future__ import annotations
 
@@ -205,3 +207,55 @@ def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
     hw.grad_accum = per_rank // hw.micro_batch
     return (f"batch: hardware.micro_batch={hw.micro_batch} x hardware.grad_accum={hw.grad_accum} x {world_size} "
             f"process(es) = train.global_batch={want} {why}")
+
+
+# torch.compile pays once the eager run outlasts its cost several times over. A cold compile of the
+# training step (forward, loss and backward) took about 20 s on 2 CPU cores and saved about a sixth
+# of every step after it (model=tiny, bf16), so it breaks even near 2 minutes of training; a warm
+# cache (every job after the first of a sweep) repays sooner. The rule reads only the config, so a
+# resumed run makes the same choice (compiled and eager steps round differently).
+COMPILE_PAYS_AFTER_S = 120.0
+NOMINAL_CPU_TFLOPS = 0.15  # eager training throughput on a CPU (2 cores measured about 0.17 on tiny)
+NOMINAL_CUDA_SHARE = 0.35  # of the profile's peak_tflops, eager; 50 TFLOP/s where the peak is unknown
+
+
+def eager_seconds(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> tuple[float, float]:
+    """(the run's training FLOPs, the seconds they take eagerly at the device's nominal speed)."""
+    from lab.models import build_model
+    from lab.step_trace import planned_vocab
+
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        model = build_model(cfg.model, vocab_size or planned_vocab(cfg))
+    hw, seq = cfg.hardware, cfg.data.seq_len
+    sequences = hw.micro_batch * hw.grad_accum * world_size * cfg.train.max_steps
+    sequences *= 2 if cfg.stage.name == "dpo" else 1  # the chosen and the rejected answer
+    flops = model.flops_per_token(seq) * seq * sequences
+    tflops = NOMINAL_CPU_TFLOPS if hw.device == "cpu" else NOMINAL_CUDA_SHARE * (hw.peak_tflops or 143.0)
+    return flops, flops / (tflops * 1e12 * world_size)
+
+
+def _cpp_compiler() -> Optional[str]:
+    """The C++ compiler torch.compile builds CPU kernels with, or None where there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler, or fails to find one at all
+        return None
+
+
+def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[str]:
+    """Settle hardware.compile=auto to on or off in place; returns the choice and why, or None."""
+    hw = cfg.hardware
+    if hw.compile != "auto":
+        return None
+    if hw.device == "mps":
+        hw.compile = False
+        return "torch.compile: off <hardware.compile=auto: its MPS backend is still experimental>"
+    flops, seconds = eager_seconds(cfg, world_size, vocab_size)
+    hw.compile = seconds >= COMPILE_PAYS_AFTER_S
+    why = (f"{flops:.2g} training FLOPs, about {seconds / 60:.1f} min eager at nominal speed: "
+           f"{'more' if hw.compile else 'less'} than the {COMPILE_PAYS_AFTER_S / 60:.0f} min a compile takes to repay")
+    if hw.compile and hw.device == "cpu" and _cpp_compiler() is None:
+        hw.compile, why = False, "no C++ compiler found to build its CPU kernels (install g++, or set CXX)"
+    return f"torch.compile: {'on' if hw.compile else 'off'} <hardware.compile=auto: {why}>"

@@ -168,7 +168,7 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
             return Outcome(twin.info.run_id, record["value"], reused=True)
         run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
-        _settle_batch(run)
+        _settle_hardware(run)
         result = STAGES[cfg.stage.name](run)
         value = tracker.latest.get(cfg.sweep.metric, result)
         tracker.finish("FINISHED")
@@ -293,18 +293,24 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
     return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained)
 
 
-def _settle_batch(run: Run) -> None:
-    """hardware.micro_batch=auto and train.global_batch become a micro-batch and grad_accum, before
-    anything is built: printed, and logged as the params plan.micro_batch and plan.grad_accum."""
-    from lab.planner import choose_batch
+def _settle_hardware(run: Run) -> None:
+    """hardware.micro_batch=auto and train.global_batch become a micro-batch and grad_accum, and
+    hardware.compile=auto becomes on or off, before anything is built: each printed, and logged as
+    the params plan.micro_batch, plan.grad_accum and plan.compile."""
+    from lab.planner import choose_batch, choose_compile
 
     cfg = run.cfg
     if cfg.stage.name not in STAGE_READS:
         return
-    chosen = choose_batch(cfg, run.accelerator.num_processes, run.pretrained.vocab_size if run.pretrained else None)
+    vocab_size = run.pretrained.vocab_size if run.pretrained else None
+    chosen = choose_batch(cfg, run.accelerator.num_processes, vocab_size)
     if chosen:
         run.say(chosen)
         run.tracker.log_params({"plan.micro_batch": cfg.hardware.micro_batch, "plan.grad_accum": cfg.hardware.grad_accum})
+    chosen = choose_compile(cfg, run.accelerator.num_processes, vocab_size)
+    if chosen:
+        run.say(chosen)
+        run.tracker.log_params({"plan.compile": cfg.hardware.compile})
 
 
 def _init_from(cfg: RunConfig, tracker: Tracker) -> Optional[Pretrained]:

@@ -63,6 +63,17 @@ def test_sequence_logps_counts_only_unmasked_positions():
     assert torch.equal(sequence_logps(logits, targets)[0], logps)
 
 
+def test_compiled_sequence_logps_is_the_eager_one(monkeypatch):
+    """Compiled, every position is normalised and the mask applied after (no data-dependent shapes)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.tensor([[1, 2, -100, -100, 3], [-100, -100, -100, 4, 0]])
+    eager = sequence_logps(logits, targets)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = sequence_logps(logits, targets)
+    assert torch.allclose(compiled[0], eager[0], atol=1e-6) and torch.equal(compiled[1], eager[1])
+
+
 def pair_batch(vocab: int = 50, b: int = 3, t: int = 12) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     batch = {k: torch.randint(0, vocab, (b, t), generator=g) for k in ("chosen_inputs", "rejected_inputs")}

@@ -13,6 +13,7 @@ from lab.config import HardwareConfig, TrainConfig
 from lab.data.batch import Batch
 from lab.data.stream import BatchStream, val_batches
 from lab.engine import EvalSet, Parts, Task, Trainer
+from lab.errors import ConfigError
 from lab.models import build_model
 from lab.objectives import lm_loss
 from labtest import micro
@@ -123,3 +124,15 @@ def test_a_partial_last_eval_batch_weighs_by_its_rows(tmp_path):
     t.evals = {"": EvalSet(batches, score, perplexity=False)}
     t.evaluate()
     assert rec.logged[0]["val/acc"] == pytest.approx(0.75)  # 3 of 4 rows (the mean of batch means said 0.5)
+
+
+def test_multitask_rows_must_fit_the_trunks_context():
+    """A coherence pair is two verses and a separator: with micro's 128 positions, 64-token verses
+    would fail at whichever step first drew two long ones; the stage refuses before training."""
+    from lab.config_stages import MultitaskConfig
+    from lab.stages.multitask import _check_rows_fit
+
+    with pytest.raises(ConfigError, match=r"reach 129 tokens .* set multitask.verse_tokens=63 or lower"):
+        _check_rows_fit(MultitaskConfig(), 128)
+    _check_rows_fit(MultitaskConfig(verse_tokens=63), 128)
+    _check_rows_fit(MultitaskConfig(tasks=["lm", "xref"]), 64)  # no pairs in one row: a verse must fit

@@ -13,7 +13,8 @@ from lab.errors import ConfigError
 from lab.memory import LiveMemory, measured_peak
 from lab.models import build_model
 from lab.optim import state_bytes
-from lab.planner import GiB, choose_batch, device_memory, largest_micro_batch, make_plan, runtime_bytes
+from lab import planner
+from lab.planner import GiB, choose_batch, choose_compile, device_memory, largest_micro_batch, make_plan, runtime_bytes
 from lab.step_trace import Job, trace
 from labtest import micro
 
@@ -162,3 +163,32 @@ def test_the_planned_vocabulary_is_the_tokenizers(compose_cfg):
 
     assert planned_vocab(to_run_config(compose_cfg("tokenizer=byte"))) == ByteTokenizer(["<|im_start|>", "<|im_end|>"]).vocab_size == 261
     assert planned_vocab(to_run_config(compose_cfg("tokenizer.vocab_size=4096"))) == 4096
+
+
+def test_auto_compile_turns_on_when_the_run_repays_it(compose_cfg, monkeypatch):
+    monkeypatch.setattr(planner, "_cpp_compiler", lambda: "g++")
+
+    tiny = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto"))  # 400 steps of 8 x 256
+    flops, seconds = planner.eager_seconds(tiny, 1, 8192)
+    assert flops == 55070208 * 256 * 8 * 400 and seconds == flops / 0.15e12  # 301 s at a nominal 0.15 TFLOP/s
+    assert choose_compile(tiny, 1, 8192) == ("torch.compile: on <hardware.compile=auto: 4.5e+13 training FLOPs, about "
+                                             "5.0 min eager at nominal speed: more than the 2 min a compile takes to repay>")
+    assert tiny.hardware.compile is True and choose_compile(tiny, 1) is None  # settled: asked again, nothing changes
+    short = to_run_config(compose_cfg("model=tiny", "train.max_steps=100", "hardware.compile=auto"))  # 75 s
+    assert "off <" in choose_compile(short, 1, 8192) and short.hardware.compile is False
+    # two processes share the work: each takes half the time
+    assert planner.eager_seconds(short, 2, 8192)[1] == planner.eager_seconds(short, 1, 8192)[1]
+    fixed = to_run_config(compose_cfg("model=tiny", "hardware.compile=false"))
+    assert choose_compile(fixed, 1, 8192) is None and fixed.hardware.compile is False
+    mps = to_run_config(compose_cfg("model=tiny", "hardware=mps", "hardware.compile=auto"))
+    assert "MPS backend" in choose_compile(mps, 1, 8192) and mps.hardware.compile is False
+    monkeypatch.setattr(planner, "_cpp_compiler", lambda: None)
+    tiny = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto"))
+    assert "no C++ compiler" in choose_compile(tiny, 1, 8192) and tiny.hardware.compile is False
+
+
+def test_compile_takes_true_false_or_auto_only(compose_cfg):
+    with pytest.raises(ConfigError, match=r"hardware.compile='sometimes' must be true, false or auto"):
+        to_run_config(compose_cfg("hardware.compile=sometimes"))
+    with pytest.raises(ConfigError, match=r"hardware.compile=1 must be"):
+        to_run_config(compose_cfg("hardware.compile=1"))

@@ -1,11 +1,14 @@
 """lab's pretraining step against the Hugging Face Trainer on the same model shape, side by side.
 
     python -m lab.benchmarks.vs_hf_trainer                  # model=tiny's shape, batch 8 x 256, bf16 where the CPU has it
+    python -m lab.benchmarks.vs_hf_trainer --lab-eager      # lab without torch.compile
     python -m lab.benchmarks.vs_hf_trainer --rounds 4 --steps 30 --compile
 
 The peer is `transformers.Trainer` with `LlamaForCausalLM` of `model=tiny`'s shape (dim 256, 6
 layers, 4 heads, SwiGLU 1024, untied, vocab 8192, SDPA attention), bf16 autocast, AdamW with the
-same settings, no logging or saving. lab is its engine under the default CPU profile. Both train
+same settings, no logging or saving, eager as the Trainer's default is. lab is its engine under the
+default CPU profile, whose `hardware.compile=auto` compiles a run of `model=tiny`'s default length
+(`--lab-eager` turns that off; `--compile` compiles both sides). Both train
 on the same random token rows. Each round runs one process of each, in turn (A B A B ...), so
 drift in machine speed hits both alike; a process reports the median time of its steps after the
 first `--warmup`. The figures are the medians over rounds and the ratio of each round's pair.
@@ -19,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 BATCH, SEQ, VOCAB = 8, 256, 8192
 
@@ -29,8 +33,9 @@ def _rows(n: int):
     return np.random.default_rng(0).integers(0, VOCAB, size=(n, SEQ + 1))
 
 
-def run_lab(steps: int, warmup: int, compile_model: bool) -> dict:
-    """Median seconds per step of lab's engine, the default CPU profile, model=tiny."""
+def run_lab(steps: int, warmup: int, compile_model: Optional[bool]) -> dict:
+    """Median seconds per step of lab's engine, the default CPU profile, model=tiny; `compile_model`
+    None: what the profile's hardware.compile=auto chooses for a run of the default length."""
     import tempfile
     from pathlib import Path
 
@@ -44,14 +49,16 @@ def run_lab(steps: int, warmup: int, compile_model: bool) -> dict:
     from lab.hardware import resolve_precision
     from lab.models import build_model
     from lab.objectives import lm_loss
+    from lab.planner import choose_compile
     from lab.runner import REPO_ROOT
     from lab.tracking import Tracker
 
     register_schemas()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = to_run_config(compose("config", overrides=[
-            "model=tiny", f"data.seq_len={SEQ}", f"hardware.micro_batch={BATCH}", "train.progress=false",
-            f"train.max_steps={steps + warmup}", f"hardware.compile={str(compile_model).lower()}"]))
+            "model=tiny", f"data.seq_len={SEQ}", f"hardware.micro_batch={BATCH}", "train.progress=false"]
+            + ([] if compile_model is None else [f"hardware.compile={str(compile_model).lower()}"])))
+    choose_compile(cfg, 1, VOCAB)
     rows = _rows(BATCH * (steps + warmup))
     torch.manual_seed(0)
     model = build_model(cfg.model, VOCAB)
@@ -67,7 +74,8 @@ def run_lab(steps: int, warmup: int, compile_model: bool) -> dict:
             trainer.step_and_log()
             times.append(time.perf_counter() - t0)
     flops = model.flops_per_token(SEQ)
-    return {"step_s": statistics.median(times[warmup:]), "flops_per_token": flops, "precision": acc.mixed_precision}
+    return {"step_s": statistics.median(times[warmup:]), "flops_per_token": flops, "precision": acc.mixed_precision,
+            "compiled": cfg.hardware.compile}
 
 
 def run_hf(steps: int, warmup: int, compile_model: bool) -> dict:
@@ -109,7 +117,7 @@ def run_hf(steps: int, warmup: int, compile_model: bool) -> dict:
 
 def _child(side: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "lab.benchmarks.vs_hf_trainer", "--side", side, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--compile"] if args.compile else [])
+           "--warmup", str(args.warmup)] + (["--compile"] if args.compile else []) + (["--lab-eager"] if args.lab_eager else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
@@ -122,11 +130,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps per process")
     p.add_argument("--compile", action="store_true", help="torch.compile on both sides")
+    p.add_argument("--lab-eager", action="store_true", help="lab with hardware.compile=false")
     p.add_argument("--side", choices=["lab", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
-        fn = run_lab if args.side == "lab" else run_hf
-        print(json.dumps(fn(args.steps, args.warmup, args.compile)))
+        if args.side == "lab":
+            result = run_lab(args.steps, args.warmup, True if args.compile else False if args.lab_eager else None)
+        else:
+            result = run_hf(args.steps, args.warmup, args.compile)
+        print(json.dumps(result))
         return
     import torch
 
@@ -144,7 +156,8 @@ def main() -> None:
     roofline = measured_matmul_tflops(torch.device("cpu"), dtype)
     achieved = lab_tps * lab[0]["flops_per_token"] / 1e12
     print(f"model=tiny's shape, batch {BATCH} x {SEQ}, {lab[0]['precision'].replace('no', 'fp32')}, "
-          f"{'compiled' if args.compile else 'eager'}; {args.rounds} rounds of one process each, "
+          f"lab {'compiled' if lab[0]['compiled'] else 'eager'}, HF {'compiled' if args.compile else 'eager'}; "
+          f"{args.rounds} rounds of one process each, "
           f"{args.steps} timed steps per process")
     print(f"  lab's engine      {lab_tps:>9,.0f} tokens/s")
     print(f"  HF Trainer        {hf_tps:>9,.0f} tokens/s")

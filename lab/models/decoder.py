@@ -137,23 +137,34 @@ def window_mask(mask: Optional[torch.Tensor], T: int, window: int, device: torch
     return band[None, None] if mask is None else mask & band  # (1 or B, 1, T, T)
 
 
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                         scale: float, cap: float, dropout: float) -> torch.Tensor:
-    """Attention with scores soft-capped to (-cap, cap) before the mask and softmax (Gemma 2).
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                          scale: float, cap: Optional[float], dropout: float) -> torch.Tensor:
+    """Attention with its (B, nh, T, L) scores materialised: soft-capped to (-cap, cap) before the mask
+    and softmax where `cap` is given (Gemma 2), plain otherwise.
 
-    SDPA has no hook between the scores and the softmax, so capped layers take this explicit path:
-    the (B, nh, T, T) scores are materialised, which is affordable at lab's context lengths and
-    keeps the layer exact, in training as in inference. (HF's SDPA path for Gemma 2 silently drops
-    the cap, which changes the model.)
+    SDPA has no hook between the scores and the softmax, so capped layers always take this path,
+    which is affordable at lab's context lengths and keeps the layer exact, in training as in
+    inference. (HF's SDPA path for Gemma 2 silently drops the cap, which changes the model.)
     """
-    T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
-    scores = torch.tanh(scores / cap) * cap
+    T, L = q.size(-2), k.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, L)
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     if mask is None:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).type_as(q)
     return F.dropout(weights, dropout) @ v  # (B, nh, T, hs)
+
+
+# Compiled for a CPU, attention over up to this many positions is faster written out (inductor fuses
+# the scale, mask and softmax) than through SDPA's CPU flash kernel: model=tiny's compiled step took
+# 12% less time at 256 positions and 14% less at 512, but 10% more at 1,024 (2 cores, bf16).
+WRITTEN_OUT_MAX_LEN = 512
+
+
+def _write_out(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.size(-2) <= WRITTEN_OUT_MAX_LEN and torch.compiler.is_compiling()
 
 
 class Attention(nn.Module):
@@ -219,13 +230,13 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self._qkv(x, cos, sin, cache)
         dropout = self.dropout if self.training else 0.0
-        if self.softcap is None:
+        if self.softcap is None and not _write_out(q):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None,  # is_causal: the flash-kernel fast path
                 dropout_p=dropout, scale=self.scale,
             )  # (B, nh, T, hs); with a cache, the mask is always given (it is (T, L), not square)
         else:
-            y = softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap, dropout)
+            y = written_out_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * hs)
         return self.resid_drop(self.o_proj(y))
 

@@ -34,9 +34,15 @@ def _bare_loop(run: Run, data, steps: int):
     model.gradient_checkpointing = cfg.hardware.grad_checkpointing
     optimizer = build_optimizer(model, cfg.optimizer, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
-    fwd = torch.compile(model) if cfg.hardware.compile else model
     stream = data.stream(cfg.hardware.micro_batch, seed=cfg.train.seed)
     dtype = autocast_dtype(run.accelerator.mixed_precision)
+
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    loss_fn = torch.compile(loss_of) if cfg.hardware.compile else loss_of  # forward and loss, as the engine compiles
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     accum = cfg.hardware.grad_accum
 
@@ -44,10 +50,7 @@ def _bare_loop(run: Run, data, steps: int):
         """`n` steps; returns the last step's loss."""
         for _ in range(n):
             for _ in range(accum):
-                inputs, targets = (t.to(device) for t in stream.next_batch())
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = fwd(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss = loss_fn(*(t.to(device) for t in stream.next_batch()))
                 scaler.scale(loss / accum).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -125,7 +128,7 @@ def bench(run: Run) -> float:
 def _report(run: Run, m: dict[str, float]) -> None:
     cfg = run.cfg
     run.say(f"bench: model={cfg.model.name} ({m['bench/n_params'] / 1e6:.2f}M params), hardware={cfg.hardware.name} "
-            f"({run.accelerator.mixed_precision}), batch {cfg.hardware.micro_batch}x{cfg.hardware.grad_accum} of "
+            f"({run.accelerator.mixed_precision}{', compiled' if cfg.hardware.compile else ''}), batch {cfg.hardware.micro_batch}x{cfg.hardware.grad_accum} of "
             f"{cfg.data.seq_len} tokens; median of {cfg.stage.bench_rounds} interleaved rounds of {cfg.stage.bench_steps} steps")
     run.say(f"  engine      {m['bench/engine_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  bare loop   {m['bench/bare_tokens_per_sec']:>12,.0f} tokens/s")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lab.adapters import apply_adapter
+from lab.config_stages import MultitaskConfig
+from lab.errors import ConfigError
 from lab.data import prepare_data
 from lab.data.verse_tasks import prepare_verse_tasks
 from lab.engine import EvalSet, Task, Trainer
@@ -23,6 +25,16 @@ from lab.samples import SampleWriter
 from lab.tasks import TaskHeads, VerseObjectives
 
 
+def _check_rows_fit(mt: MultitaskConfig, max_seq_len: int) -> None:
+    """A coherence row holds two verses and a separator: it must fit the trunk's context, or a
+    batch of long verses would stop the run part-way."""
+    longest = 2 * mt.verse_tokens + 1 if "coherence" in mt.tasks else mt.verse_tokens
+    if longest > max_seq_len:
+        raise ConfigError(f"multitask rows reach {longest} tokens (coherence pairs two verses of up to "
+                          f"multitask.verse_tokens={mt.verse_tokens}), more than the trunk's model.max_seq_len="
+                          f"{max_seq_len}; set multitask.verse_tokens={(max_seq_len - 1) // 2} or lower")
+
+
 def multitask(run: Run) -> float:
     """Build the trunk and heads, the task streams and evaluation sets, and fit. Returns val/loss."""
     cfg, mt = run.cfg, run.cfg.multitask
@@ -32,6 +44,7 @@ def multitask(run: Run) -> float:
         lm = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
     verse = prepare_verse_tasks(mt, cfg.data, lm.tokenizer)
     model = start.build() if start else build_model(cfg.model, lm.tokenizer.vocab_size)
+    _check_rows_fit(mt, model.config.max_seq_len)
     trunk_params = model.num_parameters()
     model.task_heads = heads = TaskHeads(model.config.dim, mt.tasks, mt.pooling)
     adapter = apply_adapter(model, cfg.adapter)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from lab.config import ModelConfig
 from lab.models import Decoder, build_model
 from labtest import V, make, micro
-from lab.models.decoder import Attention, segment_layout
+from lab.models.decoder import Attention, _write_out, segment_layout, written_out_attention
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -113,6 +113,18 @@ def test_single_segment_equals_plain_path():
     idx = tokens(2, 15)
     seg = torch.zeros_like(idx)
     torch.testing.assert_close(model(idx, segment_ids=seg), model(idx), atol=1e-5, rtol=0)
+
+
+def test_written_out_attention_is_sdpa():
+    """The path compiled CPU steps take computes what SDPA does: causal, and with a packed-row mask."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(written_out_attention(q, k, v, None, 8 ** -0.5, None, 0.0), plain, atol=1e-6)
+    _, mask = segment_layout(torch.tensor([[0] * 5 + [1] * 11, [0] * 16]))
+    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(written_out_attention(q, k, v, mask, 8 ** -0.5, None, 0.0), packed, atol=1e-6)
+    assert not _write_out(q)  # eager steps keep SDPA (and its flash kernels)
 
 
 def test_tied_embeddings_share_storage_and_count_once():
