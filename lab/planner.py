@@ -209,14 +209,16 @@ def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
             f"process(es) = train.global_batch={want} {why}")
 
 
-# torch.compile pays once the eager run outlasts its cost several times over. A cold compile of the
-# training step (forward, loss and backward) took about 20 s on 2 CPU cores and saved about a sixth
-# of every step after it (model=tiny, bf16), so it breaks even near 2 minutes of training; a warm
-# cache (every job after the first of a sweep) repays sooner. The rule reads only the config, so a
-# resumed run makes the same choice (compiled and eager steps round differently).
+# torch.compile pays once the eager run outlasts its cost. On 2 CPU cores (model=tiny, bf16) a cold
+# compile of the training step (forward, loss and backward) took 52 s, a warm one 8 s (the cache
+# every job of a sweep after the first finds), and compiled steps took 35% less time: it repays
+# itself after about 2.5 minutes of eager training cold, 25 s warm. Auto compiles from 2 minutes.
+# The rule reads only the config, so a resumed run makes the same choice (compiled and eager steps
+# round differently).
 COMPILE_PAYS_AFTER_S = 120.0
 NOMINAL_CPU_TFLOPS = 0.15  # eager training throughput on a CPU (2 cores measured about 0.17 on tiny)
-NOMINAL_CUDA_SHARE = 0.35  # of the profile's peak_tflops, eager; 50 TFLOP/s where the peak is unknown
+NOMINAL_CUDA_SHARE = 0.35  # of the GPU's dense peak, eager
+UNKNOWN_GPU_TFLOPS = 143.0  # a GPU whose peak is unknown is taken for a mid-range one (about 50 TFLOP/s eager)
 
 
 def eager_seconds(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> tuple[float, float]:
@@ -230,7 +232,13 @@ def eager_seconds(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = N
     sequences = hw.micro_batch * hw.grad_accum * world_size * cfg.train.max_steps
     sequences *= 2 if cfg.stage.name == "dpo" else 1  # the chosen and the rejected answer
     flops = model.flops_per_token(seq) * seq * sequences
-    tflops = NOMINAL_CPU_TFLOPS if hw.device == "cpu" else NOMINAL_CUDA_SHARE * (hw.peak_tflops or 143.0)
+    if hw.device == "cpu":
+        tflops = NOMINAL_CPU_TFLOPS
+    else:
+        from lab.hardware import peak_tflops
+
+        peak = peak_tflops(hw, torch.device(hw.device))[0] if torch.cuda.is_available() else hw.peak_tflops
+        tflops = NOMINAL_CUDA_SHARE * (peak or UNKNOWN_GPU_TFLOPS)
     return flops, flops / (tflops * 1e12 * world_size)
 
 

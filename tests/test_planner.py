@@ -178,6 +178,9 @@ def test_auto_compile_turns_on_when_the_run_repays_it(compose_cfg, monkeypatch):
     assert "off <" in choose_compile(short, 1, 8192) and short.hardware.compile is False
     # two processes share the work: each takes half the time
     assert planner.eager_seconds(short, 2, 8192)[1] == planner.eager_seconds(short, 1, 8192)[1]
+    gpu = to_run_config(compose_cfg("model=tiny", "hardware=rtx4090", "hardware.micro_batch=8"))
+    assert planner.eager_seconds(gpu, 1, 8192)[1] == pytest.approx(flops / (0.35 * 165.2e12))  # 0.8 s: no compile
+    assert "off <" in choose_compile(gpu, 1, 8192)
     fixed = to_run_config(compose_cfg("model=tiny", "hardware.compile=false"))
     assert choose_compile(fixed, 1, 8192) is None and fixed.hardware.compile is False
     mps = to_run_config(compose_cfg("model=tiny", "hardware=mps", "hardware.compile=auto"))

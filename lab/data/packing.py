@@ -7,14 +7,13 @@ from one source and `meta["sources"][i]["train_rows"]` gives its `[start, stop)`
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,15 +94,22 @@ def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
 def encoded_chunks(docs: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
     """`tokenize_documents` a chunk of about `_ENCODE_CHARS` characters at a time, each chunk encoded
     on every core: the memory held is one chunk's, whatever the corpus's size."""
-    chunk: list[str] = []
-    size = 0
-    for doc in itertools.chain(docs, [None]):
-        if doc is not None:
-            chunk.append(doc)
-            size += len(doc)
-        if chunk and (size >= _ENCODE_CHARS or doc is None):
-            yield _flat(tokenizer.encode_batch(chunk), tokenizer)
-            chunk, size = [], 0
+    return (tokens for _, tokens in routed_chunks(((None, doc) for doc in docs), tokenizer))
+
+
+def routed_chunks(docs: Iterable[tuple[Any, str]], tokenizer: Tokenizer) -> Iterator[tuple[Any, np.ndarray]]:
+    """(key, document) pairs read once and encoded as `encoded_chunks` encodes, one chunk per key:
+    each key's chunks come in its documents' order (a source's train and val splits in one pass)."""
+    chunks: dict[Any, list[str]] = {}
+    sizes: dict[Any, int] = {}
+    for key, doc in docs:
+        chunks.setdefault(key, []).append(doc)
+        sizes[key] = sizes.get(key, 0) + len(doc)
+        if sizes[key] >= _ENCODE_CHARS:
+            yield key, _flat(tokenizer.encode_batch(chunks.pop(key)), tokenizer)
+            sizes[key] = 0
+    for key, chunk in chunks.items():
+        yield key, _flat(tokenizer.encode_batch(chunk), tokenizer)
 
 
 def _flat(encoded: list[list[int]], tokenizer: Tokenizer) -> np.ndarray:
@@ -249,14 +255,15 @@ def _pack_source(docs: Documents, split: tuple[np.ndarray, np.ndarray], tokenize
     """One source's documents, each split into its own writer; returns the source's info for meta.json."""
     n = len(split[0]) + len(split[1])
     info: dict = {"n_documents": n, "n_train_documents": len(split[0]), "n_val_documents": len(split[1])}
-    for name, chosen in zip(("train", "val"), split):
-        keep = np.zeros(n, dtype=bool)
-        keep[chosen] = True
-        writer, before = writers[name], writers[name].tokens
-        for tokens in encoded_chunks(_split_documents(docs, keep), tokenizer):
-            writer.add(tokens)
-        start, stop = writer.end_source()
-        info |= {f"n_{name}_tokens": writer.tokens - before, f"n_{name}_rows": stop - start, f"{name}_rows": [start, stop]}
+    is_val = np.zeros(n, dtype=bool)
+    is_val[split[1]] = True
+    before = {name: w.tokens for name, w in writers.items()}
+    for name, tokens in routed_chunks(((("val" if is_val[i] else "train"), doc) for i, doc in enumerate(docs)), tokenizer):
+        writers[name].add(tokens)
+    for name in ("train", "val"):
+        start, stop = writers[name].end_source()
+        info |= {f"n_{name}_tokens": writers[name].tokens - before[name], f"n_{name}_rows": stop - start,
+                 f"{name}_rows": [start, stop]}
     return info
 
 
