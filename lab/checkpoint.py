@@ -80,10 +80,12 @@ def write_checkpoint(
     meta: dict[str, Any],
     tokenizer: Any,
     keep: int,
+    weights: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Fill the temp folder (rank 0), rename it into place, and prune old checkpoints."""
+    """Fill the temp folder (rank 0), rename it into place, and prune old checkpoints. `weights`:
+    the model's, when they were gathered already (a sharded model's, `lab.fsdp.full_weights`)."""
     tmp = tmp_dir(run_dir, step)
-    save_safetensors(weights_of(model), tmp / WEIGHTS, "checkpoint weights")
+    save_safetensors(weights if weights is not None else weights_of(model), tmp / WEIGHTS, "checkpoint weights")
     config = dataclasses.asdict(model.config) | {"vocab_size": model.vocab_size}
     (tmp / "model_config.json").write_text(json.dumps(config, indent=2))
     save_torch(trainer_state, tmp / "trainer_state.pt", "trainer state")

@@ -290,6 +290,7 @@ class HardwareConfig:
     grad_accum: int = ranged(1, "[1, inf)")  # micro-batches per optimizer step (derived when train.global_batch is set)
     grad_checkpointing: bool = False
     compile: Any = False  # torch.compile each training step's forward and loss: true | false | auto (lab.planner.choose_compile)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun's processes (lab.fsdp)
     peak_tflops: Optional[float] = ranged(None, "(0, inf)")  # dense bf16/fp16 peak, for MFU; None where unknown
     memory_gb: Optional[float] = ranged(None, "(0, inf)")  # device memory in GiB, for the planner; None: read from the device
 
@@ -468,6 +469,20 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.check_context()
         self.check_stage()
+        self.check_fsdp()
+
+    def check_fsdp(self) -> None:
+        """What `hardware.fsdp=true` trains: full pretraining or SFT with AdamW or SGD, eager, in bf16 or fp32."""
+        if not self.hardware.fsdp:
+            return
+        why = {"stage": self.stage.name not in ("pretrain", "sft") and f"stage={self.stage.name} (pretrain or sft)",
+               "adapter": self.adapter.kind != "none" and f"adapter={self.adapter.name} (full training only: adapter=none)",
+               "optimizer": self.optimizer.kind not in ("adamw", "sgd") and f"optimizer={self.optimizer.kind} (adamw or sgd)",
+               "precision": self.hardware.precision == "fp16" and "hardware.precision=fp16 (bf16 or fp32)",
+               "compile": self.hardware.compile is True and "hardware.compile=true (it runs eager)"}
+        for reason in why.values():
+            if reason:
+                raise ConfigError(f"hardware.fsdp=true does not train with {reason}; change it, or set hardware.fsdp=false")
 
     def check_stage(self) -> None:
         """The data the stage reads, and a starting model where it needs one."""

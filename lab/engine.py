@@ -28,12 +28,14 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lab import checkpoint as ckpt
+from lab import fsdp
 from lab.config import HardwareConfig, OptimizerConfig, TrainConfig
 from lab.data.batch import Batch
 from lab.data.mixture import TaskMixture
 from lab.errors import CheckpointError, TrainingDiverged
 from lab.grokfast import GradFilter
 from lab.grokking import GrokkingDetector
+from lab.hardware import AutocastForward, autocast_dtype
 from lab.optim import build_optimizer
 from lab.tracking import Tracker
 
@@ -124,9 +126,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def weight_norm(model: torch.nn.Module) -> float:
-    """The L2 norm of all parameters together (a progress measure of grokking: weight decay shrinks it)."""
+    """The L2 norm of all parameters together (a progress measure of grokking: weight decay shrinks it).
+    Of a sharded model, on every rank (collective)."""
     with torch.no_grad():
-        return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in model.parameters()))
+        return math.sqrt(sum(float(fsdp.full_tensor(p.detach()).float().pow(2).sum()) for p in model.parameters()))
 
 
 def prefixed(split: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -151,15 +154,21 @@ class Trainer:
             self.callbacks.append(GrokkingDetector(self.cfg.grokking))
         self.raw_model = model.to(self.acc.device)
         self.raw_model.gradient_checkpointing = parts.hardware.grad_checkpointing
+        self.sharded = parts.hardware.fsdp
+        if self.sharded:  # before the optimizer: it holds the shards
+            fsdp.shard(self.raw_model)
         optimizer = build_optimizer(self.raw_model, parts.optimizer, self.cfg)
         jagged = adapter.lr_factor if adapter is not None else (lambda s: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.cfg) * jagged(s))
         # One process compiles each task's whole objective (forward and loss), so the fp32 log-softmax
         # over the batch's logits fuses with the head; under DDP dynamo compiles the model alone.
         compile_model = parts.hardware.compile and self.acc.num_processes > 1
-        # The scheduler is stepped by hand: accelerate would step it once per process.
-        self.model, self.optimizer = self.acc.prepare(
-            torch.compile(self.raw_model) if compile_model else self.raw_model, optimizer)
+        if self.sharded:  # accelerate would wrap it in DDP: lab does what its prepare does for a model
+            self.model, self.optimizer = AutocastForward(self.raw_model, self.acc.device.type,
+                                                         autocast_dtype(self.acc.mixed_precision)), optimizer
+        else:  # the scheduler is stepped by hand: accelerate would step it once per process
+            self.model, self.optimizer = self.acc.prepare(
+                torch.compile(self.raw_model) if compile_model else self.raw_model, optimizer)
         if parts.hardware.compile and not compile_model:
             self.tasks = {t.name: dataclasses.replace(t, objective=torch.compile(t.objective)) for t in tasks}
         self.streams = {t.name: t.stream(parts.hardware.micro_batch, seed=self.cfg.seed + i, rank=self.acc.process_index,
@@ -193,7 +202,9 @@ class Trainer:
             self.state.tokens_seen += batch.tokens * self.acc.num_processes
             self._since_log["tokens"] += batch.tokens * self.acc.num_processes
             # autocast wraps the prepared model's forward only: losses are computed in fp32
-            with nullcontext() if micro == accum - 1 else self.acc.no_sync(self.model):
+            if self.sharded:
+                fsdp.gradient_sync(self.raw_model, micro == accum - 1)
+            with nullcontext() if micro == accum - 1 or self.sharded else self.acc.no_sync(self.model):
                 loss, metrics = self.tasks[name].objective(self.model, batch)
             self.acc.backward(loss / accum)
             for k, v in {"loss": loss, **metrics}.items():
@@ -212,7 +223,8 @@ class Trainer:
     def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        return torch.as_tensor(self.acc.clip_grad_norm_(params, max_norm)).detach().float()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if self.sharded else self.acc.clip_grad_norm_(params, max_norm)
+        return torch.as_tensor(fsdp.full_tensor(norm)).detach().float()
 
     def _mean_over_ranks(self, values: dict[str, Any]) -> dict[str, float]:
         keys = sorted(values)
@@ -364,10 +376,14 @@ class Trainer:
     def _write(self, step: int, run_dir: Path, event: Optional[str]) -> None:
         acc = self.acc
         ckpt.write_rank_rng(run_dir, step, acc.process_index)
+        weights = None
+        if self.sharded:  # each rank its optimizer shard; the weights gathered for rank 0 to write whole
+            fsdp.save_optimizer_shard(self.optimizer, ckpt.tmp_dir(run_dir, step), acc.process_index)
+            weights = fsdp.full_weights(self.raw_model)
         acc.wait_for_everyone()
         if acc.is_main_process:
             trainer_state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": None if self.sharded else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "state": dataclasses.asdict(self.state),
@@ -377,7 +393,8 @@ class Trainer:
                 "callbacks": {str(i): cb.state_dict() for i, cb in enumerate(self.callbacks) if hasattr(cb, "state_dict")},
             }
             meta = self.parts.meta | {"tokenizer_sha256": self.tokenizer.sha256} | ({"event": event} if event else {})
-            ckpt.write_checkpoint(run_dir, step, self.raw_model, trainer_state, meta, self.tokenizer, self.cfg.keep_checkpoints)
+            ckpt.write_checkpoint(run_dir, step, self.raw_model, trainer_state, meta, self.tokenizer, self.cfg.keep_checkpoints,
+                                  weights=weights)
         acc.wait_for_everyone()
 
     def restore(self, path: Path) -> None:
@@ -387,9 +404,17 @@ class Trainer:
 
         meta = ckpt.read_meta(path)
         check_tokenizer(meta["tokenizer_sha256"], self.tokenizer, where=f"checkpoint {path}")
-        ckpt.load_weights(self.raw_model, path)
+        if self.sharded:
+            fsdp.load_full_weights(self.raw_model, path)
+        else:
+            ckpt.load_weights(self.raw_model, path)
         state, rng = ckpt.load_trainer_state(path, self.acc.process_index)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_optimizer_shard(self.optimizer, path, self.acc.process_index)
+        elif state["optimizer"] is None:
+            raise CheckpointError(f"checkpoint {path} was written by a sharded run (hardware.fsdp=true); resume it with that")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.acc.scaler is not None and state["scaler"] is not None:
             self.acc.scaler.load_state_dict(state["scaler"])

@@ -4,10 +4,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from lab import checkpoint as ckpt
+from lab import fsdp
 from lab.engine import FitResult, Trainer
 from lab.files import save_safetensors
 from lab.runner import Run
@@ -18,23 +20,27 @@ def fit_and_export(run: Run, trainer: Trainer, model: torch.nn.Module, adapter, 
     result = trainer.fit()
     if result.stopped_early:
         run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
-    elif run.is_main:
-        export_final(run, model, adapter, tokenizer, result.checkpoint)
+        return result
+    weights = fsdp.full_weights(model) if trainer.sharded else None  # every rank gathers; rank 0 writes
+    if run.is_main:
+        export_final(run, model, adapter, tokenizer, result.checkpoint, weights)
     return result
 
 
-def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Path) -> Path:
+def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Path,
+                 weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write `<run's checkpoints>/export/` and log it.
 
     The export holds plain full weights (any adapter merged in), the model config and the tokenizer,
     so `init_from=<this run>` loads it into a model without adapters. MLflow gets the tokenizer, the
     adapter alone in PEFT's layout (if there is one), and a logged model (`models:/<id>`, registered
     as `models:/<name>/<version>`): the export, less the full weights when an adapter trained
-    without `adapter.merge=true`.
+    without `adapter.merge=true`. `weights`: the full weights, where they were gathered already
+    (a sharded run's, `lab.fsdp.full_weights`).
     """
     export = run.ckpt_dir / "export"
     meta = ckpt.read_meta(last)
-    weights = adapter.merged_state_dict()
+    weights = adapter.merged_state_dict() if weights is None else dict(weights)
     heads = {k: weights.pop(k) for k in [k for k in weights if k.startswith(HEADS)]}  # multitask: the trunk alone
     ckpt.write_export(export, weights, model, tokenizer, meta)
     if heads:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from accelerate.utils.operations import convert_outputs_to_fp32
+from torch import nn
 
 from lab.config import HardwareConfig
 from lab.errors import ConfigError
@@ -116,3 +118,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+class AutocastForward(nn.Module):
+    """`model` as accelerate prepares it: forward under autocast (None: fp32), floating outputs back to fp32."""
+
+    def __init__(self, model: nn.Module, device_type: str, dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.inner, self.device_type, self.dtype = model, device_type, dtype
+        self._forward = convert_outputs_to_fp32(self._autocast_forward) if dtype is not None else model.forward
+
+    def _autocast_forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.inner(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)

@@ -260,6 +260,9 @@ def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = 
     if hw.device == "mps":
         hw.compile = False
         return "torch.compile: off <hardware.compile=auto: its MPS backend is still experimental>"
+    if hw.fsdp:
+        hw.compile = False
+        return "torch.compile: off <hardware.compile=auto: hardware.fsdp runs eager>"
     flops, seconds = eager_seconds(cfg, world_size, vocab_size)
     hw.compile = seconds >= COMPILE_PAYS_AFTER_S
     why = (f"{flops:.2g} training FLOPs, about {seconds / 60:.1f} min eager at nominal speed: "

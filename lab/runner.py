@@ -22,7 +22,7 @@ from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
 from lab.config import STAGE_READS, RunConfig, TrackingConfig, config_hash, flatten, resolved, to_run_config
-from lab.errors import CheckpointError, LabError
+from lab.errors import CheckpointError, ConfigError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, resolve_precision
 from lab.lineage import Pretrained
@@ -302,6 +302,9 @@ def _settle_hardware(run: Run) -> None:
     cfg = run.cfg
     if cfg.stage.name not in STAGE_READS:
         return
+    if cfg.hardware.fsdp and run.accelerator.num_processes == 1:
+        raise ConfigError("hardware.fsdp=true shards the model over processes, and this run has one; launch it "
+                          "with torchrun, e.g. torchrun --nproc_per_node 2 -m lab hardware.fsdp=true")
     vocab_size = run.pretrained.vocab_size if run.pretrained else None
     chosen = choose_batch(cfg, run.accelerator.num_processes, vocab_size)
     if chosen:

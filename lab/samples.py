@@ -23,15 +23,22 @@ class SampleWriter:
         self.last: list[str] = []
 
     def after_eval(self, trainer, values: dict[str, float]) -> None:
-        """The engine's callback: rank 0 samples from the unwrapped model after each evaluation."""
+        """The engine's callback: rank 0 samples from the unwrapped model after each evaluation. A
+        sharded model's forward needs every rank, so there the others generate alongside, writing nothing."""
         if trainer.acc.is_main_process:
             self(trainer.raw_model, trainer.state.step)
+        elif trainer.sharded:
+            self.generate(trainer.raw_model)
 
-    def __call__(self, model: torch.nn.Module, step: int) -> None:
+    def generate(self, model: torch.nn.Module) -> list[str]:
+        """The prompts and their samples, decoded (the same on every rank: the generator is seeded)."""
         prompts = [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in self.prompts]
         sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=0.8, top_k=50, seed=self.seed)
         result = generate(model, prompts, sampling, stop_ids=[self.stop_id], pad_id=self.tokenizer.pad_id)
-        self.last = [self.tokenizer.decode(p + c.ids) for p, c in zip(prompts, result.completions)]  # decode skips bos/eos
+        return [self.tokenizer.decode(p + c.ids) for p, c in zip(prompts, result.completions)]  # decode skips bos/eos
+
+    def __call__(self, model: torch.nn.Module, step: int) -> None:
+        self.last = self.generate(model)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(f"=== step {step} ===\n" + "\n---\n".join(self.last) + "\n\n")

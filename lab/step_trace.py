@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
-from accelerate.utils.operations import convert_outputs_to_fp32
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lab.config import AdapterConfig, DPOConfig, HardwareConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+from lab.hardware import AutocastForward
 from lab.memory import LiveMemory
 
 
@@ -103,22 +103,6 @@ class Trace:
     @property
     def at_peak(self) -> Breakdown:
         return self.backward if self.backward.total >= self.step.total else self.step
-
-
-class _Autocast(nn.Module):
-    """The model as accelerate prepares it: forward under autocast, floating outputs back to fp32."""
-
-    def __init__(self, model: nn.Module, dtype: Optional[torch.dtype]):
-        super().__init__()
-        self.inner, self.dtype = model, dtype
-        self._forward = convert_outputs_to_fp32(self._autocast_forward) if dtype is not None else model.forward
-
-    def _autocast_forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", dtype=self.dtype):
-            return self.inner(*args, **kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._forward(*args, **kwargs)
 
 
 def _objective(job: Job, adapter: Any, frozen: Optional[nn.Module]) -> Callable:
@@ -224,7 +208,7 @@ def _trace(job: Job, micro_batch: int) -> Trace:
         batch = _batch(job, micro_batch)
         mem.probe = lambda: _grad_bytes(trainable)
         mem.peak = mem.live  # the peak of the step itself, from here
-        loss, _ = _objective(job, adapter, frozen)(_Autocast(model, dtype), batch)
+        loss, _ = _objective(job, adapter, frozen)(AutocastForward(model, "cpu", dtype), batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         grads = _grad_bytes(trainable)

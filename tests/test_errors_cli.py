@@ -38,6 +38,8 @@ def assert_nothing_left_behind(cwd) -> None:
     (["hardware=rtx4090"], ["hardware=rtx4090", "hardware=cpu"]),
     (["data=kjv_pref"], ["data.sources[0].kind='kjv_pref' is not read by pretraining", "data=kjv"]),
     (["data=kjv_sft"], ["data.sources[0].kind='kjv_sft' is not read by pretraining", "kind=jsonl"]),
+    (["hardware.fsdp=true"], ["hardware.fsdp=true shards the model over processes, and this run has one", "torchrun"]),
+    (["hardware.fsdp=true", "adapter=lora"], ["hardware.fsdp=true does not train with adapter=lora", "hardware.fsdp=false"]),
 ])
 def test_config_errors(lab_cli, tmp_path, args, fragments):
     proc = lab_cli(*FAST, *args, check=False)
