@@ -42,7 +42,7 @@ def test_fsdp_trains_checkpoints_in_shards_and_resumes_as_ddp_trains(lab_cli, tm
 
 
 @pytest.mark.parametrize("override,named", [
-    ("adapter=lora", "adapter=lora"), ("stage=dpo", "stage=dpo"), ("optimizer=muon", "optimizer=muon"),
+    ("adapter=lora", "adapter=lora"), ("stage=dpo", "stage=dpo"), ("optimizer=sgd", "optimizer=sgd"),
     ("hardware.compile=true", "hardware.compile=true"), ("hardware.precision=fp16", "hardware.precision=fp16"),
 ])
 def test_fsdp_refuses_what_it_does_not_train(compose_cfg, override, named):
