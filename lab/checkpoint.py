@@ -150,10 +150,12 @@ def read_model_config(ckpt: Path) -> dict[str, Any]:
     return read_json(ckpt / "model_config.json", "checkpoint model config")
 
 
-def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with a tied output head stored once, under the embedding's name."""
+def weights_of(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The state dict (or `state`, the model's gathered elsewhere) with a tied output head stored
+    once, under the embedding's name."""
     tied = getattr(model.config, "tie_embeddings", False)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    state = model.state_dict() if state is None else state
+    return {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:

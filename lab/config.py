@@ -475,13 +475,13 @@ class RunConfig:
         """What `hardware.fsdp=true` trains: full pretraining or SFT with AdamW, eager, in bf16 or fp32."""
         if not self.hardware.fsdp:
             return
-        why = {"stage": self.stage.name not in ("pretrain", "sft") and f"stage={self.stage.name} (pretrain or sft)",
-               "adapter": self.adapter.kind != "none" and f"adapter={self.adapter.name} (full training only: adapter=none)",
-               # torch 2.13 has no sharded kernel for fused SGD nor Adafactor; Muon on shards is unchecked
-               "optimizer": self.optimizer.kind != "adamw" and f"optimizer={self.optimizer.kind} (adamw only)",
-               "precision": self.hardware.precision == "fp16" and "hardware.precision=fp16 (bf16 or fp32)",
-               "compile": self.hardware.compile is True and "hardware.compile=true (it runs eager)"}
-        for reason in why.values():
+        refused = (self.stage.name not in ("pretrain", "sft") and f"stage={self.stage.name} (pretrain or sft)",
+                   self.adapter.kind != "none" and f"adapter={self.adapter.name} (full training only: adapter=none)",
+                   # torch 2.13 has no sharded kernel for fused SGD nor Adafactor; Muon on shards is unchecked
+                   self.optimizer.kind != "adamw" and f"optimizer={self.optimizer.kind} (adamw only)",
+                   self.hardware.precision == "fp16" and "hardware.precision=fp16 (bf16 or fp32)",
+                   self.hardware.compile is True and "hardware.compile=true (it runs eager)")
+        for reason in refused:
             if reason:
                 raise ConfigError(f"hardware.fsdp=true does not train with {reason}; change it, or set hardware.fsdp=false")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lab.checkpoint import WEIGHTS
+from lab.checkpoint import WEIGHTS, weights_of
 from lab.errors import CheckpointError
 from lab.files import load_safetensors, load_torch, save_torch
 
@@ -55,14 +55,11 @@ def _is_shard(t: object) -> bool:
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every rank gathers the full weights (collective), keyed as `lab.checkpoint.weights_of` keys them:
-    a tied output head stored once."""
+    """The full weights, keyed as `lab.checkpoint.weights_of` keys them (a tied output head stored
+    once), on rank 0; the others take part in the gather (collective) and get {}."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                 broadcast_from_rank0=False))
-    tied = model.config.tie_embeddings
-    return {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+    return weights_of(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
 
 def load_full_weights(model: nn.Module, ckpt: Path) -> None:

@@ -234,11 +234,10 @@ def eager_seconds(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = N
     flops = model.flops_per_token(seq) * seq * sequences
     if hw.device == "cpu":
         tflops = NOMINAL_CPU_TFLOPS
-    else:
+    else:  # the run's device is here (check_device), so a profile without a peak reads the GPU's name
         from lab.hardware import peak_tflops
 
-        peak = peak_tflops(hw, torch.device(hw.device))[0] if torch.cuda.is_available() else hw.peak_tflops
-        tflops = NOMINAL_CUDA_SHARE * (peak or UNKNOWN_GPU_TFLOPS)
+        tflops = NOMINAL_CUDA_SHARE * (peak_tflops(hw, torch.device(hw.device))[0] or UNKNOWN_GPU_TFLOPS)
     return flops, flops / (tflops * 1e12 * world_size)
 
 

@@ -136,3 +136,5 @@ def test_multitask_rows_must_fit_the_trunks_context():
         _check_rows_fit(MultitaskConfig(), 128)
     _check_rows_fit(MultitaskConfig(verse_tokens=63), 128)
     _check_rows_fit(MultitaskConfig(tasks=["lm", "xref"]), 64)  # no pairs in one row: a verse must fit
+    with pytest.raises(ConfigError, match=r"reach 64 tokens \(a verse takes .* set multitask.verse_tokens=48 or lower"):
+        _check_rows_fit(MultitaskConfig(tasks=["lm", "xref"]), 48)

@@ -26,25 +26,27 @@ from lab.tasks import TaskHeads, VerseObjectives
 
 
 def _check_rows_fit(mt: MultitaskConfig, max_seq_len: int) -> None:
-    """A coherence row holds two verses and a separator: it must fit the trunk's context, or a
-    batch of long verses would stop the run part-way."""
-    longest = 2 * mt.verse_tokens + 1 if "coherence" in mt.tasks else mt.verse_tokens
+    """Every verse row must fit the trunk's context (a coherence row holds two verses and a
+    separator), or the first batch of long verses would stop the run part-way."""
+    pairs = "coherence" in mt.tasks
+    longest = 2 * mt.verse_tokens + 1 if pairs else mt.verse_tokens
     if longest > max_seq_len:
-        raise ConfigError(f"multitask rows reach {longest} tokens (coherence pairs two verses of up to "
-                          f"multitask.verse_tokens={mt.verse_tokens}), more than the trunk's model.max_seq_len="
-                          f"{max_seq_len}; set multitask.verse_tokens={(max_seq_len - 1) // 2} or lower")
+        what = "coherence pairs two verses" if pairs else "a verse takes"
+        raise ConfigError(f"multitask rows reach {longest} tokens ({what} of up to multitask.verse_tokens="
+                          f"{mt.verse_tokens}), more than the trunk's model.max_seq_len={max_seq_len}; "
+                          f"set multitask.verse_tokens={(max_seq_len - 1) // 2 if pairs else max_seq_len} or lower")
 
 
 def multitask(run: Run) -> float:
     """Build the trunk and heads, the task streams and evaluation sets, and fit. Returns val/loss."""
     cfg, mt = run.cfg, run.cfg.multitask
+    _check_rows_fit(mt, cfg.model.max_seq_len)  # before any data is prepared (init_from's model is cfg.model)
     start = run.pretrained
     tokenizer = load_tokenizer_checked(start) if start else None
     with run.accelerator.main_process_first():
         lm = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
     verse = prepare_verse_tasks(mt, cfg.data, lm.tokenizer)
     model = start.build() if start else build_model(cfg.model, lm.tokenizer.vocab_size)
-    _check_rows_fit(mt, model.config.max_seq_len)
     trunk_params = model.num_parameters()
     model.task_heads = heads = TaskHeads(model.config.dim, mt.tasks, mt.pooling)
     adapter = apply_adapter(model, cfg.adapter)
