@@ -1,12 +1,15 @@
 """`analysis=alignment`: how far apart two spaces of verse embeddings are, up to a rotation.
 
 The same verses are embedded twice: in two languages under one checkpoint, or in one language
-under two checkpoints. Both sides are centred and scaled to unit Frobenius norm; the rotation is
-orthogonal Procrustes (R = U Vᵀ from the SVD of XᵀY), and the normalised distance
+under two checkpoints. Both sides are centred and scaled to unit Frobenius norm, and the narrower
+is padded with zero columns to the wider's width, so the rotation R is square and orthogonal
+(orthogonal Procrustes: R = U Vᵀ from the SVD of XᵀY). The normalised distance
 
-    d = ||X R - Y||² / (||X||² + ||Y||²) = 1 - sum of the singular values of XᵀY
+    d = ||X R - Y||² / (||X||² + ||Y||²) = 1 - ||XᵀY||_*   (the nuclear norm: the singular values' sum)
 
-is 0 for a rotated copy and 1 for orthogonal spaces. The random baseline is d with Y's rows
+is 0 for a rotated copy and 1 for orthogonal spaces, and d(X, Y) = d(Y, X) for any two widths.
+(Without the padding, R from a wider X to a narrower Y only has orthonormal columns, ||X R||² < 1,
+and the residual no longer measures the distance.) The random baseline is d with Y's rows
 shuffled (the verses no longer correspond), averaged over `analysis.alignment.permutations`
 shuffles. Each book's share is the same ratio over its own verses, under the global rotation.
 """
@@ -33,13 +36,20 @@ def procrustes(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, fl
         x: (N, d1) and y: (N, d2), row i of each the same item; the widths may differ.
 
     Returns:
-        R (d1, d2) with orthonormal rows or columns; the residual X R - Y, (N, d2); the distance d.
+        R (d, d), orthogonal, d = max(d1, d2); the residual X R - Y of the padded spaces, (N, d); the
+        distance d, the same for (x, y) and (y, x) (and each row's residual norm too).
     """
-    x, y = normalise(x), normalise(y)
-    u, s, vt = np.linalg.svd(x.T @ y, full_matrices=False)
+    x, y = padded(normalise(x), normalise(y))
+    u, s, vt = np.linalg.svd(x.T @ y)
     rotation = u @ vt
     residual = x @ rotation - y
     return rotation, residual, float((residual ** 2).sum() / 2.0)  # ||X||² + ||Y||² = 2
+
+
+def padded(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both spaces at the wider width, the narrower with zero columns appended (norms unchanged)."""
+    width = max(x.shape[1], y.shape[1])
+    return tuple(np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in (x, y))
 
 
 def random_baseline(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) -> float:
@@ -49,7 +59,8 @@ def random_baseline(x: np.ndarray, y: np.ndarray, permutations: int, seed: int) 
 
 
 def by_group(x: np.ndarray, y: np.ndarray, residual: np.ndarray, groups: np.ndarray) -> pd.DataFrame:
-    """Each group's distance: its residual energy over its own energy on both sides (normalised spaces)."""
+    """Each group's distance: its residual energy over its own energy on both sides (normalised spaces).
+    `residual` is `procrustes`'s, so each row's share is the same whichever side came first."""
     xn, yn = normalise(x), normalise(y)
     rows = []
     for g in np.unique(groups):

@@ -32,6 +32,22 @@ def test_a_rotated_copy_is_at_distance_zero_and_an_unrelated_space_at_the_baseli
     assert random_baseline(x, x, 8, seed=0) == pytest.approx(baseline, abs=0.03)
 
 
+@pytest.mark.parametrize("widths", [(32, 8), (8, 32), (16, 16)])
+def test_the_distance_is_the_reference_formula_and_symmetric_for_any_widths(widths):
+    from lab.analysis.alignment import normalise
+
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(200, widths[0])), rng.normal(size=(200, widths[1]))
+    xn, yn = normalise(x), normalise(y)
+    reference = (1.0 + 1.0 - 2.0 * np.linalg.svd(xn.T @ yn, compute_uv=False).sum()) / 2.0  # (||X||² + ||Y||² - 2||XᵀY||_*) / 2
+    rotation, residual, d = procrustes(x, y)
+    _, residual_back, d_back = procrustes(y, x)
+    assert d == pytest.approx(reference, abs=1e-12) and d_back == pytest.approx(d, abs=1e-12)
+    assert np.allclose(rotation @ rotation.T, np.eye(max(widths)))  # square and orthogonal
+    # every row's residual is the same either way round, so per-book shares are too
+    assert np.allclose((residual ** 2).sum(1), (residual_back ** 2).sum(1))
+
+
 def test_per_group_distances_weigh_back_to_the_whole():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
