@@ -9,6 +9,10 @@ Layout of one checkpoint, `<paths.checkpoints>/<run id>/step_0000300/`:
                          `event` for a checkpoint kept at an event (grokking), which pruning spares
     tokenizer/           the tokenizer files
 
+An adapter run started from no checkpoint (pretraining) also keeps, beside its step folders, the
+weights its adapters wrapped as they were at the start, `start_weights.safetensors`: what
+`analysis=adapter_rank` measures the update against where no `init_from` can give it.
+
 `FORMAT_VERSION` numbers this layout. Version 1 (no `format_version` key) predates the Gemma
 options of `ModelConfig`; its model configs read as plain Llama, which is what they were. A
 checkpoint from a newer lab than this one is refused, saying so.
@@ -31,6 +35,7 @@ from lab.errors import CheckpointError
 from lab.files import load_safetensors, load_torch, read_json, save_safetensors, save_torch, stream_safetensors
 
 WEIGHTS = "model.safetensors"
+START_WEIGHTS = "start_weights.safetensors"
 FORMAT_VERSION = 2  # 1: before the Gemma options (no format_version in meta.json); 2: with them
 
 
@@ -177,6 +182,14 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 def _misfit(path: Path, model: torch.nn.Module, what: str) -> CheckpointError:
     return CheckpointError(f"{path} does not fit model={model.config.name}: {what}; "
                            "use the model config the checkpoint was made with")
+
+
+def write_start_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Keep the starting weights of an adapter run's wrapped layers, once (a resumed run keeps the first)."""
+    path = run_dir / START_WEIGHTS
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()}, path, "starting weights")
 
 
 def base_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -271,6 +271,9 @@ class AdapterConfig:
     optimizer_reset: float = ranged(0.99, "[0, 1]")  # relora: share of each adapter's optimizer state zeroed at a merge (by magnitude)
     rewarmup_steps: int = ranged(10, "[0, inf)")  # relora: the learning rate re-warms over this many steps after each merge
     merge: bool = False  # at the end, also export full weights with the adapter merged in
+    # whether what the adapter does not wrap (embeddings, norms, an untied head) trains in full;
+    # None: settled by the stage (`trains_rest_by_default`): on for relora and under pretraining, off otherwise
+    train_rest: Optional[bool] = None
 
     def __post_init__(self) -> None:
         check_ranges(self, "adapter")
@@ -279,6 +282,25 @@ class AdapterConfig:
             raise ConfigError(f"adapter.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
         if self.kind in ("relora", "rank1") and self.merge_every < 1:
             raise ConfigError(f"adapter={self.name} merges periodically: set adapter.merge_every to a positive step count")
+
+    @property
+    def merges(self) -> bool:
+        """ReLoRA and rank1 merge the adapter into the base weights every `merge_every` steps."""
+        return self.kind in ("relora", "rank1")
+
+    @property
+    def off_is_starting_model(self) -> bool:
+        """With the adapter switched off the model is exactly the one training started from (DPO's
+        free reference): true unless the base changes too, by merges or by `train_rest`."""
+        return self.kind != "none" and not self.merges and not self.train_rest
+
+
+def trains_rest_by_default(kind: str, stage: str) -> bool:
+    """`adapter.train_rest` when unset. ReLoRA's reference implementation (Lialin et al. 2023) wraps
+    only the linear layers and trains the embeddings, norms and an untied head in full, and so does
+    any adapter in pretraining, where those start random; fine-tuning (SFT, DPO) trains the adapter
+    alone, as PEFT does."""
+    return kind == "relora" or (kind != "none" and stage == "pretrain")
 
 
 @dataclass
@@ -470,6 +492,9 @@ class RunConfig:
         self.check_context()
         self.check_stage()
         self.check_fsdp()
+        if self.adapter.train_rest is None:
+            trained = self.plan.stage if self.stage.name == "plan" else self.stage.name
+            self.adapter.train_rest = trains_rest_by_default(self.adapter.kind, trained)
 
     def check_fsdp(self) -> None:
         """What `hardware.fsdp=true` trains: full pretraining or SFT with AdamW, eager, in bf16 or fp32."""

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lab.config import DPOConfig
+from lab.config import AdapterConfig, DPOConfig
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +86,16 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 # reference(policy model, batch) -> (ref_w, ref_l), each (B,), without gradient
 Reference = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def reference_kind(dpo: DPOConfig, adapter: AdapterConfig) -> str:
+    """Which reference a DPO run uses: "none (simpo)"; "adapter disabled" where switching the adapter
+    off gives back the starting model (LoRA and DoRA on a frozen base); otherwise `dpo.reference`
+    (cached log-probs, or a frozen copy), since ReLoRA's merges and `adapter.train_rest` change the
+    base as training goes."""
+    if dpo.loss == "simpo":
+        return "none (simpo)"
+    return "adapter disabled" if adapter.off_is_starting_model else dpo.reference
 
 
 def adapter_reference(adapter) -> Reference:

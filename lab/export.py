@@ -34,8 +34,8 @@ def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Pat
     The export holds plain full weights (any adapter merged in), the model config and the tokenizer,
     so `init_from=<this run>` loads it into a model without adapters. MLflow gets the tokenizer, the
     adapter alone in PEFT's layout (if there is one), and a logged model (`models:/<id>`, registered
-    as `models:/<name>/<version>`): the export, less the full weights when an adapter trained
-    without `adapter.merge=true`. `weights`: the full weights, where they were gathered already
+    as `models:/<name>/<version>`): the export, less the full weights when an adapter on a frozen base
+    trained without `adapter.merge=true`. `weights`: the full weights, where they were gathered already
     (a sharded run's, `lab.fsdp.full_weights`).
     """
     export = run.ckpt_dir / "export"
@@ -49,7 +49,8 @@ def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Pat
     if run.cfg.adapter.kind != "none":
         adapter.save(export / "adapter")
         run.tracker.log_artifacts(export / "adapter", "adapter")
-    full = run.cfg.adapter.kind == "none" or run.cfg.adapter.merge
+    # the adapter alone rebuilds the model only on the base it started from (not after merges or train_rest)
+    full = not run.cfg.adapter.off_is_starting_model or run.cfg.adapter.merge
     with tempfile.TemporaryDirectory() as tmp:
         logged = export if full else _without_weights(export, Path(tmp))
         run.tracker.log_model(logged, meta["step"], registered_name(run))

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from lab.config import AdapterConfig, HardwareConfig, OptimizerConfig, RunConfig
+from lab.config import AdapterConfig, HardwareConfig, OptimizerConfig, RunConfig, trains_rest_by_default
 from lab.errors import ConfigError
 from lab.step_trace import Job, Trace, estimate, trace
 
@@ -149,7 +149,9 @@ def suggestions(job: Job, hw: HardwareConfig, memory: int) -> list[str]:
     if not job.grad_checkpointing:
         tries.append(("hardware.grad_checkpointing=true", replace(job, grad_checkpointing=True)))
     if job.adapter.kind == "none":
-        tries.append(("adapter=lora", replace(job, adapter=AdapterConfig(name="lora", kind="lora"))))
+        stage = "pretrain" if job.objective in ("lm", "answer") else job.objective
+        lora = AdapterConfig(name="lora", kind="lora", train_rest=trains_rest_by_default("lora", stage))
+        tries.append(("adapter=lora", replace(job, adapter=lora)))
     if job.optimizer.kind != "adafactor":
         tries.append(("optimizer=adafactor", replace(job, optimizer=OptimizerConfig(name="adafactor", kind="adafactor"))))
     seq = job.seq_len // 2

@@ -107,13 +107,16 @@ class Trace:
 
 def _objective(job: Job, adapter: Any, frozen: Optional[nn.Module]) -> Callable:
     from lab import objectives
-    from lab.dpo import adapter_reference, copy_reference, dpo_objective
+    from lab.dpo import adapter_reference, copy_reference, dpo_objective, reference_kind
 
     if job.objective == "dpo":
-        reference = None
-        if job.dpo.loss != "simpo":
-            reference = adapter_reference(adapter) if job.adapter.kind != "none" else (
-                copy_reference(frozen) if frozen is not None else _cached_reference)
+        kind, reference = reference_kind(job.dpo, job.adapter), None
+        if kind == "adapter disabled":
+            reference = adapter_reference(adapter)
+        elif kind == "copy":
+            reference = copy_reference(frozen)
+        elif kind == "cached":
+            reference = _cached_reference
         return dpo_objective(job.dpo, reference)
     base = {"lm": objectives.lm_loss, "sft": objectives.masked_lm_loss, "answer": objectives.answer_loss}[job.objective]
     if job.train.sbd_block and job.objective in ("lm", "sft"):
@@ -188,6 +191,7 @@ def trace(job: Job, micro_batch: int) -> Trace:
 
 def _trace(job: Job, micro_batch: int) -> Trace:
     from lab.adapters import apply_adapter
+    from lab.dpo import reference_kind
     from lab.models import build_model
     from lab.optim import state_bytes
 
@@ -195,7 +199,7 @@ def _trace(job: Job, micro_batch: int) -> Trace:
     with FakeTensorMode(), LiveMemory() as mem, _EveryPositionCounts():
         model = build_model(job.model, job.vocab_size)
         frozen = None
-        if job.objective == "dpo" and job.adapter.kind == "none" and job.dpo.loss != "simpo" and job.dpo.reference == "copy":
+        if job.objective == "dpo" and reference_kind(job.dpo, job.adapter) == "copy":
             frozen = build_model(job.model, job.vocab_size).requires_grad_(False)  # the copy's twin: deepcopy mixes fake modes
         adapter = apply_adapter(model, job.adapter)
         model.gradient_checkpointing = job.grad_checkpointing

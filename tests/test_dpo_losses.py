@@ -110,3 +110,17 @@ def test_adapter_disabled_reference_is_exactly_the_base_model():
     assert torch.equal(ref_w, base_w) and torch.equal(ref_l, base_l)
     pol_w, _, _, _ = pair_logps(model, batch)
     assert not torch.equal(pol_w, base_w)  # the policy itself has moved
+
+
+@pytest.mark.parametrize("adapter, loss, expected", [
+    (AdapterConfig(kind="lora", train_rest=False), "sigmoid", "adapter disabled"),
+    (AdapterConfig(kind="dora", train_rest=False), "ipo", "adapter disabled"),
+    (AdapterConfig(kind="relora", merge_every=10, train_rest=False), "sigmoid", "cached"),  # merges move the base
+    (AdapterConfig(kind="lora", train_rest=True), "sigmoid", "cached"),  # so does training the rest
+    (AdapterConfig(kind="none"), "sigmoid", "cached"),
+    (AdapterConfig(kind="lora", train_rest=False), "simpo", "none (simpo)"),
+])
+def test_the_reference_is_the_disabled_adapter_only_where_that_is_the_starting_model(adapter, loss, expected):
+    from lab.dpo import reference_kind
+
+    assert reference_kind(DPOConfig(loss=loss), adapter) == expected

@@ -53,7 +53,8 @@ class AdapterSet:
 
     # ---- parameters --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters that train: the adapters' (all of the model's with kind none)."""
+        """The parameters that train: the adapters' (with `train_rest` also all but the wrapped
+        weights; all of the model's with kind none)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def num_trainable(self) -> int:
@@ -94,7 +95,7 @@ class AdapterSet:
             True if it merged at this step.
         """
         every = self.cfg.merge_every
-        if self.cfg.kind not in ("relora", "rank1") or step <= 0 or step % every:
+        if not self.cfg.merges or step <= 0 or step % every:
             return False
         self.merge_into_base()
         for state in (opt.state for opt in inner_optimizers(optimizer)):
@@ -121,6 +122,10 @@ class AdapterSet:
             return 1.0
         return min(1.0, (step % cfg.merge_every + 1) / cfg.rewarmup_steps)
 
+    def wrapped_weights(self) -> dict[str, torch.Tensor]:
+        """The wrapped layers' current base weights, under the plain model's names (`<path>.weight`)."""
+        return {f"{path}.weight": m.base.weight for path, m in self.modules.items()}
+
     # ---- export ------------------------------------------------------------------------------
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`, ...)."""
@@ -140,7 +145,7 @@ class AdapterSet:
         """
         if not self.modules:
             raise ConfigError("adapter.kind=none has no adapter to save; set adapter=lora (or dora) to train one")
-        if self.cfg.kind in ("relora", "rank1"):
+        if self.cfg.merges:
             log.warning("the saved adapter holds only the last cycle <adapter.kind=%s>; export full weights with adapter.merge=true", self.cfg.kind)
         rank = next(iter(self.modules.values())).rank
         config = pf.peft_config(pf.module_names(self.cfg.targets), rank, self.cfg.alpha, self.cfg.dropout,
@@ -199,6 +204,9 @@ def prune_smallest_(t: torch.Tensor, share: float) -> None:
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
     """Freeze the model and wrap its target linear layers in adapters.
 
+    With `cfg.train_rest` only the wrapped layers' weights stay frozen: the embeddings, norms, an
+    untied head and any bias train in full beside the adapters (ReLoRA's reference code; pretraining).
+
     Args:
         model: a decoder (or any module whose linear layers are named like `q_proj`).
         cfg: the adapter config; kind none changes nothing and every parameter stays trainable.
@@ -230,6 +238,10 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
         wrapper = LoRALinear(linear, rank, cfg.alpha, cfg.dropout, dora=cfg.kind == "dora")
         setattr(model.get_submodule(parent_path), name, wrapper)
         modules[path] = wrapper
+    if cfg.train_rest:
+        wrapped = {id(m.base.weight) for m in modules.values()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in wrapped)
     return AdapterSet(model, cfg, modules)
 
 

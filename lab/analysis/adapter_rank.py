@@ -78,8 +78,12 @@ def steps_of(source: Source, checkpoints: Path) -> list[Path]:
 
 
 def base_weights(run, source: Source, first: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """The weights the run started from: analysis.adapter_rank.base, or the init_from its checkpoints recorded."""
+    """The weights the run started from: analysis.adapter_rank.base, the init_from its checkpoints
+    recorded, or (pretraining from scratch) the starting weights it kept beside them."""
     spec = run.cfg.analysis.adapter_rank.base or ckpt.read_meta(first).get("init_from")
+    start = first.parent / ckpt.START_WEIGHTS
+    if not spec and start.exists():
+        return "start", load_safetensors(start, "starting weights")
     if not spec:
         raise CheckpointError(f"{first}: the checkpoint does not record what the run started from (an adapter run of "
                               f"an older lab, or no adapter); name it with analysis.adapter_rank.base=<run id | path>")

@@ -16,7 +16,7 @@ import torch
 from lab.adapters import apply_adapter
 from lab.data import prepare_preference_data
 from lab.data.batch import Batch
-from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps
+from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps, reference_kind
 from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.files import load_torch, save_torch
@@ -89,16 +89,15 @@ def dpo(run: Run) -> float:
     with run.accelerator.main_process_first():
         data = prepare_preference_data(cfg.data, tokenizer, Path(cfg.paths.cache))
     model = run.pretrained.build()
-    reference, trained = None, data
-    if cfg.dpo.loss != "simpo" and cfg.adapter.kind == "none":
-        if cfg.dpo.reference == "copy":
-            frozen = copy.deepcopy(model).to(run.accelerator.device).eval().requires_grad_(False)
-            reference = copy_reference(frozen)
-        else:
-            train_ref, val_ref = reference_logps(run, model.to(run.accelerator.device), data)
-            trained, reference = WithReference(data, train_ref, val_ref), cached_reference
+    reference, trained, kind = None, data, reference_kind(cfg.dpo, cfg.adapter)
+    if kind == "copy":
+        frozen = copy.deepcopy(model).to(run.accelerator.device).eval().requires_grad_(False)
+        reference = copy_reference(frozen)
+    elif kind == "cached":
+        train_ref, val_ref = reference_logps(run, model.to(run.accelerator.device), data)
+        trained, reference = WithReference(data, train_ref, val_ref), cached_reference
     adapter = apply_adapter(model, cfg.adapter)
-    if cfg.dpo.loss != "simpo" and cfg.adapter.kind != "none":
+    if kind == "adapter disabled":
         reference = adapter_reference(adapter)
     objective = dpo_objective(cfg.dpo, reference)
     trainer = Trainer(run.engine_parts(), model, [Task("", trained.stream, objective)],
@@ -106,9 +105,9 @@ def dpo(run: Run) -> float:
     run.log_dataset(data)
     run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
                             "data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val),
-                            "dpo.reference_used": _reference_name(cfg),
+                            "dpo.reference_used": kind,
                             **{f"data.{k}": data.meta[k] for k in ("n_skipped_identical", "n_skipped_long_prompt", "n_truncated")}})
-    run.say(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: reference={_reference_name(cfg)}; "
+    run.say(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: reference={kind}; "
             f"{len(data.train):,} train / {len(data.val):,} val pairs")
     result = fit_and_export(run, trainer, model, adapter, tokenizer)
     if result.stopped_early:
@@ -117,8 +116,3 @@ def dpo(run: Run) -> float:
     run.say(f"val loss {result.val_loss:.4f}   val rewards/accuracies {acc:.3f}")
     return result.val_loss
 
-
-def _reference_name(cfg: Any) -> str:
-    if cfg.dpo.loss == "simpo":
-        return "none (simpo)"
-    return "adapter disabled" if cfg.adapter.kind != "none" else cfg.dpo.reference

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lab import checkpoint as ckpt
 from lab.adapters import apply_adapter
 from lab.data import prepare_data
 from lab.data.modular import prepare_modular
@@ -32,6 +33,8 @@ def pretrain(run: Run) -> float:
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
     learn = with_sbd(objective, cfg.train, data.tokenizer)
     adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
+    if adapter.modules and not start and run.is_main:  # what analysis=adapter_rank measures the update against
+        ckpt.write_start_weights(run.ckpt_dir, adapter.wrapped_weights())
     trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, learn)],
                       {"": EvalSet(data.val_batches, objective, perplexity=not arithmetic)}, data.tokenizer,
                       adapter=adapter, callbacks=callbacks)

@@ -229,6 +229,51 @@ def test_after_step_fires_exactly_at_multiples_and_reinit_uses_the_global_rng():
     assert torch.equal(a_after[0], a_after[1])
 
 
+# ---- what trains beside the adapters (adapter.train_rest) ------------------------------------
+@pytest.mark.parametrize("stage, adapter, trains_rest", [("pretrain", "lora", True), ("sft", "relora", True),
+                                                          ("dpo", "lora", False), ("plan", "lora", True)])
+def test_train_rest_is_settled_by_the_stage(compose_cfg, stage, adapter, trains_rest):
+    from lab.config import to_run_config
+
+    extra = ["init_from=x", "data=kjv_sft"] if stage == "sft" else ["init_from=x", "data=kjv_pref"] if stage == "dpo" else []
+    cfg = to_run_config(compose_cfg(f"stage={stage}", f"adapter={adapter}", *extra))
+    assert cfg.adapter.train_rest is trains_rest
+    assert to_run_config(compose_cfg(f"stage={stage}", f"adapter={adapter}", f"adapter.train_rest={not trains_rest}",
+                                     *extra)).adapter.train_rest is (not trains_rest)
+
+
+def _one_step(model: nn.Module, adapters: AdapterSet) -> dict[str, torch.Tensor]:
+    """Each parameter's change over one AdamW step on random tokens (state_dict keys)."""
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train(model, adapters, steps=1)
+    return {k: v - before[k] for k, v in model.state_dict().items()}
+
+
+def test_a_relora_pretraining_step_trains_embeddings_and_norms_and_an_sft_lora_step_does_not():
+    for kind, train_rest in (("relora", True), ("lora", False)):  # the defaults of stage=pretrain and stage=sft
+        model, adapters = adapted(kind, merge_every=50, train_rest=train_rest)
+        change = _one_step(model, adapters)
+        rest = ["tok_emb.weight", "layers.0.attn_norm.weight", "layers.1.mlp_norm.weight", "norm.weight"]
+        assert all(bool(change[k].abs().max() > 0) is train_rest for k in rest), kind
+        assert not change[f"{Q}.base.weight"].any()  # the wrapped weight itself never trains
+        assert change[f"{Q}.lora_B.weight"].abs().max() > 0
+    model, adapters = adapted("lora", train_rest=True)  # an untied head trains in full too
+    assert all(p.requires_grad is ((".base." not in n) or not n.endswith("weight")) for n, p in model.named_parameters())
+
+
+def test_a_merge_resets_only_the_adapters_optimizer_state():
+    model, adapters = adapted("relora", merge_every=100, optimizer_reset=0.99, train_rest=True)
+    opt, _ = train(model, adapters, steps=3)
+    rest = [p for p in adapters.trainable_parameters() if all(p is not q for q in adapters.adapter_parameters())]
+    assert rest and all(p in opt.state for p in rest)
+    kept = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in rest}
+    assert adapters.after_step(100, opt)
+    for p, old in kept.items():
+        assert all(torch.equal(opt.state[p][k], v) for k, v in old.items())
+    for p in adapters.adapter_parameters():
+        assert int((opt.state[p]["exp_avg_sq"] != 0).sum()) <= p.numel() - round(0.99 * p.numel())
+
+
 def test_lr_factor_is_jagged_for_relora_only():
     _, relora = adapted("relora", merge_every=5, rewarmup_steps=2)
     assert [relora.lr_factor(s) for s in range(12)] == [1, 1, 1, 1, 1, 0.5, 1, 1, 1, 1, 0.5, 1]
