@@ -87,9 +87,9 @@ class ModelConfig:
     n_heads: int = ranged(4, "[1, inf)")
     n_kv_heads: Optional[int] = ranged(None, "[1, inf)")  # grouped-query attention; None means n_heads (plain MHA)
     head_dim: Optional[int] = ranged(None, "[2, inf)")  # per-head width; None means dim / n_heads (Gemma 2 2B: 256)
-    ffn_dim: Optional[int] = ranged(None, "[1, inf)")  # MLP hidden width; None means 8/3*dim rounded up to multiple_of
+    ffn_dim: Optional[int] = ranged(None, "[1, inf)")  # MLP hidden width; None means 8/3*dim rounded up to multiple_of (gelu: 4*dim)
     multiple_of: int = ranged(32, "[1, inf)")
-    mlp: str = "swiglu"  # swiglu (SiLU gate, Llama) | geglu (tanh-approximated GELU gate, Gemma)
+    mlp: str = "swiglu"  # swiglu (SiLU gate, Llama) | geglu (tanh-approximated GELU gate, Gemma) | gelu (ungated, exact GELU, GPT-2)
     max_seq_len: int = ranged(256, "[1, inf)")  # context length; RoPE tables are built for this many positions
     rope_theta: float = ranged(10000.0, "(0, inf)")  # RoPE base of global layers (Gemma 3: 1e6)
     rope_local_theta: Optional[float] = ranged(None, "(0, inf)")  # RoPE base of sliding-window layers; None means rope_theta
@@ -112,6 +112,11 @@ class ModelConfig:
     dropout: float = ranged(0.0, "[0, 1)")
     deepnorm: bool = False  # DeepNorm (Wang et al. 2022): post-norm with scaled residual and init
     init_std: float = ranged(0.02, "(0, inf)")
+    # GPT-2-style options (the grokking papers' models); the defaults are Llama's
+    norm: str = "rms"  # rms (RMSNorm, Llama) | layer (LayerNorm with a bias, GPT-2)
+    positions: str = "rope"  # rope (rotary) | learned (a trained table of max_seq_len positions added to the token embeddings)
+    bias: bool = False  # a bias on every linear layer but the output head
+    init: str = "scaled"  # scaled (normal(init_std), residual writes / sqrt(2 n_layers)) | torch (each torch.nn module's own default: embeddings N(0, 1), linear layers kaiming-uniform)
 
     def __post_init__(self) -> None:
         check_ranges(self, "model")
@@ -121,15 +126,20 @@ class ModelConfig:
                               "change one, or set model.head_dim")
         if self.n_heads % kv:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
-        if self.head_size % 2:
+        if self.positions == "rope" and self.head_size % 2:
             raise ConfigError(f"model.head_dim={self.head_size} must be even for RoPE")
-        for key, allowed in (("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS)):
+        for key, allowed in (("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS), ("norm", NORMS), ("positions", POSITIONS),
+                             ("init", INITS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
         if self.sliding_window is None and self.sliding_window_pattern != 1:
             raise ConfigError(f"model.sliding_window_pattern={self.sliding_window_pattern} needs model.sliding_window; set it")
         if self.deepnorm and (self.sandwich_norm or self.norm_plus_one):
             raise ConfigError("model.deepnorm is a post-norm; it does not combine with model.sandwich_norm or model.norm_plus_one")
+        if self.norm == "layer" and self.norm_plus_one:
+            raise ConfigError("model.norm_plus_one is Gemma's RMSNorm scale; with model.norm=layer set it to false")
+        if self.deepnorm and self.init == "torch":
+            raise ConfigError("model.deepnorm sets its own init; use model.init=scaled with it")
 
     @property
     def head_size(self) -> int:
@@ -143,8 +153,11 @@ class ModelConfig:
         return self.sliding_window_pattern == 0 or (layer + 1) % self.sliding_window_pattern != 0
 
 
-MLPS = ("swiglu", "geglu")
+MLPS = ("swiglu", "geglu", "gelu")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned")
+INITS = ("scaled", "torch")
 
 
 @dataclass
@@ -378,6 +391,28 @@ class GrokkingConfig:
 
 
 @dataclass
+class StopConfig:
+    """Ending a run before train.max_steps (the cap): at a target, or once converged (lab.stopping)."""
+
+    target_metric: Optional[str] = None  # e.g. val/acc: stop the first time it reaches target_value; None: off
+    target_value: float = ranged(0.0, "(-inf, inf)")  # the metric's value that ends the run
+    target_mode: str = "max"  # max: reached at or above the value | min: at or below
+    plateau_window: int = ranged(0, "[0, inf)")  # steps without improvement of plateau_metric beyond plateau_tol that end the run; 0: off
+    plateau_tol: float = ranged(0.0, "[0, inf)")  # the improvement (in the metric's units) that counts
+    plateau_metric: str = "train/loss"  # minimised; read where it is logged (train/ every train.log_every steps, val/ at evaluations)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train.stop")
+        if self.target_mode not in ("max", "min"):
+            raise ConfigError(f"train.stop.target_mode={self.target_mode!r} is unknown; use max or min")
+        for key in ("target_metric", "plateau_metric"):
+            name = getattr(self, key)
+            if name is not None and not name.startswith(("train/", "val/")):
+                raise ConfigError(f"train.stop.{key}={name!r} is not a metric the engine logs; name a train/ or val/ "
+                                  "metric, e.g. val/acc or train/loss")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = ranged(400, "[1, inf)")  # optimizer steps; the schedule spans exactly this many
     lr: float = ranged(3e-3, "(0, inf)")
@@ -400,6 +435,7 @@ class TrainConfig:
     log_every: int = ranged(1, "[1, inf)")  # steps between train/* metrics (and the loss check); long runs log less
     grokfast: GrokfastConfig = field(default_factory=GrokfastConfig)
     grokking: GrokkingConfig = field(default_factory=GrokkingConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
     sbd_block: int = ranged(0, "[0, inf)")  # Set Block Decoding (lab.sbd): also learn to fill masked blocks of this many future tokens; 0: off
     sbd_weight: float = ranged(1.0, "[0, inf)")  # Set Block Decoding: weight of the masked-token loss beside the next-token loss
 
@@ -414,7 +450,7 @@ class TrainConfig:
             self.warmup_steps = scaled
 
 
-OPTIMIZER_KINDS = ("adamw", "sgd", "adafactor", "muon")
+OPTIMIZER_KINDS = ("adamw", "adam", "sgd", "adafactor", "muon")
 
 
 @dataclass
@@ -422,10 +458,10 @@ class OptimizerConfig:
     """The optimizer (lab.optim). train.lr, train.weight_decay and the schedule apply to every kind."""
 
     name: str = "adamw"
-    kind: str = "adamw"  # adamw | sgd (with momentum) | adafactor | muon (hidden matrices; AdamW for the rest)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw, and muon's AdamW part
-    eps: float = ranged(1e-8, "(0, inf)")  # adamw, and muon's AdamW part
-    fused: Optional[bool] = None  # adamw and sgd: the fused kernel; None: wherever the device has one (CPU, CUDA)
+    kind: str = "adamw"  # adamw | adam (coupled L2 weight decay) | sgd (with momentum) | adafactor | muon (hidden matrices; AdamW for the rest)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw and adam, and muon's AdamW part
+    eps: float = ranged(1e-8, "(0, inf)")  # adamw and adam, and muon's AdamW part
+    fused: Optional[bool] = None  # adamw, adam and sgd: the fused kernel; None: wherever the device has one (CPU, CUDA)
     momentum: float = ranged(0.9, "[0, 1)")  # sgd and muon
     nesterov: bool = False  # sgd and muon
     beta2_decay: float = ranged(-0.8, "[-1, 0]")  # adafactor: the second moment's decay is 1 - step ** beta2_decay

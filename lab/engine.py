@@ -37,6 +37,7 @@ from lab.grokfast import GradFilter
 from lab.grokking import GrokkingDetector
 from lab.hardware import AutocastForward, autocast_dtype
 from lab.optim import build_optimizer
+from lab.stopping import stopping_callbacks
 from lab.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class FitResult:
     val_loss: float
     tokens_seen: int
     checkpoint: Optional[Path]
-    stopped_early: bool  # train.stop_at_step was reached before train.max_steps
+    stopped_early: bool  # paused by train.stop_at_step before train.max_steps (a run ended by train.stop is finished)
+    stop_reason: Optional[str] = None  # why train.stop ended the run before train.max_steps
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -152,6 +154,8 @@ class Trainer:
         self.adapter, self.callbacks = adapter, list(callbacks)
         if self.cfg.grokking.enabled:  # any stage can watch for grokking
             self.callbacks.append(GrokkingDetector(self.cfg.grokking))
+        self.callbacks += stopping_callbacks(self.cfg.stop)
+        self.stop_reason: Optional[str] = None  # set by a callback (lab.stopping): the run ends after this step
         self.raw_model = model.to(self.acc.device)
         self.raw_model.gradient_checkpointing = parts.hardware.grad_checkpointing
         self.sharded = parts.hardware.fsdp
@@ -292,25 +296,28 @@ class Trainer:
             total=tc.max_steps, initial=self.state.step, desc=self.parts.label, unit="step",
             disable=not (self.acc.is_main_process and tc.progress), dynamic_ncols=True,
         )
-        saved: Optional[Path] = None
-        val_loss = float("nan")
+        val_loss, evaluated = float("nan"), None
         try:
-            while self.state.step < stop:
+            while self.state.step < stop and self.stop_reason is None:
                 self.step_and_log()
                 step = self.state.step
                 if tc.eval_every and step % tc.eval_every == 0 and step < stop:
-                    val_loss = self.evaluate()
-                if tc.save_every and step % tc.save_every == 0 and step < stop:
-                    saved = self.save()
+                    val_loss, evaluated = self.evaluate(), step
+                if tc.save_every and step % tc.save_every == 0 and step < stop and self.stop_reason is None:
+                    self.save()
         finally:
             self.bar.close()
-        if self.state.step < tc.max_steps:
+        paused = self.state.step < tc.max_steps and self.stop_reason is None
+        if paused:
             log.info("stopped at step %d of %d <train.stop_at_step=%s>", self.state.step, tc.max_steps, tc.stop_at_step)
-        else:
+        elif evaluated != self.state.step:  # the last step's evaluation, unless it just ran
             val_loss = self.evaluate()
+        if self.stop_reason is not None:
+            log.info("ended at step %d of %d: %s", self.state.step, tc.max_steps, self.stop_reason)
+            self.tracker.set_tags({"lab.stop_reason": self.stop_reason})
         saved = self.save()
         self.tracker.flush()
-        return FitResult(self.state.step, val_loss, self.state.tokens_seen, saved, self.state.step < tc.max_steps)
+        return FitResult(self.state.step, val_loss, self.state.tokens_seen, saved, paused, self.stop_reason)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,4 +1,4 @@
-"""The optimizer group: AdamW, SGD with momentum, Adafactor, and Muon with AdamW beside it.
+"""The optimizer group: AdamW, Adam with coupled L2, SGD with momentum, Adafactor, and Muon with AdamW beside it.
 
 Every kind takes `train.lr` and `train.weight_decay`, and matrices decay while norms and biases
 (1-D) do not. Muon orthogonalises the updates of the hidden matrices only; embeddings, the output
@@ -76,6 +76,13 @@ def _adamw(params: list[nn.Parameter], cfg: OptimizerConfig, train: TrainConfig)
                              eps=cfg.eps, fused=_fused(cfg, params))
 
 
+def _adam(params: list[nn.Parameter], cfg: OptimizerConfig, train: TrainConfig) -> torch.optim.Adam:
+    """Adam with L2 regularisation: weight_decay * w joins the gradient before the moments (coupled),
+    where AdamW shrinks the weights apart from them. The Grokfast paper's optimizer (Lee et al. 2024)."""
+    return torch.optim.Adam(_decay_groups(params, train.weight_decay), lr=train.lr, betas=tuple(cfg.betas),
+                            eps=cfg.eps, fused=_fused(cfg, params))
+
+
 def hidden_matrices(model: nn.Module) -> set[nn.Parameter]:
     """The 2-D weights of linear layers that are not the output head: what Muon orthogonalises.
 
@@ -92,8 +99,8 @@ def hidden_matrices(model: nn.Module) -> set[nn.Parameter]:
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, train: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer `optimizer.kind` names, over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.kind == "adamw":
-        return _adamw(params, cfg, train)
+    if cfg.kind in ("adamw", "adam"):
+        return (_adamw if cfg.kind == "adamw" else _adam)(params, cfg, train)
     if cfg.kind == "sgd":
         return torch.optim.SGD(_decay_groups(params, train.weight_decay), lr=train.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov, fused=_fused(cfg, params))
@@ -114,7 +121,7 @@ def state_bytes(model: nn.Module, cfg: OptimizerConfig) -> int:
     matrices = hidden_matrices(model) if cfg.kind == "muon" else set()
 
     def floats(p: nn.Parameter) -> int:
-        if cfg.kind == "adamw" or (cfg.kind == "muon" and p not in matrices):
+        if cfg.kind in ("adamw", "adam") or (cfg.kind == "muon" and p not in matrices):
             return 2 * p.numel()  # exp_avg, exp_avg_sq
         if cfg.kind == "sgd":
             return p.numel() if cfg.momentum > 0 else 0

@@ -8,7 +8,7 @@ def test_help_lists_groups_and_options(lab_cli):
     out = lab_cli("--help").stdout
     assert "hardware: cpu, cuda, mps, rtx4070, rtx4090, rtx5070ti, t2000" in out
     assert "stage: analysis, bench, chat, compare, dpo, eval, export, generate, multitask, pipeline, plan, pretrain, serve, sft, surgery" in out
-    assert "optimizer: adafactor, adamw, muon, sgd" in out
+    assert "optimizer: adafactor, adam, adamw, muon, sgd" in out
     assert "analysis: adapter_rank, alignment, attention, capacity, concepts, layers, tokenizer" in out
     assert "tokenizer: bpe, byte, unigram" in out
     assert "deep_narrow_48" in out and "theos_small" in out

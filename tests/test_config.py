@@ -40,6 +40,8 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
         assert composed.hydra.mode.name == "MULTIRUN" and cfg.sweep.metric in ("val/loss", "val/acc")
     elif group == "experiment" and option == "grokking":  # the grokking set-up: modular data, the detector on
         assert cfg.data.name == "modular" and cfg.model.name == "grok" and cfg.train.grokking.enabled
+    elif group == "experiment" and option == "grokfast":  # the paper's set-up, ending at 95% val accuracy
+        assert cfg.model.name == "grokfast" and cfg.optimizer.kind == "adam" and cfg.train.stop.target_metric == "val/acc"
     elif group == "experiment":  # an experiment chains stages in a pipeline
         assert cfg.stage.name == "pipeline" and len(cfg.pipeline.steps) >= 2
     elif group == "hydra/launcher":

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from accelerate import Accelerator
 
 from lab.config import OPTIMIZER_KINDS, AdapterConfig, HardwareConfig, OptimizerConfig, TrainConfig
@@ -21,7 +22,7 @@ from labtest import micro
 from test_engine_tasks import Recorder, Tokenizer
 
 T, V = 8, 50
-LR = {"adamw": 1e-2, "sgd": 0.1, "adafactor": 0.5, "muon": 1e-2}
+LR = {"adamw": 1e-2, "adam": 1e-2, "sgd": 0.1, "adafactor": 0.5, "muon": 1e-2}
 
 
 class Counting:
@@ -97,9 +98,28 @@ def test_state_bytes_is_what_the_optimizer_holds_after_a_step(kind, adapter):
 
 
 def test_unknown_optimizer_kind_and_options_fail_naming_them(compose_cfg):
-    with pytest.raises(ConfigError, match=r"optimizer.kind='lion' is unknown; use one of adamw, sgd, adafactor, muon"):
+    with pytest.raises(ConfigError, match=r"optimizer.kind='lion' is unknown; use one of adamw, adam, sgd, adafactor, muon"):
         to_run_config(compose_cfg("optimizer.kind=lion"))
     with pytest.raises(Exception, match="optimizer.momentun"):
         compose_cfg("optimizer.momentun=0.9")
     with pytest.raises(ConfigError, match=r"optimizer.betas=\[0.9\] must be two numbers"):
         to_run_config(compose_cfg("optimizer.betas=[0.9]"))
+
+
+def test_adam_couples_its_weight_decay_into_the_moments_and_adamw_does_not():
+    """One step from zero moments: Adam's L2 term joins the gradient (so the normalised step is
+    sign-like in g + wd*w), AdamW's decay shrinks w apart from it."""
+    w0, g, lr, wd = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 0.0]]), 0.1, 0.5
+    steps = {}
+    for kind in ("adam", "adamw"):
+        layer = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w0)
+        opt = build_optimizer(layer, OptimizerConfig(kind=kind, fused=False), TrainConfig(lr=lr, weight_decay=wd))
+        layer.weight.grad = g.clone()
+        opt.step()
+        steps[kind] = layer.weight.detach() - w0
+    # Adam: the effective gradient is wd * w, so the first step is -lr * sign(w) (bias-corrected m / sqrt(v))
+    assert torch.allclose(steps["adam"], -lr * torch.sign(w0), atol=1e-6)
+    # AdamW: a zero gradient moves nothing but the decay, -lr * wd * w
+    assert torch.allclose(steps["adamw"], -lr * wd * w0, atol=1e-7)

@@ -149,7 +149,8 @@ def _rope(hf: dict[str, Any], kind: str) -> tuple[dict[str, Any], Optional[float
 
 CLASSES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
            "gemma3_text": "Gemma3ForCausalLM"}
-_NOT_COMPARED = ("name", "init_std", "multiple_of", "dropout")
+_NOT_COMPARED = ("name", "init_std", "init", "multiple_of", "dropout")  # how training starts, not what the model computes
+_GPT2 = (("norm", "rms"), ("positions", "rope"), ("bias", False))  # lab's GPT-2 options, and the Llama setting of each
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
@@ -159,6 +160,11 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     norms: Gemma; else Llama). The result is read back with `model_config_from_hf` and must give
     `cfg` again, so an option that architecture cannot express is refused, never dropped.
     """
+    gpt2 = [key for key, llama in _GPT2 if getattr(cfg, key) != llama] + (["mlp"] if cfg.mlp == "gelu" else [])
+    if gpt2:
+        raise ConfigError(f"model={cfg.name} cannot be written as a Llama or Gemma model: model.{gpt2[0]}="
+                          f"{getattr(cfg, gpt2[0])!r} has no counterpart there; export.format=hf and gguf support "
+                          "the Llama and Gemma 1/2/3 option sets (lab's own checkpoints keep every option)")
     kind = "gemma3_text" if cfg.qk_norm else "gemma2" if cfg.sandwich_norm else "gemma" if cfg.norm_plus_one else "llama"
     out: dict[str, Any] = {
         "architectures": [CLASSES[kind]], "model_type": kind, "vocab_size": vocab_size, "hidden_size": cfg.dim,
@@ -189,9 +195,9 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
 def effective(cfg: ModelConfig) -> dict[str, Any]:
     """`cfg`'s fields with every default that stands for a number resolved, for comparing two configs."""
     out = {k: v for k, v in vars(cfg).items() if k not in _NOT_COMPARED}
-    from lab.models.decoder import ffn_hidden
+    from lab.models.decoder import ffn_width
 
-    out |= {"ffn_dim": cfg.ffn_dim or ffn_hidden(cfg.dim, cfg.multiple_of), "head_dim": cfg.head_size,
+    out |= {"ffn_dim": ffn_width(cfg), "head_dim": cfg.head_size,
             "n_kv_heads": cfg.n_kv_heads or cfg.n_heads,
             "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_size}
     if cfg.sliding_window is None:

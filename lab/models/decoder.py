@@ -7,6 +7,10 @@ Gemma 2 and Gemma 3:
 
 - `deepnorm`: post-norm with an up-weighted residual and down-scaled init (Wang et al. 2022,
   "DeepNet"), which keeps very deep narrow stacks trainable.
+- GPT-2's pieces, as the grokking papers' small transformers have them: `norm=layer` (LayerNorm),
+  `mlp=gelu` (an ungated 4x MLP), `positions=learned` (a position table added to the token
+  embeddings instead of RoPE), `bias` (on every linear layer but the head), and `init=torch` (each
+  torch.nn module's own default initialisation: embeddings N(0, 1), linear layers kaiming-uniform).
 - Gemma: `head_dim`, sliding-window layers in a local/global pattern with their own RoPE base,
   `qk_norm`, `attn_softcap` / `final_softcap`, `query_pre_attn_scalar`, `norm_plus_one`,
   `sandwich_norm`, `embed_scale` and `mlp=geglu`. Each block knows its layer index, so its kind
@@ -57,6 +61,12 @@ class RMSNorm(nn.Module):
         if self.plus_one:
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return xf.type_as(x) * self.weight
+
+
+def norm_layer(cfg: ModelConfig, dim: Optional[int] = None) -> nn.Module:
+    """The config's norm over `dim` (default: the residual width): RMSNorm, or LayerNorm (`norm=layer`)."""
+    dim = dim or cfg.dim
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.norm_eps, cfg.norm_plus_one)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float,
@@ -180,10 +190,11 @@ class Attention(nn.Module):
         # None lets SDPA use its own 1/sqrt(hs), bitwise as before the option existed
         self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
         self.softcap = cfg.attn_softcap
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.rotary = cfg.positions == "rope"  # learned positions enter with the embeddings instead
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -198,7 +209,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rotary:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache stores nkv heads, not nh: the repeat below is free memory
             k, v = cache.extend(self.layer_idx, k, v)  # (B, nkv, L, hs)
         if self.n_kv_heads != self.n_heads:
@@ -242,19 +254,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """A gated MLP, down(act(gate(x)) * up(x)): SwiGLU (SiLU) or GeGLU (tanh-approximated GELU)."""
+    """A gated MLP, down(act(gate(x)) * up(x)): SwiGLU (SiLU) or GeGLU (tanh-approximated GELU); or
+    GPT-2's ungated one, down(gelu(up(x))) (`mlp=gelu`, exact GELU), which has no gate_proj."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        hidden = cfg.ffn_dim or ffn_hidden(cfg.dim, cfg.multiple_of)
-        self.gate_proj = nn.Linear(cfg.dim, hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, cfg.dim, bias=False)
+        hidden = ffn_width(cfg)
+        self.gate_proj = None if cfg.mlp == "gelu" else nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.act = F.silu if cfg.mlp == "swiglu" else partial(F.gelu, approximate="tanh")
+        self.act = {"swiglu": F.silu, "geglu": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}[cfg.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.resid_drop(self.down_proj(self.act(self.up_proj(x))))
         return self.resid_drop(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def ffn_width(cfg: ModelConfig) -> int:
+    """The MLP's hidden width: `ffn_dim`, else 4 * dim for the ungated GELU MLP and `ffn_hidden` for gated ones."""
+    return cfg.ffn_dim or (4 * cfg.dim if cfg.mlp == "gelu" else ffn_hidden(cfg.dim, cfg.multiple_of))
 
 
 def ffn_hidden(dim: int, multiple_of: int) -> int:
@@ -274,7 +294,7 @@ class Block(nn.Module):
         self.deepnorm = cfg.deepnorm
         # DeepNet, decoder-only: up-weighting the residual bounds each layer's update size
         self.alpha = (2 * cfg.n_layers) ** 0.25 if cfg.deepnorm else 1.0
-        norm = partial(RMSNorm, cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        norm = partial(norm_layer, cfg)
         self.attn_norm = norm()
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = norm()
@@ -308,9 +328,10 @@ class Decoder(nn.Module):
         self.vocab_size = vocab_size
         self.gradient_checkpointing = False
         self.tok_emb = nn.Embedding(vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         # under post-norm every block already ends in a norm; a second one would be redundant
-        self.norm = nn.Identity() if cfg.deepnorm else RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.norm = nn.Identity() if cfg.deepnorm else norm_layer(cfg)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -325,12 +346,21 @@ class Decoder(nn.Module):
         """(Re)initialise every parameter and the RoPE tables, e.g. after `to_empty` from meta."""
         cfg = self.config
         self.reset_rope()
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
+        if cfg.init == "torch":  # each module's own default, in module order, as a torch.nn model gets
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm)):
+                    module.reset_parameters()
+            return
+        for table in (self.tok_emb, self.pos_emb):
+            if table is not None:
+                nn.init.normal_(table.weight, mean=0.0, std=cfg.init_std)
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
+            elif isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for block in self.layers:
             self._init_block(block)
 
@@ -353,13 +383,13 @@ class Decoder(nn.Module):
             beta = (8 * cfg.n_layers) ** -0.25
             for w in (a.q_proj.weight, a.k_proj.weight):
                 nn.init.xavier_normal_(w, gain=1.0)
-            for w in (a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight,
-                      m.down_proj.weight):
-                nn.init.xavier_normal_(w, gain=beta)
+            for layer in (a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                if layer is not None:
+                    nn.init.xavier_normal_(layer.weight, gain=beta)
             return
-        for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
-                  m.up_proj.weight):
-            nn.init.normal_(w, mean=0.0, std=cfg.init_std)
+        for layer in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            if layer is not None:
+                nn.init.normal_(layer.weight, mean=0.0, std=cfg.init_std)
         # GPT-2: each of the 2N residual writes is scaled so the stream's variance stays O(1)
         for w in (a.o_proj.weight, m.down_proj.weight):
             nn.init.normal_(w, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -441,6 +471,8 @@ class Decoder(nn.Module):
         else:
             contexts = self._contexts(idx, segment_ids)
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(self._position_ids(idx, segment_ids, cache, positions))  # (B or 1, T, C) broadcast
         if cfg.embed_scale:  # Gemma rounds sqrt(dim) to the activations' dtype first
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         for layer in self.layers:
@@ -458,6 +490,18 @@ class Decoder(nn.Module):
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits
+
+    def _position_ids(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor], cache: Optional[KVCache],
+                      positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each token's position, (B or 1, T), as RoPE would rotate it: given, from the cache's
+        timeline, restarting per packed segment, or 0..T-1."""
+        if positions is not None:
+            return positions
+        if cache is not None:
+            return cache.positions(idx.size(1))
+        if segment_ids is not None:
+            return segment_layout(segment_ids)[0]
+        return torch.arange(idx.size(1), device=idx.device)[None]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once.

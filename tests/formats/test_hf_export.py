@@ -1,6 +1,8 @@
 """Hugging Face export: what lab writes, transformers and peft load, and compute what lab computes."""
 from __future__ import annotations
 
+import re
+
 import json
 
 import pytest
@@ -63,10 +65,19 @@ def test_big_exports_are_sharded_with_an_index(tmp_path):
         assert (hf(idx).logits - model(idx)).abs().max() < 1e-4
 
 
-def test_options_no_transformers_architecture_has_are_refused():
-    model = random_model(deepnorm=True)
-    with pytest.raises(ConfigError, match=r"model.deepnorm=True has no counterpart there"):
+@pytest.mark.parametrize("option, said", [(dict(deepnorm=True), "model.deepnorm=True"), (dict(norm="layer"), "model.norm='layer'"),
+                                          (dict(mlp="gelu"), "model.mlp='gelu'"), (dict(positions="learned"), "model.positions='learned'"),
+                                          (dict(bias=True), "model.bias=True")])
+def test_options_no_transformers_architecture_has_are_refused(option, said):
+    model = random_model(**option)
+    with pytest.raises(ConfigError, match=rf"{re.escape(said)} has no counterpart there"):
         write_hf_model(None, model.state_dict(), model.config, 259, ByteTokenizer(), 2**30)
+
+
+def test_how_a_model_was_initialised_does_not_stop_its_export(tmp_path):
+    model = random_model(init="torch")
+    write_hf_model(tmp_path, model.state_dict(), model.config, 259, ByteTokenizer(), 2**30)
+    assert (tmp_path / "config.json").exists()
 
 
 @pytest.fixture(scope="module")

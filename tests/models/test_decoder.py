@@ -289,3 +289,51 @@ def test_head_dim_may_differ_from_dim_over_heads():
     assert model.layers[0].attn.q_proj.weight.shape == (128, 48)
     assert model.layers[0].attn.o_proj.weight.shape == (48, 128)
     assert model(torch.randint(0, 97, (1, 10))).shape == (1, 10, 97)
+
+
+GPT2 = dict(norm="layer", mlp="gelu", positions="learned", bias=True, init="torch", tie_embeddings=False)
+
+
+def test_gpt2_options_compute_a_gpt2_block():
+    """One layer written out by hand from torch.nn pieces: LayerNorm, biased projections, a learned
+    position table added to the embeddings, softmax attention without rotation, an ungated GELU MLP."""
+    torch.manual_seed(0)
+    model = build_model(micro(n_layers=1, n_kv_heads=None, max_seq_len=8, **GPT2), V).eval()
+    x = torch.randint(0, V, (2, 8))
+    b, a, m = model.layers[0], model.layers[0].attn, model.layers[0].mlp
+    h = model.tok_emb(x) + model.pos_emb.weight[:8]
+    n = F.layer_norm(h, (64,), b.attn_norm.weight, b.attn_norm.bias, 1e-5)
+    q, k, v = (p(n).view(2, 8, 4, 16).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 8, 64)
+    h = h + a.o_proj(y)
+    n = F.layer_norm(h, (64,), b.mlp_norm.weight, b.mlp_norm.bias, 1e-5)
+    h = h + m.down_proj(F.gelu(m.up_proj(n)))
+    expected = model.lm_head(F.layer_norm(h, (64,), model.norm.weight, model.norm.bias, 1e-5))
+    torch.testing.assert_close(model(x), expected)
+    assert m.gate_proj is None and m.up_proj.out_features == 256 and a.q_proj.bias is not None
+
+
+def test_learned_positions_follow_segments_and_the_cache():
+    """A packed segment starts again at position 0, and cached decoding reads the next rows of the table."""
+    torch.manual_seed(0)
+    model = build_model(micro(max_seq_len=16, **GPT2), V).eval()
+    a, b = torch.randint(0, V, (1, 5)), torch.randint(0, V, (1, 6))
+    packed = model(torch.cat([a, b], 1), segment_ids=torch.tensor([[0] * 5 + [1] * 6]))
+    torch.testing.assert_close(packed[:, 5:], model(b))
+    from lab.models.kv_cache import KVCache
+
+    cache = KVCache(model, 1, 16, torch.zeros(1, dtype=torch.long))
+    model(a[:, :4], cache=cache)
+    torch.testing.assert_close(model(a[:, 4:], cache=cache)[:, -1], model(a)[:, -1])
+
+
+def test_torch_init_is_each_modules_default():
+    torch.manual_seed(0)
+    model = build_model(micro(**GPT2), V)
+    assert 0.9 < model.tok_emb.weight.std() < 1.1  # nn.Embedding: N(0, 1)
+    bound = 1 / math.sqrt(64)  # nn.Linear: kaiming-uniform, bias within 1 / sqrt(fan_in)
+    q = model.layers[0].attn.q_proj
+    assert q.weight.abs().max() <= bound and q.bias.abs().max() <= bound and q.weight.std() > 0.8 * bound / math.sqrt(3)
+    torch.manual_seed(0)
+    scaled = build_model(micro(**(GPT2 | dict(init="scaled"))), V)
+    assert scaled.tok_emb.weight.std() < 0.03 and not scaled.layers[0].attn.q_proj.bias.any()  # normal(0.02), zero biases

@@ -1,0 +1,88 @@
+"""Ending a run before `train.max_steps`, which stays the cap: at a target, or once it has converged.
+
+Both are engine callbacks (`train.stop`), checkpointed with the run, that set `trainer.stop_reason`;
+the engine then evaluates, saves and exports as at the last step, and tags the run
+`lab.stop_reason`. The run is FINISHED, its schedule the one `train.max_steps` set.
+
+- `Target` (`train.stop.target_metric`, `target_value`, `target_mode`): the first time the metric
+  reaches the value (at or above it for `max`, at or below for `min`), it logs
+  `stop/target_step` and stops. Grokfast's measure, steps to 95% validation accuracy, is
+  `train.stop.target_metric=val/acc train.stop.target_value=0.95`.
+- `Plateau` (`train.stop.plateau_window`, `plateau_tol`, `plateau_metric`): a minimised metric
+  that has not improved on its best by more than `plateau_tol` for `plateau_window` steps has
+  converged, as memorization-capacity points must be (the patience rule with a minimum delta).
+  It reads the metric at logged steps, so it adds no host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from lab.config import StopConfig
+
+
+class Target:
+    def __init__(self, cfg: StopConfig) -> None:
+        self.cfg = cfg
+        self.reached: Optional[int] = None
+
+    def _check(self, trainer: Any, values: dict[str, float]) -> Optional[dict[str, float]]:
+        cfg, value = self.cfg, values.get(self.cfg.target_metric)
+        if self.reached is not None or value is None or not math.isfinite(value):
+            return None
+        if (value >= cfg.target_value) if cfg.target_mode == "max" else (value <= cfg.target_value):
+            self.reached = trainer.state.step
+            trainer.stop_reason = (f"{cfg.target_metric}={value:.4g} reached {cfg.target_value:g} at step {self.reached} "
+                                   f"<train.stop.target_metric>")
+            return {"stop/target_step": float(self.reached)}
+        return None
+
+    def after_log(self, trainer: Any, metrics: dict[str, float]) -> None:
+        metrics |= self._check(trainer, metrics) or {}
+
+    def after_eval(self, trainer: Any, values: dict[str, float]) -> Optional[dict[str, float]]:
+        return self._check(trainer, values)
+
+    def state_dict(self) -> dict:
+        return {"reached": self.reached}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reached = state["reached"]
+
+
+class Plateau:
+    def __init__(self, cfg: StopConfig) -> None:
+        self.cfg = cfg
+        self.best = math.inf  # the best value that improved on the one before by more than the tolerance
+        self.best_step = 0
+
+    def observe(self, step: int, value: float) -> Optional[str]:
+        """Feed the metric at `step`; returns the reason to stop once it has been flat for the window."""
+        cfg = self.cfg
+        if value < self.best - cfg.plateau_tol:
+            self.best, self.best_step = value, step
+        elif step - self.best_step >= cfg.plateau_window:
+            return (f"{cfg.plateau_metric} has not improved on {self.best:.6g} (step {self.best_step}) by more than "
+                    f"{cfg.plateau_tol:g} in {step - self.best_step} steps <train.stop.plateau_window={cfg.plateau_window}>")
+        return None
+
+    def after_log(self, trainer: Any, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.cfg.plateau_metric)
+        if value is not None and math.isfinite(value):
+            reason = self.observe(trainer.state.step, value)
+            if reason:
+                trainer.stop_reason = reason
+
+    def after_eval(self, trainer: Any, values: dict[str, float]) -> None:
+        self.after_log(trainer, values)  # a val/ metric is read at evaluations
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+
+
+def stopping_callbacks(cfg: StopConfig) -> list:
+    """The callbacks `train.stop` switches on."""
+    return ([Target(cfg)] if cfg.target_metric else []) + ([Plateau(cfg)] if cfg.plateau_window else [])
