@@ -65,7 +65,7 @@ class StageConfig:
     bench_new_tokens: int = ranged(64, "[1, inf)")  # bench=generate: tokens generated per timing (and per server request)
     bench_clients: int = ranged(4, "[0, inf)")  # bench=generate: concurrent clients of the server; 0: no server
     bench_requests: int = ranged(4, "[1, inf)")  # bench=generate: requests each client sends
-    bench_gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])  # bench=sbd: entropy thresholds (nats) compared
+    bench_gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0])  # bench=sbd: entropy bounds γ (nats) compared
     bench_prompts: int = ranged(16, "[1, inf)")  # bench=sbd: held-out rows whose starts are the prompts
     bench_prompt_tokens: int = ranged(16, "[1, inf)")  # bench=sbd: tokens of each row given as the prompt
 
@@ -284,7 +284,7 @@ class AdapterConfig:
     optimizer_reset: float = ranged(0.99, "[0, 1]")  # relora: share of each adapter's optimizer state zeroed at a merge (by magnitude)
     rewarmup_steps: int = ranged(10, "[0, inf)")  # relora: the learning rate re-warms over this many steps after each merge
     merge: bool = False  # at the end, also export full weights with the adapter merged in
-    # whether what the adapter does not wrap (embeddings, norms, an untied head) trains in full;
+    # whether what no adapter wraps (embeddings, norms, an untied head, biases) trains in full;
     # None: settled by the stage (`trains_rest_by_default`): on for relora and under pretraining, off otherwise
     train_rest: Optional[bool] = None
 

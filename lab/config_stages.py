@@ -154,9 +154,11 @@ class CapacityAnalysis:
     sequences: list[int] = field(default_factory=lambda: [64, 256, 1024, 4096])  # dataset sizes, one child run each per width
     dims: list[int] = field(default_factory=lambda: [16, 32])  # model.dim of each model size (model=micro's shape otherwise): one curve each
     n_layers: int = ranged(2, "[1, inf)")  # layers of every model
-    steps: int = ranged(2000, "[1, inf)")  # training steps per point (to convergence: see the memorized share each point reports)
-    batch: int = ranged(256, "[1, inf)")  # sequences per step (the whole set when smaller)
-    lr: float = ranged(3e-3, "(0, inf)")  # AdamW, constant after a short warm-up, no weight decay
+    steps: int = ranged(20000, "[1, inf)")  # the most steps a point trains; it ends sooner once converged (window, tol)
+    window: int = ranged(1000, "[0, inf)")  # converged: the train loss has not improved by more than tol for this many steps; 0: train every point for `steps`
+    tol: float = ranged(1e-3, "[0, inf)")  # nats per token
+    batch: int = ranged(0, "[0, inf)")  # sequences per step; 0: the whole set (full batch, so the loss the rule reads is exact)
+    lr: float = ranged(3e-3, "(0, inf)")  # AdamW, constant after a short warm-up, no weight decay, no clipping
 
 
 @dataclass

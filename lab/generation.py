@@ -159,25 +159,29 @@ def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, n
 
 def _sbd_row(model, row: _Row, b: int, sampling: Sampling, end: int, decode, stop_ids, mask_id: int, use_cache: bool,
              on_text: Optional[OnText], generator: torch.Generator) -> int:
-    """Decode one row up to `end` tokens; returns the forward passes it took."""
+    """Decode one row up to `end` tokens, a block of sbd_block positions at a time; returns the forward passes."""
     device = model.tok_emb.weight.device
     text, pending, filled, passes = list(row.prompt), list(row.prompt), {}, 0  # pending: known, not yet cached
     cache = KVCache(model, 1, end, dtype=_autocast_dtype(device)) if use_cache else None
+    block_end = len(text)
     while row.finish_reason is None and len(text) < end:
         t = len(text)
-        k = min(sampling.sbd_block, end - t)
-        ids, masked = sbd.next_block(filled, t, k, mask_id)
+        if t >= block_end:  # the block is decoded: the next one
+            block_end = min(t + sampling.sbd_block, end)
+        ids, masked = sbd.block_ids(filled, t, block_end, mask_id)  # masked[0] == 0: the next place is never decoded yet
         if cache is not None:
-            cache.transient = k
+            cache.transient = len(ids)
             logits = model(torch.tensor([pending + ids], device=device), cache=cache)[0]  # (1 + k, V)
         else:
-            positions, mask = sbd.decode_layout(t, k, device)
+            positions, mask = sbd.decode_layout(t, len(ids), device)
             logits = model(torch.tensor([text + ids], device=device), positions=positions, attn_mask=mask)[0, t - 1:]
         passes += 1
+        # the next place by next-token prediction (logits[0], from the last known token); the others by
+        # their own masked-token prediction (logits[1 + j] at block place j)
+        guesses = torch.stack([logits[0] if j == 0 else logits[1 + j] for j in masked]).float()  # (M, V)
         seen = _seen([row], logits.size(-1), sampling)
-        filled[t] = int(sample(logits[:1].float(), sampling, generator, seen)[0])  # the next token, as token by token
-        for j in sbd.confident(logits[1:], masked, sampling.sbd_gamma):
-            filled[t + j] = int(sample(logits[1 + j:2 + j].float(), sampling, generator, seen)[0])
+        for i in sbd.entropy_bounded(sbd.entropy(guesses).tolist(), sampling.sbd_gamma, first=0):
+            filled[t + masked[i]] = int(sample(guesses[i:i + 1], sampling, generator, seen)[0])
         pending = []
         while len(text) in filled and row.finish_reason is None:
             token = filled.pop(len(text))

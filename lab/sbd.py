@@ -1,5 +1,6 @@
-"""Set Block Decoding (Gaudio et al. 2025, arXiv 2509.04185): train a decoder to also fill in masked
-future tokens, then decode several tokens per forward pass.
+"""Set Block Decoding (Gat et al. 2025, "Set Block Decoding is a Language Model Inference
+Accelerator", arXiv 2509.04185): train a decoder to also fill in masked future tokens, then decode
+several tokens per forward pass.
 
 Training (`train.sbd_block=k`): each row x is run beside a corrupted copy x~ in one forward pass,
 [x ; x~]. In x~ some of the tokens that are training targets are replaced by the mask token (each
@@ -9,12 +10,16 @@ always; a token of x~ attends to the clean tokens before its block and to every 
 block, in both directions. The loss is next-token prediction on x plus, weighted by
 `train.sbd_weight`, the prediction of each masked token of x~ (its own token, not the next).
 
-Decoding (`generate.sbd_gamma=γ`): the next k positions after the text so far form a block, masked
-where nothing is known yet. One forward pass gives the next token by next-token prediction (always
-taken: at least one per pass, and exactly what token-by-token decoding would take) and, for every
-other masked position of the block, a prediction of its token; each whose entropy (nats) is below γ
-is taken too. Taken tokens that follow the text without a gap join it; the others wait in the
-block. At γ = 0 nothing but the next token is ever taken: plain greedy decoding.
+Decoding (`generate.sbd_gamma=γ`), block by block as the paper does: the k positions after the
+text form a block, which stays until every one of its positions is decoded; then the next k do.
+Each forward pass predicts every still-masked position of the block: the first one, which directly
+follows the decoded text, by next-token prediction (exactly what token-by-token decoding would
+take), the others by masked-token prediction. Which of them are taken is the paper's
+entropy-bounded rule (the EB-Sampler of Ben-Hamu et al. 2025): ordered by entropy, the largest set
+of lowest-entropy positions whose summed entropy, less its largest, is at most γ (nats). lab's one
+addition: the next position is always in the set, so each pass makes at least the token greedy
+decoding would, and at γ = 0 SBD is exactly greedy decoding, one token a pass. Decoded tokens that
+directly follow the text join it (and the KV cache) at the next pass; the others wait in the block.
 
 The mask token is the tokenizer's pad id, which pretraining never feeds the model: its embedding
 row is free to learn "unknown", so an SBD model keeps its vocabulary and every export format.
@@ -93,10 +98,21 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def confident(logits: torch.Tensor, masked: list[bool], gamma: float) -> list[int]:
-    """Block places (after the first) that are masked and predicted with entropy below gamma."""
-    h = entropy(logits)
-    return [j for j in range(1, len(masked)) if masked[j] and h[j].item() < gamma]
+def entropy_bounded(entropies: list[float], gamma: float, first: int | None = None) -> list[int]:
+    """The entropy-bounded rule: the indices of the largest set of lowest-entropy positions whose
+    summed entropy, less its largest, is at most `gamma`, in the order they were taken (lowest
+    entropy first; ties by index). With `first`, that position is in the set whatever its entropy,
+    and the others join, lowest first, while the bound holds for the set with it."""
+    order = sorted(range(len(entropies)), key=lambda j: (entropies[j], j))
+    if first is not None:
+        order = [first] + [j for j in order if j != first]
+    taken, total, largest = [], 0.0, 0.0
+    for j in order:
+        total, largest = total + entropies[j], max(largest, entropies[j])
+        if taken and total - largest > gamma:
+            break
+        taken.append(j)
+    return taken
 
 
 def decode_layout(t: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +126,8 @@ def decode_layout(t: int, k: int, device: torch.device) -> tuple[torch.Tensor, t
     return torch.arange(n, device=device)[None], mask
 
 
-def next_block(filled: dict[int, int], t: int, k: int, mask_id: int) -> tuple[list[int], list[bool]]:
-    """The block after t known tokens: tokens taken ahead where there are some, the mask elsewhere."""
-    return [filled.get(t + j, mask_id) for j in range(k)], [t + j not in filled for j in range(k)]
+def block_ids(filled: dict[int, int], t: int, end: int, mask_id: int) -> tuple[list[int], list[int]]:
+    """The block's places t..end-1 after t known tokens: its ids (a decoded token, or the mask), and
+    the places still masked."""
+    ids = [filled.get(p, mask_id) for p in range(t, end)]
+    return ids, [j for j, p in enumerate(range(t, end)) if p not in filled]

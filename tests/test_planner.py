@@ -75,6 +75,11 @@ def test_checkpointing_lora_and_dpo_reference_change_the_peak_as_they_should():
     assert ckpt.backward.activations < plain.backward.activations
     lora = trace(job(adapter=AdapterConfig(name="lora", kind="lora")), 4)
     assert lora.step.gradients < 0.1 * trace(job(), 4).step.gradients
+    # adapter.train_rest: the embeddings and norms also carry gradients and two Adam moments each
+    rest = trace(job(adapter=AdapterConfig(name="lora", kind="lora", train_rest=True)), 4)
+    model = build_model(micro(max_seq_len=64), V)
+    unwrapped = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers.") or "norm" in n)
+    assert rest.step.optimizer - lora.step.optimizer == 8 * unwrapped
     copy = trace(job(objective="dpo", dpo=DPOConfig(reference="copy")), 2)
     cached = trace(job(objective="dpo", dpo=DPOConfig(reference="cached")), 2)
     assert copy.backward.reference == copy.backward.weights and cached.backward.reference == 0

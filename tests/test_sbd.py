@@ -64,10 +64,41 @@ def test_at_gamma_zero_sbd_is_greedy_decoding_one_token_per_pass(options):
         sbd = generate(model, prompts, Sampling(max_new_tokens=20, temperature=0.0, sbd_gamma=0.0, sbd_block=4),
                        pad_id=V - 1, use_cache=cache)
         assert [c.ids for c in sbd.completions] == [c.ids for c in greedy] and sbd.forward_passes == 40
-    wide = [generate(model, prompts, Sampling(max_new_tokens=20, temperature=0.0, sbd_gamma=9.0, sbd_block=4),
+    wide = [generate(model, prompts, Sampling(max_new_tokens=20, temperature=0.0, sbd_gamma=100.0, sbd_block=4),
                      pad_id=V - 1, use_cache=cache) for cache in (True, False)]
     assert [c.ids for c in wide[0].completions] == [c.ids for c in wide[1].completions]  # the cache changes nothing
-    assert wide[0].forward_passes == 10  # everything taken: 4 tokens a pass
+    assert wide[0].forward_passes == 10  # the bound never binds: a whole block of 4 a pass
+
+
+@pytest.mark.parametrize("entropies, gamma, first, taken", [
+    ([0.5, 0.1, 0.3, 2.0], 0.0, None, [1]),  # one token: the surest
+    ([0.5, 0.1, 0.3, 2.0], 0.35, None, [1, 2]),  # 0.1 + 0.3 - 0.3 = 0.1; with 0.5: 0.9 - 0.5 = 0.4 > 0.35
+    ([0.5, 0.1, 0.3, 2.0], 0.4, None, [1, 2, 0]),  # 0.4 <= 0.4; with 2.0: 2.9 - 2.0 = 0.9
+    ([0.5, 0.1, 0.3, 2.0], 1.0, None, [1, 2, 0, 3]),
+    ([0.2, 0.2, 0.2], 0.2, None, [0, 1]),  # ties by place; 0.6 - 0.2 = 0.4 > 0.2
+    ([0.5, 0.1, 0.3, 2.0], 0.0, 0, [0]),  # the next place always, so gamma 0 is greedy
+    ([0.5, 0.1, 0.3, 2.0], 0.35, 0, [0, 1]),  # 0.6 - 0.5 = 0.1; with 0.3: 0.9 - 0.5 = 0.4
+    ([3.0, 0.1, 0.3, 2.0], 0.4, 0, [0, 1, 2]),  # a sure-less next place counts only as the largest
+])
+def test_the_entropy_bounded_rule_takes_the_largest_surest_set_within_gamma(entropies, gamma, first, taken):
+    from lab.sbd import entropy_bounded
+
+    assert entropy_bounded(entropies, gamma, first) == taken
+
+
+def test_a_block_stays_until_every_place_in_it_is_decoded(monkeypatch):
+    """Blocks of 4: a pass that takes the next place and the block's last leaves two places between,
+    and the next pass decodes those within the same block (3 places), not a block slid along (4)."""
+    from lab import sbd
+
+    model, widths = make(), []
+    real = model.forward
+    model.forward = lambda idx, **kw: widths.append(idx.size(1)) or real(idx, **kw)
+    monkeypatch.setattr(sbd, "entropy_bounded", lambda h, gamma, first=None: [0, len(h) - 1] if len(h) > 1 else [0])
+    out = generate(model, [[1, 2, 3, 4, 5]], Sampling(max_new_tokens=8, temperature=0.0, sbd_gamma=1.0, sbd_block=4),
+                   pad_id=V - 1, use_cache=False)
+    blocks = [w - t for w, t in zip(widths, [5, 6, 9, 10])]  # a row is the text so far, then the block
+    assert blocks == [4, 3, 4, 3] and out.forward_passes == 4 and len(out.completions[0].ids) == 8
 
 
 def test_a_model_fine_tuned_for_sbd_decodes_in_fewer_passes_than_tokens(tmp_path, shared_cache):

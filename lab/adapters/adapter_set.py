@@ -204,8 +204,8 @@ def prune_smallest_(t: torch.Tensor, share: float) -> None:
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
     """Freeze the model and wrap its target linear layers in adapters.
 
-    With `cfg.train_rest` only the wrapped layers' weights stay frozen: the embeddings, norms, an
-    untied head and any bias train in full beside the adapters (ReLoRA's reference code; pretraining).
+    With `cfg.train_rest` what no adapter wraps (`rest_parameters`: the embeddings, norms, an untied
+    head and any bias) trains in full beside the adapters (ReLoRA's reference code; pretraining).
 
     Args:
         model: a decoder (or any module whose linear layers are named like `q_proj`).
@@ -239,10 +239,20 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
         setattr(model.get_submodule(parent_path), name, wrapper)
         modules[path] = wrapper
     if cfg.train_rest:
-        wrapped = {id(m.base.weight) for m in modules.values()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) not in wrapped)
+        for p in rest_parameters(model):
+            p.requires_grad_(True)
     return AdapterSet(model, cfg, modules)
+
+
+def rest_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What no adapter ever wraps: every parameter but the weights of the blocks' projections (q k v o
+    gate up down, targeted or not), so the embeddings, the norms, an untied head and the biases."""
+    projections = set(pf.TARGET_MODULES.values())
+    frozen = {id(m.weight) for path, m in model.named_modules()
+              if isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in projections}
+    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):  # its base weight, and the adapter itself
+        frozen |= {id(p) for n, p in m.named_parameters() if n != "base.bias"}
+    return [p for p in model.parameters() if id(p) not in frozen]
 
 
 def load_adapter(model: nn.Module, directory: Path) -> AdapterSet:

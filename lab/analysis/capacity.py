@@ -2,8 +2,10 @@
 
 Their protocol at lab's scale: uniform random sequences (`data=random`: `analysis.capacity.vocab`
 symbols, `length` tokens, so length x log2(vocab) bits each), one model per width in `dims`,
-each trained on every dataset size in `sequences`. Each (width, size) point is a pretraining run
-nested under the analysis run; one whose exact config already FINISHED is reused, so a stopped
+each trained on every dataset size in `sequences` until it has converged: full batch, no clipping,
+a constant rate, ended by the plateau rule (`train.stop`: the train loss has not improved by more
+than `tol` nats in `window` steps; the reason is the point's `lab.stop_reason` tag), `steps` at
+most. Each (width, size) point is a pretraining run nested under the analysis run; one whose exact config already FINISHED is reused, so a stopped
 analysis resumes where it stopped. With `analysis.parent=<sweep run id>` the points are instead
 the FINISHED `data=random` children of that sweep (run as a sweep, in parallel if its launcher is).
 
@@ -11,8 +13,9 @@ A sequence's memorized bits are its entropy minus the model's negative log-likel
 bits, floored at 0 (the first token is predicted from <bos>, so every token counts). A model's
 capacity is the plateau of the total as the dataset grows: the largest total over the sizes. It is
 reported as bits per parameter (every parameter counted, embeddings included), beside the paper's
-3.8 (fp32) and 3.5 (bf16). How converged each point is shows in its memorized share (of all the
-bits in its dataset) and in its final train loss against the entropy per token.
+3.83 (fp32) and 3.51 (bf16). Each point is measured in the precision it trained in. Whether each
+converged shows in `capacity_points.csv` (`converged`, `steps`), with its memorized share (of all
+the bits in its dataset) and its final train loss against the entropy per token.
 """
 from __future__ import annotations
 
@@ -31,32 +34,43 @@ from lab.data.random_tokens import random_rows, sequence_bits
 from lab.errors import ConfigError
 from lab.runner import run_nested
 
-PAPER = {"fp32": 3.8, "bf16": 3.5}  # Morris et al. 2025: about this many bits per parameter, GPT-style models
+PAPER = {"fp32": 3.83, "bf16": 3.51}  # Morris et al. 2025: bits per parameter of GPT-style models, by training precision
 
 
 @torch.no_grad()
-def memorized_bits(model: torch.nn.Module, rows: np.ndarray, bits: float, batch: int = 256) -> np.ndarray:
-    """(N,) memorized bits of each row `<bos> t1..tL`: max(0, entropy - NLL in bits)."""
+def memorized_bits(model: torch.nn.Module, rows: np.ndarray, bits: float, batch: int = 256,
+                   precision: str = "fp32") -> np.ndarray:
+    """(N,) memorized bits of each row `<bos> t1..tL`: max(0, entropy - NLL in bits), the model run
+    in the precision it trained in (bf16: every matmul reads bf16-rounded weights, as in training)."""
     out = []
     for start in range(0, len(rows), batch):
         chunk = torch.from_numpy(rows[start:start + batch])
-        logits = model(chunk[:, :-1]).float()  # (B, L, V)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(chunk[:, :-1]).float()  # (B, L, V)
         nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").sum(1) / math.log(2)  # (B,)
         out.append(torch.clamp(bits - nll.double(), min=0.0))
     return torch.cat(out).numpy()
 
 
 def child_overrides(run, dim: int, sequences: int) -> list[str]:
-    """A point's pretraining config: the user's overrides (less the analysis's own), then the point's."""
+    """A point's pretraining config: lab's defaults for points, the user's overrides (less the
+    analysis's own), then the point's protocol: full batch, no clipping, constant rate, and the
+    plateau rule (train.stop) ending it once converged, `steps` at most."""
     cfg = run.cfg.analysis.capacity
     own = ("stage=", "analysis", "init_from=", "+analysis")
     user = [o for o in run.info.overrides if not o.startswith(own)]
-    return [*user, "stage=pretrain", "data=random", f"data.random.vocab={cfg.vocab}", f"data.random.length={cfg.length}",
-            f"data.random.sequences={sequences}", "model=micro", f"model.dim={dim}", f"model.n_layers={cfg.n_layers}",
-            f"model.n_heads={max(1, dim // 16)}", "model.n_kv_heads=null", f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}",
-            "train.schedule=constant", f"train.warmup_steps={min(20, cfg.steps // 10)}", "train.weight_decay=0",
-            "train.eval_every=0", "train.eval_batches=0", "train.sample_tokens=0", "train.grad_clip=1.0",
-            f"hardware.micro_batch={min(cfg.batch, sequences)}", "hardware.grad_accum=1", f"train.save_every={cfg.steps}"]
+    # a point's time goes to small elementwise kernels, which compiling fuses (about 1.9x at width
+    # 16 here, for a ~20 s compile); a user's hardware.compile, coming after, wins
+    defaults = ["hardware.compile=true", "train.log_every=10"]
+    return [*defaults, *user, "stage=pretrain", "data=random", f"data.random.vocab={cfg.vocab}",
+            f"data.random.length={cfg.length}", f"data.random.sequences={sequences}", "model=micro", f"model.dim={dim}",
+            f"model.n_layers={cfg.n_layers}", f"model.n_heads={max(1, dim // 16)}", "model.n_kv_heads=null",
+            f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}", "train.schedule=constant",
+            f"train.warmup_steps={min(20, cfg.steps // 10)}", "train.weight_decay=0", "train.eval_every=0",
+            "train.eval_batches=0", "train.sample_tokens=0", "train.grad_clip=0",
+            f"train.stop.plateau_window={cfg.window}", f"train.stop.plateau_tol={cfg.tol}", "train.stop.plateau_metric=train/loss",
+            f"hardware.micro_batch={min(cfg.batch, sequences) if cfg.batch else sequences}", "hardware.grad_accum=1",
+            f"train.save_every={cfg.steps}"]
 
 
 def train_points(run) -> list[str]:
@@ -69,6 +83,9 @@ def train_points(run) -> list[str]:
             outcome = run_nested(run, child_overrides(run, dim, n), f"d{dim}-n{n}")
             if outcome.reused:
                 run.say(f"capacity: reusing FINISHED run {outcome.run_id}")
+            else:
+                reason = run.tracker.get_run(outcome.run_id, "capacity point").data.tags.get("lab.stop_reason")
+                run.say(f"capacity: {'converged: ' + reason if reason else f'not converged in {cfg.steps} steps'}")
             ids.append(outcome.run_id)
     return ids
 
@@ -85,14 +102,16 @@ def measure(run, run_id: str) -> dict:
     pre = lineage.resolve(run_id, run.tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache), key="capacity point")
     model = pre.build().eval()
     bits = sequence_bits(rc)
-    memorized = memorized_bits(model, random_rows(rc), bits)
+    precision = tags.get("lab.precision", "")
+    memorized = memorized_bits(model, random_rows(rc), bits, precision=precision)
     history = run.tracker.history(run_id, "train/loss")
     final_loss = history[-1][1] if history else math.nan
     point = {"run": run_id[:8], "dim": int(params["model.dim"]), "n_params": int(params["model.n_params"]),
              "sequences": rc.sequences, "bits_per_sequence": bits, "memorized_bits": float(memorized.sum()),
              "memorized_share": float(memorized.sum() / (bits * rc.sequences)),
              "final_train_loss": final_loss, "entropy_per_token": math.log(rc.vocab),
-             "steps": int(params["train.max_steps"]), "precision": tags.get("lab.precision", "")}
+             "steps": int(history[-1][0]) if history else 0, "max_steps": int(params["train.max_steps"]),
+             "converged": bool(tags.get("lab.stop_reason")), "precision": precision}
     run.tracker.annotate(run_id, {"capacity/memorized_bits": point["memorized_bits"],
                                   "capacity/memorized_share": point["memorized_share"]})
     return point

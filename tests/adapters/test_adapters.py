@@ -257,8 +257,13 @@ def test_a_relora_pretraining_step_trains_embeddings_and_norms_and_an_sft_lora_s
         assert all(bool(change[k].abs().max() > 0) is train_rest for k in rest), kind
         assert not change[f"{Q}.base.weight"].any()  # the wrapped weight itself never trains
         assert change[f"{Q}.lora_B.weight"].abs().max() > 0
-    model, adapters = adapted("lora", train_rest=True)  # an untied head trains in full too
-    assert all(p.requires_grad is ((".base." not in n) or not n.endswith("weight")) for n, p in model.named_parameters())
+    # the rest is what no adapter wraps: not the blocks' projections, even those left untargeted
+    model, adapters = adapted("lora", train_rest=True)  # q k v o targeted
+    names = [n for n, _ in model.named_parameters()]
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    projections = {n for n in names if n.endswith(("_proj.weight", "_proj.base.weight"))}
+    assert trains == set(names) - projections
+    assert {"tok_emb.weight", "norm.weight", f"{Q}.lora_A.weight"} <= trains and "layers.0.mlp.up_proj.weight" in projections
 
 
 def test_a_merge_resets_only_the_adapters_optimizer_state():
