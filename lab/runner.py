@@ -158,8 +158,8 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
         # a multi-task step trains one task: the other heads (and, on a verse task, the LM head) get no
         # gradient, which DDP must be told of
         ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.stage.name == "multitask")
-        accelerator = Accelerator(mixed_precision="no" if planning else resolve_precision(cfg.hardware),
-                                  cpu=planning or cfg.hardware.device == "cpu", kwargs_handlers=[ddp])
+        accelerator = _accelerator("no" if planning else resolve_precision(cfg.hardware),
+                                   cpu=planning or cfg.hardware.device == "cpu", ddp=ddp)
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
         twin = _finished_twin(cfg, info, tracker, accelerator)
@@ -188,6 +188,17 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r})")
     run.say(f"Browse it:  {ui_command(tracker.uri)}")
     return Outcome(tracker.run_id or "", value)
+
+
+def _accelerator(mixed_precision: str, cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
+    """An Accelerator for one run. accelerate keeps its state per process and refuses a second
+    precision or device, but one process runs many runs (a pipeline's steps, capacity's points,
+    in-process callers): so each run starts from fresh state. A launched process keeps its process
+    group (the partial state), which is set once per launch."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
 
 
 def run_nested(run: Run, overrides: list[str], folder: str, force: bool = False) -> Outcome:

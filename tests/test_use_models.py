@@ -114,6 +114,18 @@ def test_generate_errors_name_what_to_fix(runs, compose_cfg, tmp_path):
         in_process(runs, compose_cfg, "stage=generate", f"init_from={ids['pre']}")
 
 
+def test_a_run_starts_from_fresh_accelerator_state_whatever_ran_before_in_the_process(runs, compose_cfg):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    _, _, ids = runs
+    AcceleratorState._reset_state(True)
+    Accelerator(cpu=True, mixed_precision="fp16")  # another caller's state, with a precision no run here asks for
+    outcome = in_process(runs, compose_cfg, "stage=eval", f"init_from={ids['pre']}", "eval.batches=1",
+                         "tracking.experiment=fresh_state")
+    assert outcome.run_id and math.isfinite(outcome.value)
+
+
 # ---- chat ---------------------------------------------------------------------------------------
 
 def test_chat_streams_answers_in_the_sft_template_and_logs_the_transcript(runs):
