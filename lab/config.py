@@ -400,6 +400,8 @@ class StopConfig:
     plateau_window: int = ranged(0, "[0, inf)")  # steps without improvement of plateau_metric beyond plateau_tol that end the run; 0: off
     plateau_tol: float = ranged(0.0, "[0, inf)")  # the improvement (in the metric's units) that counts
     plateau_metric: str = "train/loss"  # minimised; read where it is logged (train/ every train.log_every steps, val/ at evaluations)
+    plateau_lr_drops: int = ranged(0, "[0, inf)")  # plateaus that first multiply the learning rate by plateau_lr_factor (and restart the window) before one ends the run
+    plateau_lr_factor: float = ranged(0.1, "(0, 1)")
 
     def __post_init__(self) -> None:
         check_ranges(self, "train.stop")

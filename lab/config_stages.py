@@ -157,6 +157,7 @@ class CapacityAnalysis:
     steps: int = ranged(20000, "[1, inf)")  # the most steps a point trains; it ends sooner once converged (window, tol)
     window: int = ranged(1000, "[0, inf)")  # converged: the train loss has not improved by more than tol for this many steps; 0: train every point for `steps`
     tol: float = ranged(1e-3, "[0, inf)")  # nats per token
+    lr_drops: int = ranged(2, "[0, inf)")  # plateaus that divide the rate by 10 (and restart the window) before one ends the point: a constant rate settles at its own noise, not at convergence
     batch: int = ranged(0, "[0, inf)")  # sequences per step; 0: the whole set (full batch, so the loss the rule reads is exact)
     lr: float = ranged(3e-3, "(0, inf)")  # AdamW, constant after a short warm-up, no weight decay, no clipping
 

@@ -37,7 +37,7 @@ from lab.grokfast import GradFilter
 from lab.grokking import GrokkingDetector
 from lab.hardware import AutocastForward, autocast_dtype
 from lab.optim import build_optimizer
-from lab.stopping import stopping_callbacks
+from lab.stopping import Plateau, stopping_callbacks
 from lab.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ class Trainer:
             fsdp.shard(self.raw_model)
         optimizer = build_optimizer(self.raw_model, parts.optimizer, self.cfg)
         jagged = adapter.lr_factor if adapter is not None else (lambda s: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.cfg) * jagged(s))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.cfg) * jagged(s) * self._stop_lr_scale())
         # One process compiles each task's whole objective (forward and loss), so the fp32 log-softmax
         # over the batch's logits fuses with the head; under DDP dynamo compiles the model alone.
         compile_model = parts.hardware.compile and self.acc.num_processes > 1
@@ -186,6 +187,15 @@ class Trainer:
         self._startup_logged = False
         if parts.resume_from is not None:
             self.restore(parts.resume_from)
+
+    def _stop_lr_scale(self) -> float:
+        """train.stop's learning-rate drops so far (a callback's state, so a resumed run keeps them)."""
+        return math.prod(cb.lr_scale for cb in self.callbacks if isinstance(cb, Plateau))
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate from the next step on; the schedule follows through `_stop_lr_scale`."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:

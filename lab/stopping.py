@@ -11,6 +11,9 @@ the engine then evaluates, saves and exports as at the last step, and tags the r
 - `Plateau` (`train.stop.plateau_window`, `plateau_tol`, `plateau_metric`): a minimised metric
   that has not improved on its best by more than `plateau_tol` for `plateau_window` steps has
   converged, as memorization-capacity points must be (the patience rule with a minimum delta).
+  At a constant rate that is only the floor of the optimizer's noise: with `plateau_lr_drops`,
+  the first plateaus multiply the learning rate by `plateau_lr_factor` and restart the window
+  (logging `stop/lr_scale`), and the plateau after the last drop ends the run (reduce-on-plateau).
   It reads the metric at logged steps, so it adds no host synchronisation.
 """
 from __future__ import annotations
@@ -55,32 +58,50 @@ class Plateau:
         self.cfg = cfg
         self.best = math.inf  # the best value that improved on the one before by more than the tolerance
         self.best_step = 0
+        self.drops = 0  # learning-rate drops made
 
     def observe(self, step: int, value: float) -> Optional[str]:
-        """Feed the metric at `step`; returns the reason to stop once it has been flat for the window."""
+        """Feed the metric at `step`; returns "drop" at a plateau that lowers the learning rate (the
+        window restarts), or the reason to stop at the plateau after the last drop."""
         cfg = self.cfg
         if value < self.best - cfg.plateau_tol:
             self.best, self.best_step = value, step
         elif step - self.best_step >= cfg.plateau_window:
+            if self.drops < cfg.plateau_lr_drops:
+                self.drops += 1
+                self.best, self.best_step = value, step
+                return "drop"
+            drops = f" after {self.drops} learning-rate drops" if self.drops else ""
             return (f"{cfg.plateau_metric} has not improved on {self.best:.6g} (step {self.best_step}) by more than "
-                    f"{cfg.plateau_tol:g} in {step - self.best_step} steps <train.stop.plateau_window={cfg.plateau_window}>")
+                    f"{cfg.plateau_tol:g} in {step - self.best_step} steps{drops} <train.stop.plateau_window={cfg.plateau_window}>")
         return None
+
+    @property
+    def lr_scale(self) -> float:
+        """What the drops so far multiply the schedule's learning rate by."""
+        return self.cfg.plateau_lr_factor ** self.drops
 
     def after_log(self, trainer: Any, metrics: dict[str, float]) -> None:
         value = metrics.get(self.cfg.plateau_metric)
-        if value is not None and math.isfinite(value):
-            reason = self.observe(trainer.state.step, value)
-            if reason:
-                trainer.stop_reason = reason
+        if value is None or not math.isfinite(value):
+            return
+        reason = self.observe(trainer.state.step, value)
+        if reason == "drop":
+            trainer.scale_lr(self.cfg.plateau_lr_factor)
+            metrics["stop/lr_scale"] = self.lr_scale
+        elif reason:
+            trainer.stop_reason = reason
 
-    def after_eval(self, trainer: Any, values: dict[str, float]) -> None:
-        self.after_log(trainer, values)  # a val/ metric is read at evaluations
+    def after_eval(self, trainer: Any, values: dict[str, float]) -> Optional[dict[str, float]]:
+        metrics = dict(values)  # a val/ metric is read at evaluations
+        self.after_log(trainer, metrics)
+        return {k: v for k, v in metrics.items() if k.startswith("stop/")} or None
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best": self.best, "best_step": self.best_step, "drops": self.drops}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_step = state["best"], state["best_step"]
+        self.best, self.best_step, self.drops = state["best"], state["best_step"], state.get("drops", 0)
 
 
 def stopping_callbacks(cfg: StopConfig) -> list:

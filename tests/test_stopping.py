@@ -54,6 +54,9 @@ class Rows:
 
 
 def trainer(tmp_path, stop: StopConfig, lr: float, max_steps: int = 200, resume=None, stop_at=None):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # leave no state behind with a precision another test's run would not ask for
     torch.manual_seed(0)
     train = TrainConfig(max_steps=max_steps, lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=0.0,
                         eval_every=5, eval_batches=0, progress=False, stop=stop, stop_at_step=stop_at)
@@ -105,10 +108,34 @@ def test_the_stopping_rule_resumes_where_it_was(tmp_path):
     assert resumed.fit().step == 13  # the best so far (step 1) came back with the checkpoint
 
 
+def test_plateaus_first_drop_the_learning_rate_and_restart_the_window():
+    rule = Plateau(StopConfig(plateau_window=2, plateau_tol=0.1, plateau_lr_drops=1, plateau_lr_factor=0.5))
+    said = [rule.observe(step, loss) for step, loss in enumerate([3.0, 3.0, 3.0, 2.0, 2.0, 2.0], start=1)]
+    assert said[:2] == [None, None] and said[2] == "drop" and rule.lr_scale == 0.5
+    assert said[3:5] == [None, None] and "after 1 learning-rate drops" in said[5]  # improved at 4, flat to 6
+
+
+def test_a_plateau_lowers_the_rate_the_optimizer_steps_with_and_a_resume_keeps_it(tmp_path):
+    stop = StopConfig(plateau_window=12, plateau_tol=1e-3, plateau_lr_drops=2, plateau_lr_factor=0.5)
+    t, rec = trainer(tmp_path / "whole", stop, lr=1e-9)
+    result = t.fit()
+    # flat from step 1: drops at 13 and 25 (each restarts the window), the end at 37
+    assert result.step == 37 and "after 2 learning-rate drops" in result.stop_reason
+    assert {s: m["stop/lr_scale"] for s, m in rec.logged.items() if "stop/lr_scale" in m} == {13: 0.5, 25: 0.25}
+    # train/lr at a step is the rate of the step after it, read before that step's callbacks drop it
+    lrs = {s: rec.logged[s]["train/lr"] for s in (13, 14, 25, 26, 36)}
+    assert lrs == pytest.approx({13: 1e-9, 14: 0.5e-9, 25: 0.5e-9, 26: 0.25e-9, 36: 0.25e-9}, rel=1e-9)
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-9, rel=1e-9)
+    first, _ = trainer(tmp_path / "parts", stop, lr=1e-9, stop_at=20)  # after the first drop
+    resumed, rec2 = trainer(tmp_path / "parts", stop, lr=1e-9, resume=first.fit().checkpoint)
+    assert resumed.fit().step == 37 and rec2.logged[24]["train/lr"] == pytest.approx(0.5e-9, rel=1e-9)
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(target_mode="up"), "train.stop.target_mode='up' is unknown; use max or min"),
     (dict(target_metric="acc"), "train.stop.target_metric='acc' is not a metric the engine logs"),
     (dict(plateau_window=-1), "train.stop.plateau_window"),
+    (dict(plateau_lr_factor=1.0), "train.stop.plateau_lr_factor"),
 ])
 def test_bad_stop_settings_name_their_key(kw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

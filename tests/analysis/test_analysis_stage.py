@@ -155,7 +155,7 @@ def test_an_unknown_kind_lists_the_kinds_and_a_run_without_checkpoint_is_named(r
 
 CAPACITY = ["stage=analysis", "analysis=capacity", "analysis.capacity.vocab=16", "analysis.capacity.length=8",
             "analysis.capacity.sequences=[8,32]", "analysis.capacity.dims=[8]", "analysis.capacity.steps=600",
-            "analysis.capacity.window=100", "analysis.capacity.lr=1e-2", "hardware.precision=fp32", "hardware.compile=false",
+            "analysis.capacity.window=100", "analysis.capacity.tol=1e-2", "analysis.capacity.lr=1e-2", "hardware.precision=fp32", "hardware.compile=false",
             "train.progress=false", "tracking.experiment=cap"]
 
 
@@ -169,9 +169,12 @@ def test_capacity_points_train_to_convergence_and_mlflow_holds_what_it_is_comput
     bits = [p.data.metrics["capacity/memorized_bits"] for p in points]
     assert [int(p.data.params["data.random.sequences"]) for p in points] == [8, 32]
     assert bits[0] < bits[1]
-    # 8 sequences are memorized long before the cap: the plateau rule ends the point, full batch, unclipped
+    # 8 sequences are memorized long before the cap: the plateau rule, after dividing the rate by 10
+    # twice, ends the point, full batch, unclipped
     small = points[0]
-    assert "plateau_window=100" in small.data.tags["lab.stop_reason"] and small.data.params["train.grad_clip"] == "0.0"
+    reason = small.data.tags["lab.stop_reason"]
+    assert "after 2 learning-rate drops <train.stop.plateau_window=100>" in reason and small.data.params["train.grad_clip"] == "0.0"
+    assert [m.value for m in client.get_metric_history(small.info.run_id, "stop/lr_scale")] == pytest.approx([0.1, 0.01])
     assert small.data.params["hardware.micro_batch"] == "8"
     steps = max(m.step for m in client.get_metric_history(small.info.run_id, "train/loss"))
     assert steps < 600
