@@ -190,14 +190,19 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     return Outcome(tracker.run_id or "", value)
 
 
-def _accelerator(mixed_precision: str, cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
-    """An Accelerator for one run. accelerate keeps its state per process and refuses a second
-    precision or device, but one process runs many runs (a pipeline's steps, capacity's points,
-    in-process callers): so each run starts from fresh state. A launched process keeps its process
+def fresh_accelerate_state() -> None:
+    """accelerate keeps its state per process and refuses a second precision or device, but one
+    process runs many runs (a pipeline's steps, capacity's points, in-process callers, the memory
+    planner's measurements): so each starts from fresh state. A launched process keeps its process
     group (the partial state), which is set once per launch."""
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)
+
+
+def _accelerator(mixed_precision: str, cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
+    """An Accelerator for one run, from fresh state."""
+    fresh_accelerate_state()
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
 
 

@@ -54,6 +54,8 @@ class Target:
 
 
 class Plateau:
+    LR_DROP = "drop"  # what observe returns at a plateau that lowers the learning rate
+
     def __init__(self, cfg: StopConfig) -> None:
         self.cfg = cfg
         self.best = math.inf  # the best value that improved on the one before by more than the tolerance
@@ -61,7 +63,7 @@ class Plateau:
         self.drops = 0  # learning-rate drops made
 
     def observe(self, step: int, value: float) -> Optional[str]:
-        """Feed the metric at `step`; returns "drop" at a plateau that lowers the learning rate (the
+        """Feed the metric at `step`; returns LR_DROP at a plateau that lowers the learning rate (the
         window restarts), or the reason to stop at the plateau after the last drop."""
         cfg = self.cfg
         if value < self.best - cfg.plateau_tol:
@@ -70,7 +72,7 @@ class Plateau:
             if self.drops < cfg.plateau_lr_drops:
                 self.drops += 1
                 self.best, self.best_step = value, step
-                return "drop"
+                return self.LR_DROP
             drops = f" after {self.drops} learning-rate drops" if self.drops else ""
             return (f"{cfg.plateau_metric} has not improved on {self.best:.6g} (step {self.best_step}) by more than "
                     f"{cfg.plateau_tol:g} in {step - self.best_step} steps{drops} <train.stop.plateau_window={cfg.plateau_window}>")
@@ -86,7 +88,7 @@ class Plateau:
         if value is None or not math.isfinite(value):
             return
         reason = self.observe(trainer.state.step, value)
-        if reason == "drop":
+        if reason == self.LR_DROP:
             trainer.scale_lr(self.cfg.plateau_lr_factor)
             metrics["stop/lr_scale"] = self.lr_scale
         elif reason:

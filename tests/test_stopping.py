@@ -111,7 +111,7 @@ def test_the_stopping_rule_resumes_where_it_was(tmp_path):
 def test_plateaus_first_drop_the_learning_rate_and_restart_the_window():
     rule = Plateau(StopConfig(plateau_window=2, plateau_tol=0.1, plateau_lr_drops=1, plateau_lr_factor=0.5))
     said = [rule.observe(step, loss) for step, loss in enumerate([3.0, 3.0, 3.0, 2.0, 2.0, 2.0], start=1)]
-    assert said[:2] == [None, None] and said[2] == "drop" and rule.lr_scale == 0.5
+    assert said[:2] == [None, None] and said[2] == Plateau.LR_DROP and rule.lr_scale == 0.5
     assert said[3:5] == [None, None] and "after 1 learning-rate drops" in said[5]  # improved at 4, flat to 6
 
 

@@ -36,13 +36,14 @@ class Case:
 def accelerator(mixed_precision: str) -> Iterator:
     """A CPU Accelerator with this precision; accelerate's process-wide state is reset around it."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)
+    from lab.runner import fresh_accelerate_state
+
+    fresh_accelerate_state()
     try:
         yield Accelerator(cpu=True, mixed_precision=mixed_precision)
     finally:
-        AcceleratorState._reset_state(True)
+        fresh_accelerate_state()
 
 
 def _job(case: Case, precision: str):
