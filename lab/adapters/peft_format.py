@@ -22,7 +22,8 @@ import torch
 
 from lab.config import AdapterConfig
 from lab.errors import CheckpointError, ConfigError
-from lab.files import load_safetensors, read_json, save_safetensors
+from lab.files import load_safetensors, save_safetensors
+from lab.formats.foreign import Field, checked, json_object
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -31,6 +32,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 TARGET_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                   "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+# The adapter_config.json fields lab reads, with PEFT's types
+ADAPTER_FIELDS = {"r": Field("int", "[1, inf)", required=True), "lora_alpha": Field("number", "(0, inf)", required=True),
+                  "lora_dropout": Field("number", "[0, 1)"), "peft_type": Field("str"),
+                  **{key: Field("bool") for key in ("use_dora", "use_rslora", "fan_in_fan_out")}}
 
 
 def module_names(targets: list[str]) -> list[str]:
@@ -86,7 +91,8 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).exists():
             raise CheckpointError(f"{directory / name} is missing; point at a folder written by AdapterSet.save or PEFT's save_pretrained")
-    config = read_json(directory / CONFIG_FILE, "adapter config")
+    config = checked(json_object(directory / CONFIG_FILE, "adapter config"), ADAPTER_FIELDS, directory / CONFIG_FILE,
+                     "write it again with PEFT's save_pretrained", "a LoRA adapter")
     unsupported = {
         "peft_type": config.get("peft_type") != "LORA",
         "use_rslora": bool(config.get("use_rslora")),

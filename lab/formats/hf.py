@@ -20,7 +20,8 @@ import torch
 
 from lab.config import ModelConfig
 from lab.errors import CheckpointError, ConfigError
-from lab.files import read_json, stream_safetensors
+from lab.files import stream_safetensors
+from lab.formats.foreign import Field, checked, inside, json_object
 
 SUPPORTED = ("llama", "gemma", "gemma2", "gemma3_text", "gemma3")
 INDEX = "model.safetensors.index.json"
@@ -40,21 +41,51 @@ DEFAULTS = {
 }
 
 
+_SIZE, _POSITIVE = "[1, inf)", "(0, inf)"
+_ROPE = {"rope_type": Field("str"), "type": Field("str"), "rope_theta": Field("number", _POSITIVE),
+         "factor": Field("number", _POSITIVE), "low_freq_factor": Field("number", _POSITIVE),
+         "high_freq_factor": Field("number", _POSITIVE), "original_max_position_embeddings": Field("int", _SIZE)}
+# Every config.json field lab reads, with the type transformers declares for it and the range a model needs.
+CONFIG_FIELDS = {
+    **{key: Field("int", _SIZE, required=True) for key in
+       ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
+    **{key: Field("int", _SIZE) for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                                            "sliding_window_pattern", "_sliding_window_pattern")},
+    "query_pre_attn_scalar": Field("int", _SIZE),
+    **{key: Field("number", _POSITIVE) for key in ("rms_norm_eps", "initializer_range",
+                                                   "attn_logit_softcapping", "final_logit_softcapping", "rope_theta",
+                                                   "rope_local_base_freq")},
+    **{key: Field("bool") for key in ("tie_word_embeddings", "attention_bias", "mlp_bias")},
+    **{key: Field("ids", "[0, inf)") for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    "hidden_act": Field("str"), "hidden_activation": Field("str"), "layer_types": Field("strings"),
+    "rope_scaling": Field("object"), "rope_parameters": Field("object"),
+}
+_FIX = "restore the file from the model's source"
+
+
 def read_config(directory: Path) -> dict[str, Any]:
-    """`config.json`, with a multimodal Gemma 3's text half standing for the whole."""
+    """`config.json`, with a multimodal Gemma 3's text half standing for the whole, every field lab
+    reads checked against its type and range (CONFIG_FIELDS)."""
     path = Path(directory) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path} is missing: init_from=hf:<dir> needs a Hugging Face model folder "
-                              "(config.json and *.safetensors)")
-    hf = read_json(path, "Hugging Face config")
+                              "(config.json and model.safetensors)")
+    hf = json_object(path, "Hugging Face config")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise CheckpointError(f"{path}: model_type={model_type!r} is not supported; lab reads "
                               f"{', '.join(SUPPORTED)} (LlamaForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, "
                               "Gemma3ForCausalLM)")
     if model_type == "gemma3":  # Gemma3ForConditionalGeneration: lab takes the language model only
-        hf = {**hf.get("text_config", {}), "model_type": "gemma3_text"}
-    return DEFAULTS[hf["model_type"]] | hf
+        text = checked(hf, {"text_config": Field("object")}, path, _FIX).get("text_config") or {}
+        hf = {**text, "model_type": "gemma3_text"}
+    hf = checked(DEFAULTS[hf["model_type"]] | hf, CONFIG_FIELDS, path, _FIX, f"a {hf['model_type']} model")
+    for role in ("bos", "eos", "pad"):
+        ids = hf.get(f"{role}_token_id")
+        if ids is not None and max(ids if isinstance(ids, list) else [ids], default=0) >= hf["vocab_size"]:
+            raise CheckpointError(f"{path}: {role}_token_id={ids} is outside the vocabulary (vocab_size="
+                                  f"{hf['vocab_size']}); {_FIX}")
+    return hf
 
 
 def model_config_from_hf(hf: dict[str, Any], name: str) -> tuple[ModelConfig, int]:
@@ -113,6 +144,8 @@ def _layer_pattern(hf: dict[str, Any], kind: str, n_layers: int) -> tuple[Option
     if types is None:  # older configs: Gemma 2 alternates, Gemma 3 gives its period
         period = 2 if kind == "gemma2" else hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
         return window, period
+    if len(types) != n_layers:
+        raise CheckpointError(f"config.json: layer_types has {len(types)} entries for num_hidden_layers={n_layers}; {_FIX}")
     local = [t == "sliding_attention" for t in types]
     for period in [0, *range(1, n_layers + 1)]:
         if local == [period == 0 or (i + 1) % period != 0 for i in range(n_layers)]:
@@ -126,12 +159,16 @@ def _rope(hf: dict[str, Any], kind: str) -> tuple[dict[str, Any], Optional[float
     params = hf.get("rope_parameters")
     local = None
     if params and "full_attention" in params:  # transformers 5: one entry per layer type
+        checked(params, {"full_attention": Field("object"), "sliding_attention": Field("object")}, "config.json rope_parameters", _FIX)
         glob, local = params["full_attention"], params.get("sliding_attention", {}).get("rope_theta")
     elif params:
         glob = params
     else:
         glob = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
         local = hf.get("rope_local_base_freq") if kind == "gemma3_text" else None
+    glob = checked(glob, _ROPE, "config.json rope_scaling/rope_parameters", _FIX)
+    if local is not None:
+        local = checked({"rope_theta": local}, _ROPE, "config.json rope_parameters.sliding_attention", _FIX)["rope_theta"]
     if kind == "gemma3_text" and local is None:
         local = 10000.0  # Gemma 3's local layers always use base 10k
     rope_type = glob.get("rope_type", glob.get("type", "default"))
@@ -188,6 +225,10 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
                 "layer_types": ["sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.n_layers)]}
     if kind == "gemma3_text":
         out["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
+    try:  # each field as transformers declares it (query_pre_attn_scalar: an int, where lab holds a float)
+        out = checked(out, CONFIG_FIELDS, Path("config.json"), "transformers declares it so")
+    except CheckpointError as e:
+        raise ConfigError(f"model={cfg.name} cannot be written as {out['architectures'][0]}: {e}") from None
     _check_round_trip(cfg, out)
     return out
 
@@ -273,23 +314,28 @@ def hf_name(name: str, cfg: ModelConfig) -> str:
 
 
 def shard_files(directory: Path) -> dict[Path, Optional[list[str]]]:
-    """The safetensors files to read, each with the tensor names it holds (None: all of them)."""
+    """The safetensors files to read, each with the tensor names it holds (None: all of them): as
+    transformers does, the files `model.safetensors.index.json` lists, else `model.safetensors`;
+    never another safetensors file beside them (an adapter, a consolidated copy)."""
     directory = Path(directory)
     index = directory / INDEX
     if index.exists():
-        weight_map: dict[str, str] = read_json(index, "safetensors index")["weight_map"]
+        weight_map = checked(json_object(index, "safetensors index"), {"weight_map": Field("object", required=True)},
+                             index, _FIX, "an index")["weight_map"]
         shards: dict[Path, list[str]] = {}
-        for tensor, file in weight_map.items():
-            shards.setdefault(directory / file, []).append(tensor)
+        for tensor, file in weight_map.items():  # every name checked before any file is opened
+            shards.setdefault(inside(directory, file, index, f"weight_map[{tensor!r}]"), []).append(tensor)
         for shard in shards:
             if not shard.exists():
                 raise CheckpointError(f"{shard} is missing: {index.name} lists it; copy the whole checkpoint folder")
         return dict(shards)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory} has no *.safetensors files; lab reads safetensors checkpoints only "
-                              "(convert .bin files with transformers' save_pretrained)")
-    return {f: None for f in files}
+    single = directory / "model.safetensors"
+    if not single.exists():
+        others = sorted(f.name for f in directory.glob("*.safetensors"))
+        beside = f" (it has {', '.join(others[:3])}, which transformers would not read as the model either)" if others else ""
+        raise CheckpointError(f"{directory} has no model.safetensors or {INDEX}{beside}; lab reads a model as "
+                              "transformers' save_pretrained writes it (convert .bin files with save_pretrained)")
+    return {single: None}
 
 
 def load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
@@ -302,6 +348,9 @@ def load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
             name = lab_name(hf_name, model.config)
             if name is None:
                 continue
+            if name not in params:  # a layer config.json does not have
+                raise CheckpointError(f"{file.name}: tensor {hf_name!r} is for a layer beyond num_hidden_layers="
+                                      f"{model.config.n_layers}; the weights and config.json disagree")
             target = params[name]
             if tensor.shape != target.shape:
                 raise CheckpointError(f"{file.name}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, but config.json "

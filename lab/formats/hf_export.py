@@ -72,18 +72,38 @@ def write_hf_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
     tokenizer become a `tokenizer.json` built with the `tokenizers` library, so the fast tokenizer
     transformers builds never re-derives them from a SentencePiece file with other settings.
     """
+    from tokenizers import Tokenizer as Fast
+
     if isinstance(tokenizer, HFTokenizer):
-        (directory / "tokenizer.json").write_bytes(tokenizer.json_bytes)
+        fast = Fast.from_str(tokenizer.json_bytes.decode("utf-8"))
     else:
         fast = sentencepiece_as_fast(tokenizer) if isinstance(tokenizer, SentencePieceTokenizer) else byte_as_fast(tokenizer)
+    if isinstance(tokenizer, HFTokenizer) and starts_with_bos(fast, tokenizer.bos_id):
+        (directory / "tokenizer.json").write_bytes(tokenizer.json_bytes)  # as it came
+    else:
+        add_bos(fast, tokenizer.piece(tokenizer.bos_id), tokenizer.bos_id)
         fast.save(str(directory / "tokenizer.json"))
     names = {i: tokenizer.piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)}
     _write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[tokenizer.bos_id],
         "eos_token": names[tokenizer.eos_id], "pad_token": names[tokenizer.pad_id],
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
     })
+
+
+def starts_with_bos(fast, bos_id: int) -> bool:
+    """Whether `fast` puts bos first when asked for special tokens, as lab starts every sequence."""
+    return fast.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+
+
+def add_bos(fast, bos: str, bos_id: int) -> None:
+    """Make `tokenizer(text)` give `<bos> text`, the sequence lab trained on (every document is
+    `<bos> text <eos>` and every prompt starts with bos), as Llama's and Gemma's tokenizers do."""
+    from tokenizers import processors
+
+    fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                        special_tokens=[(bos, bos_id)])
 
 
 def sentencepiece_as_fast(tokenizer: SentencePieceTokenizer):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from lab.errors import CheckpointError
+from lab.formats.foreign import Field, checked, json_object
 from lab.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 
@@ -40,10 +41,15 @@ def load_hf_tokenizer(directory: Path, embedding_rows: Optional[int] = None) -> 
 
 
 def special_ids(directory: Path, tok: HFTokenizer) -> tuple[int, int, int]:
-    """(bos, eos, pad) ids: named in `tokenizer_config.json`, else numbered in `config.json`."""
-    named = _read_json_or_empty(directory / "tokenizer_config.json")
-    numbered = _read_json_or_empty(directory / "config.json")
-    numbered = numbered.get("text_config", {}) | numbered
+    """(bos, eos, pad) ids: named in `tokenizer_config.json`, else numbered in `config.json`; each
+    checked to be one of the tokenizer's ids."""
+    directory = Path(directory)
+    named = _json_or_empty(directory / "tokenizer_config.json", "tokenizer config")
+    numbered = _json_or_empty(directory / "config.json", "Hugging Face config")
+    text = numbered.get("text_config")
+    numbered = (text if isinstance(text, dict) else {}) | numbered
+    ids = {f"{role}_token_id": Field("ids", f"[0, {tok.vocab_size})") for role in ("bos", "eos", "pad")}
+    numbered = checked(numbered, ids, directory / "config.json", "restore the file from the model's source")
 
     def find(role: str) -> Optional[int]:
         token = named.get(f"{role}_token")
@@ -51,7 +57,7 @@ def special_ids(directory: Path, tok: HFTokenizer) -> tuple[int, int, int]:
         if isinstance(token, str) and tok.id_of(token) is not None:
             return tok.id_of(token)
         i = numbered.get(f"{role}_token_id")
-        return i[0] if isinstance(i, list) else i
+        return (i[0] if i else None) if isinstance(i, list) else i
 
     eos = find("eos")
     if eos is None:
@@ -60,8 +66,8 @@ def special_ids(directory: Path, tok: HFTokenizer) -> tuple[int, int, int]:
     return (eos if bos is None else bos), eos, (eos if pad is None else pad)
 
 
-def _read_json_or_empty(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+def _json_or_empty(path: Path, what: str) -> dict:
+    return json_object(path, what) if path.exists() else {}
 
 
 def load_any_tokenizer(directory: Path) -> Tokenizer:

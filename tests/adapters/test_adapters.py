@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -144,6 +145,25 @@ def test_mlp_targets_wrap_only_those():
 
 
 # ---- PEFT files ------------------------------------------------------------------------------
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], "adapter_config.json: holds a JSON list, not the object"),
+    (lambda c: c | {"r": "4"}, "adapter_config.json: r='4' must be an integer"),
+    (lambda c: c | {"r": 0}, "adapter_config.json: r=0 is out of range: it must be to at least 1"),
+    (lambda c: {k: v for k, v in c.items() if k != "lora_alpha"}, "adapter_config.json has no 'lora_alpha', which a LoRA adapter needs"),
+    (lambda c: c | {"lora_dropout": 1.5}, "lora_dropout=1.5 is out of range: it must be in [0, 1)"),
+    (lambda c: c | {"use_dora": "yes"}, "use_dora='yes' must be true or false"),
+])
+def test_a_foreign_adapter_config_is_checked_field_by_field(tmp_path, edit, message):
+    from lab.errors import LabError
+
+    _, adapters = adapted(targets=["q", "v"])
+    adapters.save(tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(LabError, match=re.escape(message)):
+        load_adapter(make(), tmp_path / "ad")
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_save_and_load_round_trip_in_peft_layout(tmp_path, kind):
     x = tokens(seed=3)

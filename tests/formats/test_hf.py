@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lab.errors import CheckpointError  # noqa: E402
+from lab.errors import CheckpointError, LabError  # noqa: E402
 from lab.formats.hf import load_hf  # noqa: E402
 from lab.models.decoder import window_mask  # noqa: E402
 
@@ -236,3 +236,77 @@ def test_chatml_needs_tokens_an_imported_tokenizer_lacks(tmp_path):
                                                     "pick a template that needs none (data.template=alpaca or instruct)")):
         stop_token_id("chatml", tok)
     assert stop_token_id("alpaca", tok) == tok.eos_id
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(data)))
+
+
+FOREIGN_CASES = {  # a field read from a foreign file, made wrong -> the one line that names it
+    "config a list": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: holds a JSON list, not the object"),
+    "0 heads": (lambda d: _edit_config(d, num_attention_heads=0), "num_attention_heads=0 is out of range: it must be to at least 1"),
+    "negative size": (lambda d: _edit_config(d, hidden_size=-32), "hidden_size=-32 is out of range"),
+    "string size": (lambda d: _edit_config(d, intermediate_size="64"), "intermediate_size='64' must be an integer"),
+    "string eps": (lambda d: _edit_config(d, rms_norm_eps="tiny"), "rms_norm_eps='tiny' must be a number"),
+    "rope scaling a list": (lambda d: _edit_config(d, rope_scaling=[8.0]), "rope_scaling=[8.0] must be a JSON object"),
+    "rope factor a string": (lambda d: _edit_config(d, rope_parameters={"rope_type": "linear", "factor": "two", "rope_theta": 1e4}),
+                             "factor='two' must be a number"),
+    "eos beyond the vocabulary": (lambda d: _edit_config(d, eos_token_id=500), "eos_token_id=500 is outside the vocabulary"),
+    "pad negative": (lambda d: _edit_config(d, pad_token_id=-1), "pad_token_id=-1 is out of range"),
+    "tokenizer_config not JSON": (lambda d: (d / "tokenizer_config.json").write_text("{bos"), "tokenizer_config.json is not valid JSON"),
+    "index not JSON": (lambda d: (d / "model.safetensors.index.json").write_text("nope"), "index.json is not valid JSON"),
+    "index without weight_map": (lambda d: _edit_json(d / "model.safetensors.index.json", lambda x: {"metadata": {}}),
+                                 "index.json has no 'weight_map'"),
+    "weight_map a list": (lambda d: _edit_json(d / "model.safetensors.index.json", lambda x: x | {"weight_map": []}),
+                          "weight_map=[] must be a JSON object"),
+    "layers the config lacks": (lambda d: _edit_config(d, num_hidden_layers=1),
+                                "is for a layer beyond num_hidden_layers=1"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_CASES, ids=list(FOREIGN_CASES))
+def test_every_field_of_a_foreign_folder_is_checked_when_read(tmp_path, case):
+    from labtest import save_hf_tokenizer
+
+    change, message = FOREIGN_CASES[case]
+    vocab = save_hf_tokenizer(tmp_path)
+    save_random(transformers.LlamaConfig(**SMALL | {"vocab_size": vocab}, num_key_value_heads=2), tmp_path, max_shard_size="60KB")
+    change(tmp_path)
+    with pytest.raises(LabError, match=re.escape(message)) as err:
+        load_hf(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_an_index_naming_files_outside_the_folder_is_refused_before_any_is_opened(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import lab.formats.hf as hf_format
+
+    model_dir = tmp_path / "models" / "llama"
+    save_random(transformers.LlamaConfig(**SMALL), model_dir, max_shard_size="60KB")
+    save_file({"model.norm.weight": torch.ones(32)}, tmp_path / "outside.safetensors")
+    _edit_json(model_dir / "model.safetensors.index.json",
+               lambda x: x | {"weight_map": x["weight_map"] | {"model.norm.weight": "../../outside.safetensors"}})
+    opened = []
+    monkeypatch.setattr(hf_format, "stream_safetensors", lambda path, *a: opened.append(path) or iter(()))
+    with pytest.raises(CheckpointError, match=re.escape("weight_map['model.norm.weight'] names '../../outside.safetensors', "
+                                                        "which is not a file inside")):
+        load_hf(model_dir)
+    assert opened == []
+
+
+def test_only_the_files_transformers_reads_are_read(tmp_path):
+    """Other safetensors beside the model (an adapter, a consolidated copy) are not the model."""
+    from safetensors.torch import save_file
+
+    hf = save_random(transformers.LlamaConfig(**SMALL), tmp_path / "one")
+    save_file({"base_model.model.lora_A.weight": torch.ones(2, 2)}, tmp_path / "one" / "adapter_model.safetensors")
+    assert logits_gap(hf, tmp_path / "one") < TOL
+    hf = save_random(transformers.LlamaConfig(**SMALL), tmp_path / "sharded", max_shard_size="60KB")
+    save_file({"model.norm.weight": torch.full((32,), 7.0)}, tmp_path / "sharded" / "consolidated.safetensors")
+    assert logits_gap(hf, tmp_path / "sharded") < TOL
+    (tmp_path / "one" / "model.safetensors").rename(tmp_path / "one" / "consolidated.safetensors")
+    with pytest.raises(CheckpointError, match="has no model.safetensors or model.safetensors.index.json .it has "
+                                              "adapter_model.safetensors, consolidated.safetensors"):
+        load_hf(tmp_path / "one")
