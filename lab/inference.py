@@ -78,15 +78,21 @@ class TextModel:
     def complete(self, ids: Sequence[Sequence[int]], sampling: Sampling, *, use_cache: bool = True,
                  on_text: Optional[OnText] = None) -> Result:
         """Completions of encoded prompts, generated together as one batch (one by one with SBD)."""
-        if sampling.sbd_gamma is not None:
-            sampling = dataclasses.replace(sampling, sbd_block=self._sbd_block(sampling))
-            mask_token(self.tokenizer)
+        sampling = self.resolved(sampling)
         # on a CPU, decoding one token at a time under autocast re-casts every weight per token: 25%
         # slower than fp32 (measured on nano); scoring whole batches keeps the profile's precision
         cpu = self.model.tok_emb.weight.device.type == "cpu"
         with contextlib.nullcontext() if cpu else self.autocast_context():
             return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
                             pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text)
+
+    def resolved(self, sampling: Sampling) -> Sampling:
+        """`sampling` as this model decodes it (SBD's block from its fine-tuning), or ConfigError for
+        settings it cannot honour: callers check before they start answering (a server's stream)."""
+        if sampling.sbd_gamma is None:
+            return sampling
+        mask_token(self.tokenizer)
+        return dataclasses.replace(sampling, sbd_block=self._sbd_block(sampling))
 
     def _sbd_block(self, sampling: Sampling) -> int:
         if sampling.sbd_block is not None:

@@ -10,7 +10,9 @@ in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx
 body or field (400), an unknown model (404), a prompt that with `max_tokens` exceeds the context
 (400: refused, never truncated). Requests are served one at a time, in arrival order, by a lock
 around the model: concurrent clients queue, and no request sees another's state. A request without
-a `seed` samples with a fresh one; the other sampling fields default to `generate.*`.
+a `seed` (or with seed -1) samples with a fresh one; the other sampling fields default to `generate.*`.
+No request gets a 500: a field out of its range (Infinity, a seed beyond int64, a lone surrogate in
+text) and a setting lab's own checks refuse are 400s, streaming or not.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lab.config_stages import Sampling
@@ -35,8 +37,22 @@ from lab.errors import LabError
 from lab.inference import TextModel
 
 
+def _utf8(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"), which is no character and no UTF-8 a tokenizer reads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds {text[e.start]!r} at character {e.start}, a lone surrogate that is not text; "
+                         "send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields lab does not use (user, logit_bias, ...)
+    # clients send fields lab does not use (user, logit_bias, ...); Infinity and NaN are no number a sampler takes
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0)
@@ -45,17 +61,17 @@ class _Request(BaseModel):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     n: int = Field(1, ge=1, le=1)  # one completion per prompt
     stream: bool = False
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: Union[Text, list[Text], None] = None
+    seed: Optional[int] = Field(None, ge=-1, le=2**63 - 1)  # OpenAI's is an int64; -1 means "random", as in llama.cpp
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Request):
@@ -94,11 +110,12 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
+        errors = e.errors()  # a union field reports each branch: the value's own fault says the most
+        first = next((x for x in errors if x["type"] == "value_error"), errors[0])
         if first["type"] == "json_invalid":
             return _error(400, f"the body is not valid JSON (at character {first['loc'][-1]}); send a JSON object",
                           code="invalid_json")
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        where = ".".join(str(p) for p in first["loc"] if p != "body" and "[" not in str(p))  # not a branch's tag
         return _error(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
 
     @app.exception_handler(HTTPException)
@@ -108,6 +125,10 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api(_request: Request, e: APIError) -> JSONResponse:
         return _error(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(LabError)
+    async def _lab(_request: Request, e: LabError) -> JSONResponse:  # a request lab's own checks refuse
+        return _error(400, str(e), code="invalid_value")
 
     @app.get("/health")
     def health() -> dict:
@@ -168,8 +189,9 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or defaults.stop)
         chosen = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
                   if getattr(req, k) is not None}
-        return dataclasses.replace(defaults, **chosen, stop=stop, seed=req.seed,
-                                   max_new_tokens=max_tokens or min(defaults.max_new_tokens, tm.context - longest))
+        seed = None if req.seed == -1 else req.seed  # None: a fresh seed
+        return tm.resolved(dataclasses.replace(defaults, **chosen, stop=stop, seed=seed,
+                                               max_new_tokens=max_tokens or min(defaults.max_new_tokens, tm.context - longest)))
 
     def _events(ids: list[list[int]], sampling: Sampling, head: dict, kind: str, chunk) -> Iterator[str]:
         """Server-sent events: generation runs in a thread and hands text over through a queue."""

@@ -28,6 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar 
 
 import mlflow  # noqa: E402
 import psutil  # noqa: E402
+import sqlalchemy  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -60,6 +61,48 @@ def ui_command(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         return f"mlflow ui --backend-store-uri {uri}"
     return f"open {uri} in a browser"
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a sqlite store that does not exist yet, whole or not at all.
+
+    Building MLflow's schema takes seconds (the first `lab` a newcomer runs), and a store killed
+    half-built is unusable for every later run. So the schema is built in a temporary file beside
+    it, under a lock (two first runs at once), and renamed into place: the store either does not
+    exist or is complete. Temporary files a killed creation left behind are removed under the lock.
+    """
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():  # another process made it while this one waited
+            return
+        for left in path.parent.glob(f".{path.name}.*.tmp"):
+            left.unlink()
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp"  # MLflow caches engines by name
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())
+        store.engine.dispose()  # closes the file before it moves
+        os.replace(tmp, path)
+
+
+def unusable_store(uri: str, e: Exception) -> TrackingError:
+    """One line for a store MLflow cannot open: what happened and what to do."""
+    why = str(getattr(e, "orig", None) or e).strip().splitlines()[0].split(". ")[0]
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).exists():
+        path = uri[len("sqlite:///"):]
+        return TrackingError(f"{path} is not a usable MLflow store ({why}); one made before lab created stores whole "
+                             "may be half-built by a run stopped while creating it: move it aside "
+                             f"(mv {path} {path}.broken) and run again to start a new one")
+    return TrackingError(f"tracking.uri={uri}: MLflow cannot open this store ({why}); use sqlite:///PATH.db or "
+                         "http://HOST:PORT, or drop tracking.uri for the embedded store outputs/mlflow.db")
 
 
 def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
@@ -132,13 +175,11 @@ class Tracker:
                 ensure_dir(outputs, "paths.outputs")
             check_reachable(self.uri)
             try:  # the store is opened here: a scheme MLflow refuses (file:, a typo) stops in one line
+                ensure_sqlite_store(self.uri)
                 self.client = MlflowClient(self.uri)
                 self.experiment_id = experiment_id(self.client, cfg.experiment, outputs)
-            except MlflowException as e:
-                why = str(e).strip().split(". ")[0]
-                raise TrackingError(f"tracking.uri={self.uri}: MLflow cannot open this store ({why}); use "
-                                    "sqlite:///PATH.db or http://HOST:PORT, or drop tracking.uri for the embedded "
-                                    "store outputs/mlflow.db") from None
+            except (MlflowException, sqlalchemy.exc.SQLAlchemyError) as e:
+                raise unusable_store(self.uri, e) from None
             mlflow.set_tracking_uri(self.uri)  # the model registry looks logged models up through the global client
 
     # ---- the run's life ---------------------------------------------------------------------

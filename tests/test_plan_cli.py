@@ -74,3 +74,25 @@ def test_auto_micro_batch_accumulates_to_the_same_losses(tmp_path):
     proc = run_lab("stage=plan", f"init_from={whole.info.run_id}", "model=tiny", "hardware.memory_gb=1", cwd=tmp_path / "whole")
     assert f"model=outputs/checkpoints/{whole.info.run_id}/" in proc.stdout and "(0.1M parameters, vocab 512)" in proc.stdout
 
+
+
+def test_plan_applies_the_rule_a_training_run_applies_to_auto(tmp_path, compose_cfg, capsys):
+    """micro_batch=auto keeps a global batch fixed: without one, planning stops as training does;
+    with one, the plan is of the micro-batch training would take."""
+    import re
+
+    from lab.errors import ConfigError
+    from lab.runner import HydraInfo, execute
+
+    def run(*overrides):
+        cfg = compose_cfg(*PLAN, "hardware.memory_gb=2", "hardware.micro_batch=auto", f"paths.outputs={tmp_path / 'outputs'}",
+                          *overrides)
+        return execute(cfg, info=HydraInfo(output_dir=tmp_path / "runs" / str(len(list(tmp_path.glob("runs/*"))))))
+
+    for stage in ("plan", "pretrain"):
+        with pytest.raises(ConfigError, match=re.escape("hardware.micro_batch=auto keeps the global batch fixed: set train.global_batch")):
+            run(f"stage={stage}")
+    run("stage=plan", "train.global_batch=12")
+    out = capsys.readouterr().out
+    assert "batch: hardware.micro_batch=12 x hardware.grad_accum=1 x 1 process(es) = train.global_batch=12" in out
+    assert "data.seq_len=64, micro-batch 12," in out

@@ -132,10 +132,12 @@ def test_chat_streams_answers_in_the_sft_template_and_logs_the_transcript(runs):
     cwd, cache, ids = runs
     proc = subprocess.run([sys.executable, "-m", "lab", "stage=chat", f"init_from={ids['sft']}", f"paths.cache={cache}",
                            "generate.temperature=0", "generate.max_new_tokens=6", "tracking.experiment=chat"],
-                          input="Quote Genesis 1:3.\n/reset\nWho was Noah?\n/exit\nnever read\n", cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          input=b"Quote Genesis 1:3.\n/reset\n\xff\xfe caf\xe9\nWho was Noah?\n/exit\nnever read\n", cwd=cwd,
+                          capture_output=True, timeout=300)
+    proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, proc.stderr
     assert "(template chatml)" in proc.stdout and proc.stdout.count("model> ") == 2 and "(new conversation)" in proc.stdout
+    assert "(that line is not UTF-8 text: byte 0xff at position 0; it was skipped" in proc.stdout  # and the session goes on
     from lab.data.chat import Message
 
     expected = greedy(runs, "sft", lambda tm: tm.encode([Message("user", "Quote Genesis 1:3.")]), new=6)[0]
@@ -193,6 +195,53 @@ def test_serve_answers_the_openai_client_and_stops_cleanly(runs):
     assert proc.returncode == 0, out
     run = _only(cwd, "serve")
     assert run.info.status == "FINISHED" and run.data.metrics["serve/requests"] == 8  # refused requests are not counted
+
+
+BAD_REQUESTS = {  # a field made wrong -> the status, and what the answer names (the same streaming or not)
+    "temperature Infinity": ('"temperature": Infinity', 400, "temperature"),
+    "temperature NaN": ('"temperature": NaN', 400, "temperature"),
+    "seed 2**70": (f'"seed": {2**70}', 400, "seed"),
+    "seed -2": ('"seed": -2', 400, "seed"),
+    "a lone surrogate": ('"prompt": "In the \\ud800 beginning"', 400, "lone surrogate"),
+    "a lone surrogate in stop": ('"stop": ["\\udfff"]', 400, "lone surrogate"),
+    "temperature 1e-300": ('"temperature": 1e-300', 200, None),  # T -> 0: greedy's answer
+    "repetition_penalty 1e-300": ('"repetition_penalty": 1e-300, "temperature": 1', 200, None),
+    "seed -1": ('"seed": -1, "temperature": 1', 200, None),  # -1: a fresh seed, as llama.cpp reads it
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_no_request_gets_a_500(runs, stream):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from lab import inference
+    from lab.config_stages import Sampling
+    from lab.lineage import resolve
+    from lab.serving import Stats, build_app
+
+    cwd, cache, ids = runs
+    pre = resolve(str(cwd / "outputs" / "checkpoints" / ids["pre"]), None, cwd / "outputs" / "checkpoints", cache)
+    tm = inference.load(pre, None, torch.device("cpu"), name="m")
+    client = TestClient(build_app(tm, Sampling(max_new_tokens=4), Stats()), raise_server_exceptions=False)
+    greedy_text = client.post("/v1/completions", json={"model": "m", "prompt": "In the", "temperature": 0}).json()
+    for case, (field, status, named) in BAD_REQUESTS.items():
+        body = '{"model": "m", "prompt": "In the", "stream": %s, %s}' % (str(stream).lower(), field)
+        if '"prompt"' in field:
+            body = body.replace('"prompt": "In the", ', "", 1)
+        answer = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == status, (case, answer.text)
+        if status == 400:
+            assert named in answer.json()["error"]["message"] and answer.json()["error"]["type"] == "invalid_request_error", case
+        elif stream:
+            assert answer.text.endswith("data: [DONE]\n\n") and '"error"' not in answer.text, case
+        elif case == "temperature 1e-300":
+            assert answer.json()["choices"][0]["text"] == greedy_text["choices"][0]["text"]
+    # a setting the model cannot honour (SBD on a model never fine-tuned for it) is lab's own 400, streaming or not
+    client = TestClient(build_app(tm, Sampling(max_new_tokens=4, sbd_gamma=0.3), Stats()), raise_server_exceptions=False)
+    answer = client.post("/v1/completions", json={"model": "m", "prompt": "In the", "stream": stream})
+    assert answer.status_code == 400 and "generate.sbd_gamma decodes blocks" in answer.json()["error"]["message"]
+    assert client.get("/health").json() == {"status": "ok"}
 
 
 def _wait_for_url(proc: subprocess.Popen, timeout: float = 120.0) -> str:

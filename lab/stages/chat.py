@@ -39,7 +39,13 @@ def chat(run: Run) -> float:
         while True:
             if interactive:
                 print("you> ", end="", flush=True)
-            line = sys.stdin.readline()
+            raw = sys.stdin.buffer.readline()  # bytes: a line that is not UTF-8 is said, not a traceback
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                run.say(f"(that line is not UTF-8 text: byte {raw[e.start]:#04x} at position {e.start}; it was skipped, "
+                        "type it again as UTF-8)")
+                continue
             if not line or line.strip() == "/exit":
                 break
             text = line.strip()

@@ -25,6 +25,7 @@ def serve(run: Run) -> float:
 
     cfg = run.cfg
     tm = inference.load_for(run, name=cfg.serve.model_name)
+    tm.resolved(cfg.generate)  # settings this model cannot honour stop here, not in every request
     sock = listen(cfg.serve.host, cfg.serve.port)
     host, port = sock.getsockname()[:2]
     stats = Stats()
