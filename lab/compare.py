@@ -284,7 +284,7 @@ def plot_curves(client: MlflowClient, runs: list[MlflowRun], metric: str, labels
             ax.plot([m.step for m in history], [m.value for m in history], label=labels[r.info.run_id], linewidth=1.2)
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} over steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -292,7 +292,7 @@ def plot_curves(client: MlflowClient, runs: list[MlflowRun], metric: str, labels
 
 
 def plot_final_vs_param(runs: list[MlflowRun], metric: str, param: str, others: list[str], path: Path) -> Path:
-    """Final `metric` against `param`, one point per run; numeric axis (log if it spans > 10x) or categorical.
+    """Final `metric` against `param`, one point per run; numeric axis (log if it spans 3x or more) or categorical.
 
     Runs that share the values of the `others` (the other differing params) form one series, so a
     grid sweep reads as one line per setting of the remaining keys.
@@ -312,18 +312,24 @@ def plot_final_vs_param(runs: list[MlflowRun], metric: str, param: str, others: 
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="-" if numeric else "none",
                 label=label or None)
     xs = [x for xy in series.values() for x, _ in xy]
-    if numeric and xs and min(xs) > 0 and max(xs) > 10 * min(xs):
-        ax.set_xscale("log")
+    if numeric:
+        ax.set_xscale(x_scale(xs))
     if not numeric:
         ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
     ax.set(xlabel=param, ylabel=f"final {metric}", title=f"final {metric} against {param} ({len(points)} runs)")
     ax.grid(alpha=0.3)
     if any(series):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def x_scale(xs: list[float]) -> str:
+    """log for positive values spanning 3x or more (rates and sizes are swept in ratios: 1e-3, 3e-3,
+    1e-2), else linear."""
+    return "log" if xs and min(xs) > 0 and max(xs) >= 3 * min(xs) else "linear"
 
 
 def _is_float(text: str) -> bool:

@@ -630,6 +630,43 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+_TRAINS = ("model", "tokenizer", "data", "adapter", "hardware", "train", "optimizer")
+# The sections of the config each stage reads: what its MLflow run logs as params (not other stages' settings)
+STAGE_SECTIONS = {
+    "pretrain": _TRAINS, "sft": _TRAINS, "dpo": (*_TRAINS, "dpo"), "multitask": (*_TRAINS, "multitask"),
+    "bench": _TRAINS, "plan": (*_TRAINS, "plan"), "surgery": ("model", "tokenizer", "data", "hardware", "surgery"),
+    "export": ("export",), "generate": ("generate", "hardware"), "chat": ("generate", "hardware"),
+    "serve": ("generate", "hardware", "serve"), "eval": ("eval", "generate", "data", "hardware"),
+    "analysis": ("analysis", "hardware"), "compare": ("compare",), "pipeline": ("pipeline",),
+}
+
+
+def run_params(cfg: "RunConfig") -> dict[str, str]:
+    """The params a run logs: the sections its stage reads, less the blocks switched off (an adapter's
+    settings under adapter=none, Grokfast's with it off, the analyses not run), numbers as written
+    (0.0003, not the 0.00030000000000000003 a computed default holds)."""
+    def off(key: str) -> bool:
+        blocks = {
+            "adapter.": cfg.adapter.kind == "none" and key != "adapter.name",
+            "stage.bench": cfg.stage.name != "bench",
+            "data.modular.": all(src.kind != "modular" for src in cfg.data.sources),
+            "data.random.": all(src.kind != "random" for src in cfg.data.sources),
+            "train.grokfast.": cfg.train.grokfast.kind == "none" and key != "train.grokfast.kind",
+            "train.grokking.": not cfg.train.grokking.enabled and key != "train.grokking.enabled",
+            "train.stop.target_": cfg.train.stop.target_metric is None and key != "train.stop.target_metric",
+            "train.stop.plateau_": cfg.train.stop.plateau_window == 0 and key != "train.stop.plateau_window",
+        }
+        for sub in ANALYSIS_KINDS:  # each kind's options are the section of its name
+            blocks[f"analysis.{sub}."] = cfg.analysis.kind != sub
+        return any(key.startswith(prefix) and is_off for prefix, is_off in blocks.items())
+
+    sections = ("stage", *STAGE_SECTIONS[cfg.stage.name])
+    flat = flatten({k: v for k, v in dataclasses.asdict(cfg).items() if k in sections})
+    flat |= {"init_from": cfg.init_from} if cfg.init_from else {}
+    return {k: format(v, ".12g") if isinstance(v, float) else v for k, v in flat.items() if not off(k)}
+
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """`{"model": {"dim": 64}}` -> `{"model.dim": 64}`; lists keep their index, e.g. `data.sources.0.kind`."""
     if isinstance(node, dict):

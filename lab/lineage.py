@@ -70,6 +70,8 @@ def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path, key: st
                               "runs:/<id>[/<path>] or models:/<name>/<version>")
     if artifact:  # an explicit artifact path of the run
         return _read(_download(f"runs:/{run_id}/{artifact}", named, tracker, cache))
+    if not (checkpoints / run_id).exists() and tracker is not None:  # a sweep's reused point stands for its original
+        run_id = tracker.reused_original(run_id)
     export = checkpoints / run_id / "export"  # an adapter run's merged weights, preferred over its steps
     path = export if (export / "meta.json").exists() else ckpt.latest_checkpoint(checkpoints / run_id)
     return _read(path or _download(f"models:/{_logged_model(run_id, named, tracker)}", named, tracker, cache))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import STAGE_READS, RunConfig, TrackingConfig, config_hash, flatten, resolved, to_run_config
+from lab.config import STAGE_READS, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
 from lab.errors import CheckpointError, ConfigError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, resolve_precision
 from lab.lineage import Pretrained
-from lab.tracking import Tracker, source_tags, ui_command
+from lab.tracking import Tracker, run_url, source_tags, ui_command
 
 if TYPE_CHECKING:
     from lab.engine import Parts
@@ -163,8 +164,10 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
         twin = _finished_twin(cfg, info, tracker, accelerator)
-        if twin is not None:
-            record = {"status": "skipped", "run_id": twin.info.run_id, "value": _skip(cfg, twin)}
+        if twin is not None:  # the sweep shows the point all the same: a child standing for the earlier run
+            shown = tracker.mirror(twin, run_name(cfg, info, cfg.init_from is not None), _tags(cfg, info, config_hash(cfg))
+                                   | sweeps.swept_tags(info.sweep_dir, info.overrides), parent) if parent else twin.info.run_id
+            record = {"status": "skipped", "run_id": shown, "value": _skip(cfg, twin)}
             return Outcome(twin.info.run_id, record["value"], reused=True)
         run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
@@ -185,9 +188,17 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     finally:
         if info.sweep_dir and (tracker is None or tracker.enabled):
             sweeps.write_job_record(info.output_dir, **record)
-    run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r})")
-    run.say(f"Browse it:  {ui_command(tracker.uri)}")
+    run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r}, {wall_time(time.time() - started_at)})")
+    run.say(f"Browse it:  {ui_command(tracker.uri)}, then open {run_url(tracker.uri, tracker.experiment_id, tracker.run_id)}")
     return Outcome(tracker.run_id or "", value)
+
+
+def wall_time(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`, `1 h 02 min`: how long a run took, as a person reads it."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def fresh_accelerate_state() -> None:
@@ -249,8 +260,7 @@ def _end_failed(tracker: Optional[Tracker], dcfg: DictConfig, info: HydraInfo, p
         failed = Tracker(tracking, OmegaConf.select(dcfg, "paths.outputs", default="outputs"))
         name = f"{OmegaConf.select(dcfg, 'stage.name')}-{OmegaConf.select(dcfg, 'model.name')}"
         tags = {"lab.overrides": " ".join(info.overrides), **sweeps.swept_tags(info.sweep_dir, info.overrides)}
-        failed.start(name + (f"-{info.job_num}" if info.job_num is not None else ""), tags, parent_run_id=parent,
-                     description=command_line(info))
+        failed.start(_in_sweep(name, info), tags, parent_run_id=parent, description=command_line(info))
         failed.finish(status, message)
         return failed.run_id
     except Exception as e:  # noqa: BLE001 - the job's own error matters more; say why it is not recorded
@@ -290,15 +300,14 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
         if run_id:
             tracker.reopen(run_id)
         else:
-            named = {"compare": "compare", "analysis": f"analysis-{cfg.analysis.kind}"}.get(  # they train no model
-                cfg.stage.name, f"{cfg.stage.name}-{cfg.model.name}")
-            run_name = named + (f"-{info.job_num}" if info.job_num is not None else "")
             tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
             tags["lab.precision"] = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)  # what ran
-            if pretrained is not None:  # lineage: which run this one grew from
-                tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or ""}
-            run_id = tracker.start(run_name, tags, parent_run_id=parent, description=command_line(info))
-            tracker.log_params(flatten(dataclasses.asdict(cfg)))
+            if pretrained is not None:  # lineage: which run this one grew from, and the model that came with it
+                tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or "",
+                         "lab.choice.model": cfg.model.name}
+            run_id = tracker.start(run_name(cfg, info, pretrained is not None), tags, parent_run_id=parent,
+                                   description=command_line(info))
+            tracker.log_params(run_params(cfg))
         tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
                           "lab.output_dir": str(info.output_dir)})
         _log_config(tracker, dcfg, info.output_dir)
@@ -364,6 +373,36 @@ def _find_resume(cfg: RunConfig, tracker: Tracker, chash: str) -> tuple[str, Opt
     if found is None:
         raise CheckpointError(f"train.resume={resume}: no checkpoint there; give a step_* folder, a run's checkpoint folder, or auto")
     return "", found
+
+
+def run_name(cfg: RunConfig, info: HydraInfo, from_a_run: bool = False) -> str:
+    """What the run is, as the MLflow runs list shows it: the stage and what it trains or reads
+    (`sft-micro-lora from 3f2a9c1e`), and in a sweep the values this job sweeps (`pretrain-micro lr=0.001`)."""
+    stage = cfg.stage.name
+    if stage == "compare":
+        c = cfg.compare
+        name = f"compare {_short(c.parent)}" if c.parent else f"compare {', '.join(c.experiments or [c.experiment or cfg.tracking.experiment])}"
+    elif stage == "analysis":
+        name = f"analysis-{cfg.analysis.kind}"
+    else:
+        name = f"{stage}-{cfg.model.name}" + (f"-{cfg.adapter.name}" if cfg.adapter.kind != "none" else "")
+        if from_a_run and cfg.init_from:
+            name += f" from {_short(cfg.init_from)}"
+    return _in_sweep(name, info)
+
+
+def _in_sweep(name: str, info: HydraInfo) -> str:
+    """A sweep job's name gains its swept values (the job's number where none is known)."""
+    swept = sweeps.swept_tags(info.sweep_dir, info.overrides)
+    if swept:
+        return name + " " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(swept.items()))
+    return name + (f"-{info.job_num}" if info.job_num is not None else "")
+
+
+def _short(source: str) -> str:
+    """A run id's first 8 characters, a folder's last part: enough to tell sources apart in a name."""
+    source = str(source).removeprefix("hf:").removeprefix("runs:/").rstrip("/")
+    return source[:8] if re.fullmatch(r"[0-9a-f]{32}", source) else Path(source).name or source
 
 
 def _tags(cfg: RunConfig, info: HydraInfo, chash: str) -> dict[str, str]:

@@ -54,15 +54,16 @@ def swept_tags(sweep_dir: Optional[Path], overrides: list[str]) -> dict[str, str
 
 
 def finished_twin(tracker: Tracker, chash: str) -> Any:
-    """A FINISHED run with this config hash in this experiment, or None."""
+    """A FINISHED run with this config hash in this experiment, or None; never a reused point's stand-in
+    (`Tracker.mirror`), whose original may have failed since."""
     if not tracker.enabled:
         return None
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
         filter_string=f"tags.`lab.config_hash` = '{chash}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        order_by=["attributes.start_time DESC"], max_results=200,
     )
-    return runs[0] if runs else None
+    return next((r for r in runs if "lab.reused_run" not in r.data.tags), None)
 
 
 def write_job_record(output_dir: Path, status: str, run_id: Optional[str], value: Any) -> None:
@@ -137,7 +138,7 @@ class SweepCallback(Callback):
         name = config.hydra.runtime.choices.get("sweeps") or "cli"
         keys = swept_keys(config)
         definition = self._write_definition(config)
-        run_id = self.tracker.start(f"sweep-{name}", {
+        run_id = self.tracker.start(f"sweep-{name} " + " ".join(k.lstrip("+~").split(".")[-1] for k in keys), {
             "lab.sweep": "true", "lab.sweep.name": name, "lab.stage": str(config.stage.name),
             "lab.sweep.dir": str(self.sweep_dir), "lab.sweep.metric": self.sweep_cfg.metric,
             "lab.sweep.keys": ",".join(keys), "lab.overrides": " ".join(config.hydra.overrides.task),

@@ -93,6 +93,12 @@ def ensure_sqlite_store(uri: str) -> None:
         os.replace(tmp, path)
 
 
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: the embedded store's `mlflow ui` serves at 127.0.0.1:5000."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def unusable_store(uri: str, e: Exception) -> TrackingError:
     """One line for a store MLflow cannot open: what happened and what to do."""
     why = str(getattr(e, "orig", None) or e).strip().splitlines()[0].split(". ")[0]
@@ -342,8 +348,36 @@ class Tracker:
             version = self.client.create_model_version(registered_name, source=f"models:/{model.model_id}",
                                                        run_id=self.run_id, model_id=model.model_id)
             tags["lab.registered_model"] = f"models:/{registered_name}/{version.version}"
+            # the link the UI reads to show the logged model as registered (what mlflow.register_model writes)
+            self.client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
+                [{"name": registered_name, "version": version.version}])})
         self.set_tags(tags)
         return model.model_id
+
+    def reused_original(self, run_id: str) -> str:
+        """The run a sweep's reused point stands for (`lab.reused_run`), else `run_id` itself."""
+        try:
+            return self.client.get_run(run_id).data.tags.get("lab.reused_run", run_id) if self.enabled else run_id
+        except MlflowException:
+            return run_id  # unknown here: the caller says so
+
+    def mirror(self, original: Any, run_name: str, tags: dict[str, str], parent_run_id: str) -> str:
+        """A FINISHED child of `parent_run_id` standing for the FINISHED run `original` (a sweep point
+        reused, not run again): its params, tags and every metric's whole history, tagged
+        `lab.reused_run`, so the sweep's children hold all of its points. Returns the new run's id."""
+        kept = {k: v for k, v in original.data.tags.items() if not k.startswith(("mlflow.", "lab.pid", "lab.host"))}
+        self.start(run_name, kept | tags | {"lab.reused_run": original.info.run_id}, parent_run_id,
+                   description=f"This config already FINISHED as run {original.info.run_id}: the sweep reused it. "
+                               "Its params and metrics are copied here; its checkpoints and model stay there.")
+        params = [Param(k, v) for k, v in original.data.params.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        for key in original.data.metrics:
+            history = self.client.get_metric_history(original.info.run_id, key)
+            for i in range(0, len(history), _BATCH):
+                self.client.log_batch(self.run_id, metrics=history[i:i + _BATCH])
+        self.finish("FINISHED")
+        return self.run_id
 
     def logged_model(self, run_id: str) -> Optional[str]:
         """The id of the last model the run logged, or None.

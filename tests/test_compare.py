@@ -214,3 +214,11 @@ def test_against_an_mlflow_server(tmp_path, sweep):
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+def test_a_swept_rate_is_drawn_on_a_log_axis():
+    from lab.compare import x_scale
+
+    assert x_scale([1e-3, 3e-3, 1e-2]) == "log"  # the README's lr_grid: a span of 10
+    assert x_scale([64.0, 128.0, 256.0]) == "log"
+    assert x_scale([1.0, 2.0]) == x_scale([-1.0, 5.0]) == x_scale([]) == "linear"

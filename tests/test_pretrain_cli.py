@@ -33,7 +33,8 @@ def test_run_summary_is_printed(kjv_run):
     _, proc, run = kjv_run
     assert "val loss" in proc.stdout and "perplexity" in proc.stdout
     assert "sample: In the beginning" in proc.stdout
-    assert f"MLflow run: {run.info.run_id}" in proc.stdout
+    assert f"MLflow run: {run.info.run_id}  (experiment 'lab', " in proc.stdout  # and its wall time
+    assert f"then open http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in proc.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
 
 
@@ -43,7 +44,12 @@ def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
     assert run.info.status == "FINISHED"
     assert params["model.name"] == "micro" and params["model.dim"] == "64"
     assert params["train.max_steps"] == "12" and params["data.seq_len"] == "64"
-    assert params["tokenizer.vocab_size"] == "512" and float(params["train.lr"]) == 3e-3
+    assert params["tokenizer.vocab_size"] == "512" and params["train.lr"] == "0.003"
+    # what this stage reads, no more: no other stage's settings, nothing switched off
+    assert {k.split(".")[0] for k in params} <= {"stage", "model", "tokenizer", "data", "adapter", "hardware", "train",
+                                                 "optimizer", "plan"}
+    assert "adapter.rank" not in params and "train.grokfast.alpha" not in params and "data.modular.p" not in params
+    assert not any(k.startswith("final/") for k in metrics)  # no copy of val/*
     assert tags["lab.stage"] == "pretrain" and tags["lab.hardware"] == "cpu"
     assert tags["lab.choice.model"] == "micro" and tags["lab.choice.data"] == "kjv"
     assert "model=micro" in tags["lab.overrides"].split()
@@ -81,6 +87,8 @@ def test_the_run_shows_what_the_mlflow_ui_shows_a_researcher(kjv_run):
     assert tags["lab.registered_model"] == "models:/lab-pretrain-micro/1"
     version = client.get_model_version("lab-pretrain-micro", "1")
     assert version.run_id == run.info.run_id and version.source == f"models:/{output.model_id}"
+    linked = json.loads(client.get_logged_model(output.model_id).tags["mlflow.modelVersions"])  # the UI shows it registered
+    assert [(v["name"], str(v["version"])) for v in linked] == [("lab-pretrain-micro", "1")]
     # eval samples: a table with a row per prompt and evaluation
     table = json.loads((Path(client.download_artifacts(run.info.run_id, "samples.json", str(cwd / "dl")))).read_text())
     assert table["columns"] == ["step", "prompt", "sample"] and [r[0] for r in table["data"]] == [6, 12]

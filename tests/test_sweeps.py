@@ -35,19 +35,30 @@ def test_grid_sweep_then_rerun_skips_then_reruns_only_the_failed(lab_cli, tmp_pa
     swept = {(c.data.tags["lab.swept.train.lr"], c.data.tags["lab.swept.train.warmup_steps"]) for c in children}
     assert swept == {("0.001", "1"), ("0.001", "2"), ("0.003", "1"), ("0.003", "2")}
     assert all("train.lr=" in c.data.tags["lab.overrides"] for c in children)
+    assert {c.info.run_name for c in children} == {f"pretrain-micro lr={lr} warmup_steps={w}" for lr, w in swept}
+    assert parent.info.run_name == "sweep-cli lr warmup_steps"
+    assert all(c.data.params["train.lr"] in ("0.001", "0.003") and "stage.bench_steps" not in c.data.params for c in children)
 
-    lab_cli(*GRID)  # the same sweep again: every job already FINISHED
+    lab_cli(*GRID)  # the same sweep again: every job already FINISHED, and each shows as a child all the same
     parents, children = sweep_runs(tmp_path)
-    assert len(children) == 4 and len(parents) == 2
-    assert parents[1].data.metrics["sweep/n_skipped"] == 4 and parents[1].data.metrics["sweep/n_finished"] == 0
-    assert parents[1].data.tags["lab.sweep.best_run"] == best.info.run_id
+    assert len(parents) == 2 and parents[1].data.metrics["sweep/n_skipped"] == 4
+    shown = children_of(parents[1], children)
+    originals = {c.info.run_id: c for c in children_of(parents[0], children)}
+    assert len(shown) == 4 and all(c.info.status == "FINISHED" and c.data.tags["lab.reused_run"] in originals for c in shown)
+    for c in shown:
+        original = originals[c.data.tags["lab.reused_run"]]
+        assert c.data.metrics == original.data.metrics and c.data.params == original.data.params
+        assert c.info.run_name == original.info.run_name
+    best_shown = next(c for c in shown if c.info.run_id == parents[1].data.tags["lab.sweep.best_run"])  # among its children
+    assert best_shown.data.tags["lab.reused_run"] == best.info.run_id
 
-    victim = children[0]
+    victim = next(iter(originals.values()))
     mlflow_client(tmp_path).set_terminated(victim.info.run_id, status="FAILED")
-    lab_cli(*GRID)
+    lab_cli(*GRID)  # the failed point runs again (its stand-in in the second sweep is not reused)
     parents, children = sweep_runs(tmp_path)
-    rerun = children_of(parents[2], children)
+    rerun = [c for c in children_of(parents[2], children) if "lab.reused_run" not in c.data.tags]
     assert len(rerun) == 1 and rerun[0].data.tags["lab.config_hash"] == victim.data.tags["lab.config_hash"]
+    assert len(children_of(parents[2], children)) == 4
     assert parents[2].data.metrics["sweep/n_skipped"] == 3 and parents[2].data.metrics["sweep/n_finished"] == 1
 
 

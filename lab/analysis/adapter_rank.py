@@ -145,7 +145,7 @@ def _growth(table: pd.DataFrame, adapter_ranks: dict[str, int]):
         ax.axhline(adapter_ranks[label], color=color, ls="--", lw=0.8, label=f"{label}: adapter r")
     ax.set_xlabel("step")
     ax.set_ylabel("rank of the total update (mean over modules)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     return fig
 
 

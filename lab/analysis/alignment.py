@@ -114,5 +114,5 @@ def _plot(books: pd.DataFrame, distance: float, baseline: float, title: str):
     ax.set_xticks(range(len(books)), books["book"], rotation=90, fontsize=7)
     ax.set_ylabel("normalised Procrustes distance")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     return fig

@@ -96,15 +96,14 @@ def _plot(maps: np.ndarray, heads: list[int], labels: list[str], layer: int, loc
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    every = max(1, -(-len(labels) // 24))  # at most 24 token labels an axis: every one, or every k-th
+    shown = range(0, len(labels), every)
     for ax, h, m in zip(axes.flat, heads, maps):
         ax.axis("on")
-        ax.imshow(m, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1))  # square-root scale: small weights show
-        ax.set_title(f"head {h}", fontsize=8)
-        if len(labels) <= 24:
-            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
-            ax.set_yticks(range(len(labels)), labels, fontsize=5)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"layer {layer} ({'local' if local else 'global'}): query rows, key columns", fontsize=9)
+        image = ax.imshow(m, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1))  # square-root scale: small weights show
+        ax.set_title(f"head {h}", fontsize=10)
+        ax.set_xticks(shown, [labels[i] for i in shown], rotation=90, fontsize=7)
+        ax.set_yticks(shown, [labels[i] for i in shown], fontsize=7)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+    fig.suptitle(f"layer {layer} ({'local' if local else 'global'}): query rows, key columns", fontsize=11)
     return fig

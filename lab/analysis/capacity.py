@@ -172,5 +172,5 @@ def _plot(points: pd.DataFrame, models: pd.DataFrame):
     ax.set_xlabel("dataset size (sequences)")
     ax.set_ylabel("memorized bits (total)")
     ax.set_title("memorization capacity (dashed: the plateau)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     return fig

@@ -79,7 +79,7 @@ def _plot(xy: np.ndarray, books: np.ndarray, clusters: np.ndarray, scores: dict[
     old = books <= OLD_TESTAMENT_BOOKS
     left.scatter(xy[old, 0], xy[old, 1], s=6, c="tab:brown", label="Old Testament")
     left.scatter(xy[~old, 0], xy[~old, 1], s=6, c="tab:blue", label="New Testament")
-    left.legend(fontsize=8)
+    left.legend(fontsize=9)
     left.set_title(f"by testament (ARI {scores['ari_testaments']:.3f})", fontsize=9)
     right.scatter(xy[:, 0], xy[:, 1], s=6, c=clusters, cmap="tab20")
     right.set_title(f"by k-means cluster (silhouette {scores['silhouette']:.3f}, ARI books {scores['ari_books']:.3f})",

@@ -96,11 +96,17 @@ def layers(run, sources: list[Source], report: Report) -> float:
     grads = gradient_norms(model, ids, targets)
     table["grad_norm"] = [grads.get(n, np.nan) for n, _ in model.named_parameters()]
     report.table("layers_weights", table)
-    report.table("layers_activations", activation_table(model, ids))
+    acts = activation_table(model, ids)
+    report.table("layers_activations", acts)
     ent = {i: entropy(p).tolist() for i, p in attention_maps(model, ids).items()}
     report.table("layers_attention_entropy", pd.DataFrame(
         [{"layer": i, "head": h, "entropy": e} for i, hs in ent.items() for h, e in enumerate(hs)]))
     report.figure("layers_gradient_flow", _flow(table))
+    # a few numbers to compare runs by in MLflow: the whole gradient, the residual stream's growth, attention's focus
+    blocks = acts[acts["module"] == "block"]
+    report.metric("layers/grad_norm", float(np.sqrt(np.nansum(table["grad_norm"] ** 2))))
+    report.metric("layers/last_block_act_std", float(blocks["act_std"].iloc[-1]) if len(blocks) else np.nan)
+    report.metric("layers/attention_entropy_mean", float(np.mean([e for hs in ent.values() for e in hs])))
     run.say(f"layers: {sources[0].label}: {len(table)} weights, batch of {ids.shape[0]}x{ids.shape[1]} val tokens")
     if len(sources) == 1:
         return float("nan")

@@ -49,12 +49,10 @@ def pretrain(run: Run) -> float:
     result = fit_and_export(run, trainer, model, adapter, data.tokenizer)
     if result.stopped_early:
         return float("nan")
-    final = {"final/val_loss": result.val_loss}
-    final |= {"final/val_acc": run.tracker.latest["val/acc"]} if arithmetic else {"final/val_ppl": math.exp(min(result.val_loss, 50))}
-    run.tracker.log_metrics(final, result.step)
+    ppl = math.exp(min(result.val_loss, 50))  # as the evaluation logged it, val/ppl
     run.tracker.flush()
-    run.say(f"val loss {result.val_loss:.4f}   " + (f"val accuracy {final['final/val_acc']:.3f}" if arithmetic else
-            f"perplexity {final['final/val_ppl']:.2f}   ({result.tokens_seen:,} tokens seen)"))
+    run.say(f"val loss {result.val_loss:.4f}   " + (f"val accuracy {run.tracker.latest.get('val/acc', math.nan):.3f}"
+            if arithmetic else f"perplexity {ppl:.2f}   ({result.tokens_seen:,} tokens seen)"))
     for sampler in callbacks:
         if isinstance(sampler, SampleWriter):
             run.say("sample: " + (sampler.last[0] if sampler.last else ""))

@@ -68,6 +68,9 @@ def test_layers_a_checkpoint_against_itself_changes_nowhere(runs, compose_cfg):
     assert (weights["grad_norm"] > 0).all() and (weights["weight_norm"] > 0).all()
     acts = pd.read_csv(folder / "layers_activations.csv")
     assert {"0", "1"} <= set(acts["layer"].astype(str)) and "block" in set(acts["module"])
+    m = run.data.metrics  # one checkpoint's summary, to compare runs by
+    assert m["analysis/layers/grad_norm"] == pytest.approx(float((weights["grad_norm"] ** 2).sum() ** 0.5))
+    assert m["analysis/layers/last_block_act_std"] == pytest.approx(acts[acts["module"] == "block"]["act_std"].iloc[-1])
     assert logged(cwd, run.info.run_id) >= {f"analysis/{n}" for n in (
         "layers_change.csv", "layers_change.png", "layers_weights.csv", "layers_activations.csv",
         "layers_attention_entropy.csv", "layers_gradient_flow.png")}
