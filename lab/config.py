@@ -663,7 +663,7 @@ def run_params(cfg: "RunConfig") -> dict[str, str]:
     sections = ("stage", *STAGE_SECTIONS[cfg.stage.name])
     flat = flatten({k: v for k, v in dataclasses.asdict(cfg).items() if k in sections})
     flat |= {"init_from": cfg.init_from} if cfg.init_from else {}
-    return {k: format(v, ".12g") if isinstance(v, float) else v for k, v in flat.items() if not off(k)}
+    return {k: str(float(format(v, ".12g"))) if isinstance(v, float) else v for k, v in flat.items() if not off(k)}
 
 
 

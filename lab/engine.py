@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -139,6 +140,30 @@ def prefixed(split: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
     head = f"{split}/{name}/" if name else f"{split}/"
     return {head + k: v for k, v in values.items()}
 
+
+
+class _Lines:
+    """A stream for tqdm that is not a terminal (a log file, a pipe): each update its own line, never
+    carriage returns that pile every update into one endless line."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int, initial: int, desc: str, disable: bool) -> tqdm:
+    """The live bar on a terminal; elsewhere a line every 30 s."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable, file=_Lines(sys.stderr),
+                mininterval=30, ncols=100)
 
 class Trainer:
     """Fits one model on one or more tasks. Only rank 0 logs and saves."""
@@ -280,7 +305,8 @@ class Trainer:
         if step % self.parts.flush_every == 0:
             self.tracker.flush()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_sec']:,.0f}")
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_sec']:,.0f}",
+                                 refresh=False)  # the bar redraws on its own schedule (mininterval)
         return metrics
 
     def _startup_times(self) -> dict[str, float]:
@@ -302,10 +328,8 @@ class Trainer:
         """Train to `train.max_steps` (or `train.stop_at_step`), evaluating and saving on schedule."""
         tc = self.cfg
         stop = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
-        self.bar = tqdm(
-            total=tc.max_steps, initial=self.state.step, desc=self.parts.label, unit="step",
-            disable=not (self.acc.is_main_process and tc.progress), dynamic_ncols=True,
-        )
+        self.bar = progress_bar(total=tc.max_steps, initial=self.state.step, desc=self.parts.label,
+                                disable=not (self.acc.is_main_process and tc.progress))
         val_loss, evaluated = float("nan"), None
         try:
             while self.state.step < stop and self.stop_reason is None:

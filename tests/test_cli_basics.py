@@ -12,6 +12,8 @@ def test_help_lists_groups_and_options(lab_cli):
     assert "analysis: adapter_rank, alignment, attention, capacity, concepts, layers, tokenizer" in out
     assert "tokenizer: bpe, byte, unigram" in out
     assert "deep_narrow_48" in out and "theos_small" in out
+    assert "  model        the decoder's size and architecture options" in out and "[nano]" in out  # what and its default
+    assert out.index("Any key can be set") < out.index("== Groups") and len(out.splitlines()) < 60  # no raw config dump
 
 
 def test_cfg_job_prints_the_composed_config(lab_cli):

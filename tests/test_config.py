@@ -205,3 +205,18 @@ def test_the_schema_knows_every_stage():
     from lab.stages import STAGES
 
     assert set(STAGE_NAMES) == set(STAGES)
+
+
+def test_a_run_logs_the_params_its_stage_reads_as_written(compose_cfg):
+    from lab.config import run_params
+
+    cfg = to_run_config(compose_cfg("stage=sft", "adapter=lora", "init_from=runs:/0123"))
+    cfg.train.lr = 3e-3 * 0.1  # a computed value holds binary noise: 0.00030000000000000003
+    params = run_params(cfg)
+    assert params["train.lr"] == "0.0003" and params["adapter.rank"] == cfg.adapter.rank
+    assert {k.split(".")[0] for k in params} == {"stage", "model", "tokenizer", "data", "adapter", "hardware", "train",
+                                                 "optimizer", "init_from"}
+    assert not any(k.startswith(("stage.bench", "train.grokfast.alpha", "analysis.", "generate.")) for k in params)
+    analysis = run_params(to_run_config(compose_cfg("stage=analysis", "analysis=layers", "init_from=runs:/0123")))
+    assert "analysis.layers.rows" in analysis and not any(k.startswith("analysis.capacity.") for k in analysis)
+    assert "adapter.name" not in analysis and "train.lr" not in analysis  # analysis trains nothing

@@ -36,6 +36,8 @@ def test_run_summary_is_printed(kjv_run):
     assert f"MLflow run: {run.info.run_id}  (experiment 'lab', " in proc.stdout  # and its wall time
     assert f"then open http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in proc.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    bar = [line for line in proc.stderr.splitlines() if line.startswith("pretrain:")]  # piped: whole lines, not \r
+    assert "\r" not in proc.stderr and 1 <= len(bar) <= 3 and "12/12" in bar[-1]
 
 
 def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
