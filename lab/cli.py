@@ -1,6 +1,7 @@
 """The `lab` command: compose the config with Hydra, run its stage, report errors in one line."""
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lab.config import register_schemas, to_run_config
+from lab.config import register_schemas, to_run_config, version_base
 from lab.console import held_stderr
 from lab.errors import LabError
 
@@ -55,6 +56,16 @@ def job(cfg: DictConfig) -> float | None:
         return math.nan
 
 
+def trusted_targets():
+    """The classes lab's configs may name for Hydra to build (`_target_`: lab's sweep callback, Hydra's
+    sweepers and launchers). Hydra 1.4 asks for them and warns without; 1.3 builds any."""
+    try:
+        from hydra.utils import execution_whitelist
+    except ImportError:
+        return contextlib.nullcontext()
+    return execution_whitelist(["lab.*", "hydra_plugins.*"])
+
+
 def main() -> None:
     """Console entry point. Hydra's composition errors are folded into one line."""
     from lab.sweeps import end_open_parent
@@ -64,8 +75,8 @@ def main() -> None:
     # `kill -USR1 <pid>` prints every thread's stack: how to see where a run that will not stop is stuck
     faulthandler.register(signal.SIGUSR1, all_threads=True, file=sys.__stderr__)
     try:
-        with held_stderr:
-            hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)()
+        with held_stderr, trusted_targets():
+            hydra.main(**version_base(), config_path=CONF_DIR, config_name="config")(job)()
     except KeyboardInterrupt:
         end_open_parent("KILLED", "interrupted by the user (Ctrl-C or SIGTERM)")
         raise

@@ -601,6 +601,15 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def version_base() -> dict[str, str]:
+    """Hydra's `version_base` argument: "1.3" on Hydra 1.3 (which warns without one), none from 1.4
+    on (which deprecates it and keeps the 1.3 behaviour lab relies on)."""
+    import hydra
+
+    major, minor = (int(x) for x in hydra.__version__.split(".")[:2])
+    return {"version_base": "1.3"} if (major, minor) < (1, 4) else {}
+
+
 def register_schemas() -> None:
     """Store the schema so `conf/config.yaml` can extend it (`defaults: [run_schema, ...]`)."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

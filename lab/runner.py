@@ -188,8 +188,9 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     finally:
         if info.sweep_dir and (tracker is None or tracker.enabled):
             sweeps.write_job_record(info.output_dir, **record)
-    run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r}, {wall_time(time.time() - started_at)})")
-    run.say(f"Browse it:  {ui_command(tracker.uri)}, then open {run_url(tracker.uri, tracker.experiment_id, tracker.run_id)}")
+    if tracker.enabled:  # rank 0 records and says where
+        run.say(f"MLflow run: {tracker.run_id}  (experiment {cfg.tracking.experiment!r}, {wall_time(time.time() - started_at)})")
+        run.say(f"Browse it:  {ui_command(tracker.uri)}, then open {run_url(tracker.uri, tracker.experiment_id, tracker.run_id)}")
     return Outcome(tracker.run_id or "", value)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lab.config import register_schemas
+from lab.config import register_schemas, version_base
 from labtest import CONF_DIR, run_lab
 
 
@@ -34,7 +34,7 @@ def compose_cfg():
     register_schemas()
 
     def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), **version_base()):
             return compose("config", overrides=list(overrides), return_hydra_config=True)
 
     return _compose

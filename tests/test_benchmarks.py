@@ -34,3 +34,14 @@ def test_lora_vs_full_modes_start_from_the_same_model_and_train_what_they_say():
     assert lora["losses"][0] == pytest.approx(full["losses"][0], abs=1e-6)  # B = 0: LoRA starts as the base
     assert lora["losses"][1:] != pytest.approx(full["losses"][1:], abs=1e-6)  # different parameters trained
     assert full["losses"][-1] < full["losses"][0] and lora["losses"][-1] < lora["losses"][0]
+
+
+def test_the_gpu_check_says_what_it_would_run_on_a_machine_without_cuda(capsys, monkeypatch):
+    import torch
+
+    from lab.benchmarks import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no CUDA device here") and all(f"  - {check}\n" in out for check in gpu_check.CHECKS)

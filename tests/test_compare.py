@@ -74,7 +74,7 @@ def test_files_are_written_and_logged_on_a_finished_compare_run(sweep, compared)
     for name in pngs:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     assert all((out / name).stat().st_size > 0 for name in ["table.csv", "table.md", "config_diff.md"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "compare"  # it trains no model to be named after
+    assert run.info.status == "FINISHED" and run.info.run_name == f"compare {sweep.parent.info.run_id[:8]}"  # what it read
     client = mlflow_client(sweep.cwd)
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "compare")}
     assert {*pngs, "table.csv", "table.md", "config_diff.md"} <= logged

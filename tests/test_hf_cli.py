@@ -71,7 +71,7 @@ def test_export_hf_loads_in_transformers_with_labs_logits_and_is_recorded(traine
     export_run(cwd, f"init_from={pre_id}", f"export.dir={target}", "export.max_shard_mb=0.2")
     run = next(r for r in all_runs(cwd) if r.data.tags.get("lab.stage") == "export")
     assert run.info.status == "FINISHED" and run.data.tags["lab.lineage.parent_run"] == pre_id
-    assert run.data.tags["lab.export.dir"] == str(target) and run.info.run_name == "export-micro"
+    assert run.data.tags["lab.export.dir"] == str(target) and run.info.run_name == f"export-micro from {pre_id[:8]}"
     logged = {a.path for a in mlflow_client(cwd).list_artifacts(run.info.run_id, "export")}
     assert {"export/config.json", "export/tokenizer.json", "export/model.safetensors.index.json"} <= logged
     hf = transformers.AutoModelForCausalLM.from_pretrained(target).eval()

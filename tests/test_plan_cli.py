@@ -48,12 +48,12 @@ def test_auto_micro_batch_accumulates_to_the_same_losses(tmp_path):
     from lab.planner import GiB, runtime_bytes
     from lab.step_trace import Job, trace
     from hydra import compose, initialize_config_dir
-    from lab.config import register_schemas
+    from lab.config import register_schemas, version_base
     from lab.runner import REPO_ROOT
 
     common = [*FAST, "hardware.precision=fp32", "train.max_steps=6", "train.eval_every=0"]
     register_schemas()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), **version_base()):
         cfg = to_run_config(compose("config", overrides=common))
     peak = (trace(Job.of(cfg), 2).peak + trace(Job.of(cfg), 3).peak) // 2
     memory = (peak + runtime_bytes("cpu", peak)) / GiB

@@ -36,8 +36,6 @@ def test_run_summary_is_printed(kjv_run):
     assert f"MLflow run: {run.info.run_id}  (experiment 'lab', " in proc.stdout  # and its wall time
     assert f"then open http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in proc.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
-    bar = [line for line in proc.stderr.splitlines() if line.startswith("pretrain:")]  # piped: whole lines, not \r
-    assert "\r" not in proc.stderr and 1 <= len(bar) <= 3 and "12/12" in bar[-1]
 
 
 def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
@@ -223,3 +221,21 @@ def test_continued_pretraining_starts_from_the_earlier_weights(kjv_run, tmp_path
     assert run.data.params["model.name"] == "micro"  # the checkpoint's model, not model=nano
     assert run.data.params["tokenizer.sha256"] == first.data.params["tokenizer.sha256"]
     assert loss_history(cwd, run.info.run_id)[1] < loss_history(cwd, first.info.run_id)[1] - 0.5
+
+
+def test_the_progress_bar_piped_into_a_file_writes_whole_lines(monkeypatch):
+    """Not a terminal: a line every 30 s (and the last), never carriage returns piling into one line."""
+    import io
+
+    from lab.engine import progress_bar
+
+    piped = io.StringIO()
+    monkeypatch.setattr("sys.stderr", piped)
+    bar = progress_bar(total=12, initial=0, desc="pretrain", disable=False)
+    for step in range(12):
+        bar.update(1)
+        bar.set_postfix(loss=f"{5 - step / 10:.3f}", refresh=False)
+    bar.close()
+    lines = piped.getvalue().splitlines()
+    assert "\r" not in piped.getvalue() and 1 <= len(lines) <= 3, lines
+    assert lines[-1].startswith("pretrain: 100%") and "12/12" in lines[-1] and "loss=3.900" in lines[-1]

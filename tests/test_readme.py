@@ -26,11 +26,11 @@ def compose_cfg():
     """compose(*overrides) within one Hydra initialisation, remembered: sweeps share most of their jobs."""
     from hydra import compose, initialize_config_dir
 
-    from lab.config import register_schemas
+    from lab.config import register_schemas, version_base
 
     register_schemas()
     seen: dict = {}
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), **version_base()):
         def _compose(*overrides: str):
             if overrides not in seen:
                 seen[overrides] = compose("config", overrides=list(overrides), return_hydra_config=True)
@@ -132,3 +132,29 @@ def test_the_readme_sweeps_expand_into_jobs_that_all_validate(compose_cfg):
 def test_a_job_that_cannot_run_is_found(compose_cfg):
     with pytest.raises(LabError, match="train.lr=-0.1 is out of range"):
         check(compose_cfg, ["train.lr=1e-3,-0.1"])
+
+
+def readme_default_output() -> list[str]:
+    """The lines the README shows `lab` (the default run) ending with."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"and ends like this \(measured on a 2-core\nmachine with bf16[^)]*\):\n\n```\n(.*?)```", text, re.S)
+    assert block, "the README's default-run output block moved; update this test"
+    return block.group(1).splitlines()
+
+
+@pytest.mark.slow
+def test_the_readme_shows_what_the_default_run_prints(tmp_path):
+    """Runs `lab` as a newcomer does (about 2 minutes with bf16) and compares every figure the README
+    shows: the model and data line, val loss, perplexity, tokens seen and the sample."""
+    from labtest import all_runs, run_lab
+
+    shown = readme_default_output()
+    proc = run_lab(cwd=tmp_path, timeout=1800)
+    (run,) = all_runs(tmp_path)
+    if run.data.tags["lab.precision"] != "bf16":
+        pytest.skip("the README shows a bf16 run; this CPU trains in fp32")
+    printed = [line for line in proc.stdout.splitlines() if line.startswith(("model=", "val loss", "sample:"))]
+    assert printed == shown[:3]
+    loss, ppl = re.search(r"val loss ([\d.]+)\s+perplexity ([\d.]+)", shown[1]).groups()
+    assert f"{run.data.metrics['val/loss']:.4f}" == loss and f"{run.data.metrics['val/ppl']:.2f}" == ppl
+    assert shown[3].startswith("MLflow run: ") and shown[4].startswith("Browse it:  mlflow ui --backend-store-uri sqlite:///")

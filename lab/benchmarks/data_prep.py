@@ -49,11 +49,11 @@ PREPARE = """
 import json, resource, sys, time
 from pathlib import Path
 from hydra import compose, initialize_config_dir
-from lab.config import register_schemas, to_run_config
+from lab.config import register_schemas, to_run_config, version_base
 from lab.data import prepare_data
 from lab.runner import REPO_ROOT
 register_schemas()
-with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), **version_base()):
     cfg = to_run_config(compose("config", overrides=sys.argv[2:]))
 start = time.perf_counter()
 data = prepare_data(cfg.data, cfg.tokenizer, Path(sys.argv[1]))

@@ -33,15 +33,15 @@ class Case:
 
 
 @contextmanager
-def accelerator(mixed_precision: str) -> Iterator:
-    """A CPU Accelerator with this precision; accelerate's process-wide state is reset around it."""
+def accelerator(mixed_precision: str, device: str = "cpu") -> Iterator:
+    """An Accelerator on `device` with this precision; accelerate's process-wide state is reset around it."""
     from accelerate import Accelerator
 
     from lab.runner import fresh_accelerate_state
 
     fresh_accelerate_state()
     try:
-        yield Accelerator(cpu=True, mixed_precision=mixed_precision)
+        yield Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     finally:
         fresh_accelerate_state()
 
@@ -61,8 +61,9 @@ def _job(case: Case, precision: str):
                grad_checkpointing=case.grad_checkpointing)
 
 
-def predicted_and_measured(case: Case, steps: int = 3) -> tuple[int, int]:
-    """(the planner's peak, the peak of building the engine and training `steps` steps), in bytes."""
+def predicted_and_measured(case: Case, steps: int = 3, device: str = "cpu") -> tuple[int, int]:
+    """(the planner's peak, the peak of building the engine and training `steps` steps), in bytes:
+    on a CUDA `device`, the allocator's high-water mark."""
     from lab.adapters import apply_adapter
     from lab.config import HardwareConfig, TrackingConfig, TrainConfig
     from lab.data.stream import BatchStream
@@ -74,7 +75,7 @@ def predicted_and_measured(case: Case, steps: int = 3) -> tuple[int, int]:
     from lab.step_trace import trace
     from lab.tracking import Tracker
 
-    hardware = HardwareConfig(micro_batch=case.micro_batch, grad_checkpointing=case.grad_checkpointing)
+    hardware = HardwareConfig(device=device, micro_batch=case.micro_batch, grad_checkpointing=case.grad_checkpointing)
     mixed = resolve_precision(hardware)
     job = _job(case, {"no": "fp32"}.get(mixed, mixed))
     predicted = trace(job, case.micro_batch).peak
@@ -83,7 +84,7 @@ def predicted_and_measured(case: Case, steps: int = 3) -> tuple[int, int]:
     def stream(micro_batch, seed, rank=0, world_size=1):
         return BatchStream(rows, micro_batch, seed, rank, world_size)
 
-    with tempfile.TemporaryDirectory() as tmp, accelerator(mixed) as acc:
+    with tempfile.TemporaryDirectory() as tmp, accelerator(mixed, device) as acc:
         def train() -> None:
             torch.manual_seed(0)
             model = build_model(job.model, case.vocab_size)

@@ -24,7 +24,7 @@ def build(args: argparse.Namespace, tasks: list[str], tmp: Path):
     from accelerate import Accelerator
     from hydra import compose, initialize_config_dir
 
-    from lab.config import register_schemas, to_run_config
+    from lab.config import register_schemas, to_run_config, version_base
     from lab.data import prepare_data
     from lab.data.verse_tasks import prepare_verse_tasks
     from lab.engine import EvalSet, Parts, Task, Trainer
@@ -36,7 +36,7 @@ def build(args: argparse.Namespace, tasks: list[str], tmp: Path):
     from lab.tracking import Tracker
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), **version_base()):
         cfg = to_run_config(compose("config", overrides=[
             "stage=multitask", f"model={args.model}", f"hardware.micro_batch={args.batch}", f"data.seq_len={args.seq}",
             f"hardware.precision={args.precision}", f"multitask.tasks=[{','.join(tasks)}]", "train.progress=false"]))

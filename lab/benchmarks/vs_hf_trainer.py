@@ -43,7 +43,7 @@ def run_lab(steps: int, warmup: int, compile_model: Optional[bool]) -> dict:
     from accelerate import Accelerator
     from hydra import compose, initialize_config_dir
 
-    from lab.config import register_schemas, to_run_config
+    from lab.config import register_schemas, to_run_config, version_base
     from lab.data.stream import BatchStream
     from lab.engine import EvalSet, Parts, Task, Trainer
     from lab.hardware import resolve_precision
@@ -54,7 +54,7 @@ def run_lab(steps: int, warmup: int, compile_model: Optional[bool]) -> dict:
     from lab.tracking import Tracker
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), **version_base()):
         cfg = to_run_config(compose("config", overrides=[
             "model=tiny", f"data.seq_len={SEQ}", f"hardware.micro_batch={BATCH}", "train.progress=false"]
             + ([] if compile_model is None else [f"hardware.compile={str(compile_model).lower()}"])))
