@@ -96,7 +96,7 @@ def ensure_sqlite_store(uri: str) -> None:
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: the embedded store's `mlflow ui` serves at 127.0.0.1:5000."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"  # not the GenAI view
 
 
 def unusable_store(uri: str, e: Exception) -> TrackingError:

@@ -34,7 +34,7 @@ def test_run_summary_is_printed(kjv_run):
     assert "val loss" in proc.stdout and "perplexity" in proc.stdout
     assert "sample: In the beginning" in proc.stdout
     assert f"MLflow run: {run.info.run_id}  (experiment 'lab', " in proc.stdout  # and its wall time
-    assert f"then open http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in proc.stdout
+    assert f"then open http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning" in proc.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
 
 
