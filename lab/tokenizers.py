@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +28,8 @@ from lab.files import atomic_directory
 
 FORMAT_VERSION = 1  # bump when training settings change, so old cache entries are not reused
 MAX_SENTENCE_CHARS = 8192  # SentencePiece silently skips longer training sentences; we cut lines to this
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer(ABC):
@@ -344,6 +347,7 @@ def load_or_train_tokenizer(
     final = Path(cache_dir) / "tokenizers" / settings_key(cfg, corpus_hash)
     if (final / "tokenizer.json").is_file():
         return load_tokenizer(final)
+    log.info("training the %s tokenizer (vocab %d) on the data: once, then cached under %s", cfg.kind, cfg.vocab_size, final)
     start = time.perf_counter()
     tok = train_sentencepiece(cfg, texts)
     with atomic_directory(final) as tmp:

@@ -87,6 +87,7 @@ def ensure_sqlite_store(uri: str) -> None:
             return
         for left in path.parent.glob(f".{path.name}.*.tmp"):
             left.unlink()
+        log.info("creating the MLflow store %s (once, a few seconds)", path)
         tmp = path.parent / f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp"  # MLflow caches engines by name
         store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())
         store.engine.dispose()  # closes the file before it moves

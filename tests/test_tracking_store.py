@@ -26,14 +26,16 @@ MOMENTS = {  # where the creation is stopped part-way
 
 
 @pytest.mark.parametrize("moment", MOMENTS)
-def test_a_run_stopped_while_the_store_is_made_leaves_none_and_the_next_run_makes_it(tmp_path, monkeypatch, moment):
+def test_a_run_stopped_while_the_store_is_made_leaves_none_and_the_next_run_makes_it(tmp_path, monkeypatch, moment, caplog):
     target, stop = MOMENTS[moment]
     with monkeypatch.context() as patch:
         patch.setattr(target, stop)
         with pytest.raises(Stop):
             Tracker(TrackingConfig(experiment="e"), tmp_path / "outputs")
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
-    tracker = Tracker(TrackingConfig(experiment="e"), tmp_path / "outputs")
+    with caplog.at_level("INFO", logger="lab.tracking"):
+        tracker = Tracker(TrackingConfig(experiment="e"), tmp_path / "outputs")
+    assert f"creating the MLflow store {tmp_path / 'outputs' / 'mlflow.db'} (once" in caplog.text  # the quiet seconds, said
     tracker.start("r", {})
     tracker.log_metrics({"m": 1.0}, step=1)
     tracker.finish()
