@@ -61,7 +61,7 @@ def select_runs(client: MlflowClient, cfg: CompareConfig, default_experiment: st
     elif cfg.parent:
         _get_run(client, cfg.parent, key="compare.parent")
         runs = _search(client, sorted(names), _and(f"tags.`mlflow.parentRunId` = '{cfg.parent}'", cfg.filter),
-                       cfg.max_runs, exclude)
+                       cfg.max_runs, exclude, stand_ins=True)
     elif cfg.experiments:
         runs = _search(client, _experiment_ids(cfg.experiments, names), cfg.filter, cfg.max_runs, exclude)
     elif cfg.experiment or not cfg.filter:
@@ -100,8 +100,10 @@ def _and(condition: str, extra: Optional[str]) -> str:
 
 
 def _search(client: MlflowClient, exp_ids: list[str], filter_string: Optional[str], max_runs: int,
-            exclude: Iterable[str]) -> list[MlflowRun]:
-    """Page through `search_runs`, newest first, keeping at most `max_runs` comparable runs."""
+            exclude: Iterable[str], stand_ins: bool = False) -> list[MlflowRun]:
+    """Page through `search_runs`, newest first, keeping at most `max_runs` comparable runs; a sweep's
+    stand-ins for reused runs (`lab.reused_run`) only when asked (a sweep's own children), since
+    elsewhere their originals are among the runs already."""
     skip, kept, token = set(exclude), [], None
     while len(kept) < max_runs:
         try:
@@ -112,7 +114,7 @@ def _search(client: MlflowClient, exp_ids: list[str], filter_string: Optional[st
             raise CompareError(f"compare.filter={filter_string!r} is not a valid MLflow filter: "
                                f"{str(e).splitlines()[0]}") from None
         kept += [r for r in page if r.info.run_id not in skip and r.data.tags.get("lab.stage") != "compare"
-                 and r.data.tags.get("lab.sweep") != "true"]
+                 and r.data.tags.get("lab.sweep") != "true" and (stand_ins or "lab.reused_run" not in r.data.tags)]
         token = page.token
         if not token:
             break

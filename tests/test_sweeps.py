@@ -51,6 +51,13 @@ def test_grid_sweep_then_rerun_skips_then_reruns_only_the_failed(lab_cli, tmp_pa
         assert c.info.run_name == original.info.run_name
     best_shown = next(c for c in shown if c.info.run_id == parents[1].data.tags["lab.sweep.best_run"])  # among its children
     assert best_shown.data.tags["lab.reused_run"] == best.info.run_id
+    from lab.compare import select_runs
+    from lab.config import CompareConfig
+
+    client = mlflow_client(tmp_path)  # compare sees the sweep's every point, and an experiment's each point once
+    assert {r.info.run_id for r in select_runs(client, CompareConfig(parent=parents[1].info.run_id), "lab")} == \
+        {c.info.run_id for c in shown}
+    assert {r.info.run_id for r in select_runs(client, CompareConfig(experiment="lab"), "lab")} == set(originals)
 
     victim = next(iter(originals.values()))
     mlflow_client(tmp_path).set_terminated(victim.info.run_id, status="FAILED")
