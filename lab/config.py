@@ -675,7 +675,6 @@ def run_params(cfg: "RunConfig") -> dict[str, str]:
     return {k: str(float(format(v, ".12g"))) if isinstance(v, float) else v for k, v in flat.items() if not off(k)}
 
 
-
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """`{"model": {"dim": 64}}` -> `{"model.dim": 64}`; lists keep their index, e.g. `data.sources.0.kind`."""
     if isinstance(node, dict):

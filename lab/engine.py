@@ -141,7 +141,6 @@ def prefixed(split: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
     return {head + k: v for k, v in values.items()}
 
 
-
 class _Lines:
     """A stream for tqdm that is not a terminal (a log file, a pipe): each update its own line, never
     carriage returns that pile every update into one endless line."""
@@ -164,6 +163,7 @@ def progress_bar(total: int, initial: int, desc: str, disable: bool) -> tqdm:
         return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable, dynamic_ncols=True)
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable, file=_Lines(sys.stderr),
                 mininterval=30, ncols=100)
+
 
 class Trainer:
     """Fits one model on one or more tasks. Only rank 0 logs and saves."""

@@ -164,9 +164,11 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
         twin = _finished_twin(cfg, info, tracker, accelerator)
-        if twin is not None:  # the sweep shows the point all the same: a child standing for the earlier run
-            shown = tracker.mirror(twin, run_name(cfg, info, cfg.init_from is not None), _tags(cfg, info, config_hash(cfg))
-                                   | sweeps.swept_tags(info.sweep_dir, info.overrides), parent) if parent else twin.info.run_id
+        if twin is not None:
+            shown = twin.info.run_id
+            if parent:  # the sweep shows the point all the same: a child standing for the earlier run
+                tags = _tags(cfg, info, config_hash(cfg)) | sweeps.swept_tags(info.sweep_dir, info.overrides)
+                shown = tracker.mirror(twin, run_name(cfg, info, cfg.init_from is not None), tags, parent)
             record = {"status": "skipped", "run_id": shown, "value": _skip(cfg, twin)}
             return Outcome(twin.info.run_id, record["value"], reused=True)
         run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)

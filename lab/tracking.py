@@ -63,6 +63,11 @@ def ui_command(uri: str) -> str:
     return f"open {uri} in a browser"
 
 
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a `sqlite:///` store, or None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def ensure_sqlite_store(uri: str) -> None:
     """Create a sqlite store that does not exist yet, whole or not at all.
 
@@ -75,10 +80,8 @@ def ensure_sqlite_store(uri: str) -> None:
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///"):])
-    if path.exists():
+    path = sqlite_path(uri)
+    if path is None or path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "a") as lock:
@@ -103,8 +106,8 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
 def unusable_store(uri: str, e: Exception) -> TrackingError:
     """One line for a store MLflow cannot open: what happened and what to do."""
     why = str(getattr(e, "orig", None) or e).strip().splitlines()[0].split(". ")[0]
-    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).exists():
-        path = uri[len("sqlite:///"):]
+    path = sqlite_path(uri)
+    if path is not None and path.exists():
         return TrackingError(f"{path} is not a usable MLflow store ({why}); one made before lab created stores whole "
                              "may be half-built by a run stopped while creating it: move it aside "
                              f"(mv {path} {path}.broken) and run again to start a new one")
@@ -191,7 +194,7 @@ class Tracker:
 
     # ---- the run's life ---------------------------------------------------------------------
     def start(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str] = None,
-              description: Optional[str] = None) -> str:
+              description: Optional[str] = None, system_metrics: bool = True) -> str:
         if not self.enabled:
             return ""
         tags = {**tags, **process_tags()}
@@ -201,7 +204,8 @@ class Tracker:
             tags["mlflow.note.content"] = description
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        self._watch_system(resume=False)
+        if system_metrics:
+            self._watch_system(resume=False)
         return self.run_id
 
     def reopen(self, run_id: str) -> str:
@@ -369,15 +373,12 @@ class Tracker:
         kept = {k: v for k, v in original.data.tags.items() if not k.startswith(("mlflow.", "lab.pid", "lab.host"))}
         self.start(run_name, kept | tags | {"lab.reused_run": original.info.run_id}, parent_run_id,
                    description=f"This config already FINISHED as run {original.info.run_id}: the sweep reused it. "
-                               "Its params and metrics are copied here; its checkpoints and model stay there.")
-        params = [Param(k, v) for k, v in original.data.params.items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+                               "Its params and metrics are copied here; its checkpoints and model stay there.",
+                   system_metrics=False)  # it runs nothing to watch
+        self.log_params(original.data.params)
         for key in original.data.metrics:
-            history = self.client.get_metric_history(original.info.run_id, key)
-            for i in range(0, len(history), _BATCH):
-                self.client.log_batch(self.run_id, metrics=history[i:i + _BATCH])
-        self.finish("FINISHED")
+            self._buffer += self.client.get_metric_history(original.info.run_id, key)
+        self.finish("FINISHED")  # sends the histories in batches
         return self.run_id
 
     def logged_model(self, run_id: str) -> Optional[str]:

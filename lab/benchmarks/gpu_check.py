@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -38,8 +38,8 @@ CHECKS = [
 ]
 
 
-def lab(out: Path, *overrides: str, launcher: tuple[str, ...] = ("-m", "lab")) -> dict[str, float]:
-    """Run `lab` on CUDA in `out`; returns the metrics of the run it made."""
+def lab(out: Path, *overrides: str, launcher: tuple[str, ...] = ("-m", "lab")) -> dict[str, Any]:
+    """Run `lab` on CUDA in `out`; returns the metrics of the run it made, and its "run_id"."""
     from mlflow.tracking import MlflowClient
 
     common = ["hardware=cuda", f"model={MODEL}", f"data.seq_len={SEQ}", f"hardware.micro_batch={BATCH}",
@@ -127,7 +127,7 @@ def main() -> int:
         row("SDPA kernel", sdpa_kernel)
         row("AdamW", fused_adamw)
         row("planner vs allocator", memory)
-        trained: dict[str, float] = {}
+        trained: dict[str, Any] = {}
 
         def pretrain() -> str:
             trained.update(lab(out, "train.max_steps=30", "train.eval_every=0", "train.warmup_steps=5"))
