@@ -278,13 +278,28 @@ def _pyplot():
 
 def plot_curves(client: MlflowClient, runs: list[MlflowRun], metric: str, labels: dict[str, str], path: Path) -> Path:
     """`metric` over steps, one line per run (from the full metric history)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    lines = {}
     for r in runs:
         history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: (m.step, m.timestamp))
-        if history:
-            ax.plot([m.step for m in history], [m.value for m in history], label=labels[r.info.run_id], linewidth=1.2)
-    ax.set(xlabel="step", ylabel=metric, title=f"{metric} over steps")
+        lines[labels[r.info.run_id]] = [(m.step, m.value) for m in history]
+    return _line_chart(lines, metric, f"{metric} over steps", path)
+
+
+def plot_losses(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """A run's train and val losses on one chart (MLflow draws one chart per metric): `series` maps
+    a metric name to its (step, value) history; val/ lines are dashed."""
+    return _line_chart(series, "loss", "train and val loss", path, dashed=lambda name: name.startswith("val/"))
+
+
+def _line_chart(lines: dict[str, list[tuple[int, float]]], ylabel: str, title: str, path: Path,
+                dashed=lambda label: False) -> Path:
+    """One line per label over steps; labels with no points are left out."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in lines.items():
+        if points:
+            ax.plot(*zip(*points), label=label, linewidth=1.2, linestyle="--" if dashed(label) else "-")
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()

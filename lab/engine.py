@@ -59,7 +59,7 @@ class Parts:
     meta: dict[str, Any] = field(default_factory=dict)  # written into every checkpoint's meta.json
     resume_from: Optional[Path] = None
     flush_every: int = 50  # steps between metric batches sent to the tracker
-    started_at: float = field(default_factory=time.time)  # when the job began (for time/job_to_first_step_s)
+    started_at: float = field(default_factory=time.time)  # when the job began (for train/job_to_first_step_s)
     label: str = "train"  # the progress bar's name
 
 
@@ -312,8 +312,8 @@ class Trainer:
     def _startup_times(self) -> dict[str, float]:
         """Seconds from the job's start, and from the process's start, to the end of the first logged step."""
         now = time.time()
-        return {"time/job_to_first_step_s": now - self.parts.started_at,
-                "time/process_to_first_step_s": now - psutil.Process().create_time()}
+        return {"train/job_to_first_step_s": now - self.parts.started_at,
+                "train/process_to_first_step_s": now - psutil.Process().create_time()}
 
     def _diverged(self, loss: float) -> None:
         last = ckpt.latest_checkpoint(self.parts.ckpt_dir)
@@ -368,7 +368,7 @@ class Trainer:
         if "" not in self.evals:  # named sets only: val/loss is their weighted mean
             total = sum(self.evals[n].weight for n in losses)
             values["val/loss"] = sum(self.evals[n].weight * loss for n, loss in losses.items()) / total
-        values["progress/weight_norm"] = weight_norm(self.raw_model)
+        values["train/weight_norm"] = weight_norm(self.raw_model)
         # logged before any callback runs: a checkpoint a callback saves has this evaluation in MLflow
         self.tracker.log_metrics(values, self.state.step)
         for cb in self.callbacks:

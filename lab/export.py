@@ -10,6 +10,7 @@ import torch
 
 from lab import checkpoint as ckpt
 from lab import fsdp
+from lab.compare import plot_losses
 from lab.engine import FitResult, Trainer
 from lab.files import save_safetensors
 from lab.runner import Run
@@ -24,7 +25,21 @@ def fit_and_export(run: Run, trainer: Trainer, model: torch.nn.Module, adapter, 
     weights = fsdp.full_weights(model) if trainer.sharded else None  # every rank gathers; rank 0 writes
     if run.is_main:
         export_final(run, model, adapter, tokenizer, result.checkpoint, weights)
+        log_loss_chart(run)
     return result
+
+
+def log_loss_chart(run: Run) -> None:
+    """Every train/ and val/ loss of the run (resumed parts included) on one chart: `charts/loss.png`."""
+    tracker = run.tracker
+    if not tracker.enabled:
+        return
+    tracker.flush()
+    keys = sorted(k for k in tracker.get_run(tracker.run_id).data.metrics
+                  if k.startswith(("train/", "val/")) and k.endswith("loss"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_losses({k: tracker.history(tracker.run_id, k) for k in keys}, Path(tmp) / "loss.png")
+        tracker.log_artifact(path, "charts")
 
 
 def export_final(run: Run, model: torch.nn.Module, adapter, tokenizer, last: Path,

@@ -106,11 +106,11 @@ def fourier_top_share(embedding: torch.Tensor, k: int) -> float:
 
 
 class FourierShare:
-    """Logs progress/fourier_top{k}_share of the embeddings of the numbers 0..p-1 after each evaluation."""
+    """Logs train/fourier_top{k}_share of the embeddings of the numbers 0..p-1 after each evaluation."""
 
     def __init__(self, p: int, k: int = 5) -> None:
         self.p, self.k = p, k
 
     def after_eval(self, trainer: Any, values: dict[str, float]) -> dict[str, float]:
         embedding = trainer.raw_model.tok_emb.weight[: self.p]
-        return {f"progress/fourier_top{self.k}_share": fourier_top_share(embedding, self.k)}
+        return {f"train/fourier_top{self.k}_share": fourier_top_share(embedding, self.k)}

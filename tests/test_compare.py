@@ -222,3 +222,18 @@ def test_a_swept_rate_is_drawn_on_a_log_axis():
     assert x_scale([1e-3, 3e-3, 1e-2]) == "log"  # the README's lr_grid: a span of 10
     assert x_scale([64.0, 128.0, 256.0]) == "log"
     assert x_scale([1.0, 2.0]) == x_scale([-1.0, 5.0]) == x_scale([]) == "linear"
+
+
+def test_plot_losses_draws_train_solid_and_val_dashed(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from lab.compare import plot_losses
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: drawn.append((k["label"], a, k["linestyle"])) or real(self, *a, **k))
+    path = plot_losses({"train/loss": [(1, 3.0), (2, 2.5)], "val/loss": [(2, 2.7)], "val/lm/loss": []},
+                       tmp_path / "loss.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert drawn == [("train/loss", ((1, 2), (3.0, 2.5)), "-"), ("val/loss", ((2,), (2.7,)), "--")]

@@ -93,7 +93,7 @@ def test_tasks_are_drawn_by_weight_and_logged_under_their_names(tmp_path):
     assert rec.logged[40]["train/tokens_seen"] == 40 * 2 * T  # counted by the batches
     val = rec.logged[40]
     assert val["val/loss"] == pytest.approx((3 * val["val/a/loss"] + val["val/b/loss"]) / 4)
-    assert "val/b/double" in val and "val/a/ppl" in val and "progress/weight_norm" in val
+    assert "val/b/double" in val and "val/a/ppl" in val and "train/weight_norm" in val
 
 
 def test_resume_in_the_middle_of_a_mixture_replays_every_task(tmp_path):

@@ -14,7 +14,7 @@ def test_modular_run_memorises_its_train_split_and_logs_progress_measures(tmp_pa
     m = run.data.metrics
     assert run.info.status == "FINISHED" and m["train/acc"] == 1.0 and not any(k.startswith("final/") for k in m)
     assert sorted(loss_history(tmp_path, run.info.run_id, "train/acc")) == list(range(5, 61, 5))  # train.log_every=5
-    assert 0 < m["progress/fourier_top5_share"] <= 1 and m["progress/weight_norm"] > 0
+    assert 0 < m["train/fourier_top5_share"] <= 1 and m["train/weight_norm"] > 0
     memorised = m["grokking/memorized_step"]  # the detector saw train accuracy saturate (window of 3 logged steps)
     assert memorised in range(15, 61, 5) and "grokking/delay_steps" not in m
     assert int(run.data.params["data.n_train_rows"]) == 159 and run.data.params["model.name"] == "grok"

@@ -50,6 +50,8 @@ def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
                                                  "optimizer", "plan"}
     assert "adapter.rank" not in params and "train.grokfast.alpha" not in params and "data.modular.p" not in params
     assert not any(k.startswith("final/") for k in metrics)  # no copy of val/*
+    # MLflow shows one section per prefix, alphabetically: the losses' sections are the only ones
+    assert {k.split("/")[0] for k in metrics} == {"train", "val", "system"}
     assert tags["lab.stage"] == "pretrain" and tags["lab.hardware"] == "cpu"
     assert tags["lab.choice.model"] == "micro" and tags["lab.choice.data"] == "kjv"
     assert "model=micro" in tags["lab.overrides"].split()
@@ -62,7 +64,7 @@ def test_params_tags_metrics_and_artifacts_read_back(kjv_run):
     assert metrics["val/ppl"] == pytest.approx(2.718281828 ** metrics["val/loss"], rel=1e-6)
     artifacts = _artifact_files(cwd, run.info.run_id)
     assert {"resolved_config.yaml", "samples.txt", "samples.json", "tokenizer/tokenizer.model", "tokenizer/tokenizer.json",
-            "hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"} <= artifacts
+            "hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml", "charts/loss.png"} <= artifacts
 
 
 def test_the_run_shows_what_the_mlflow_ui_shows_a_researcher(kjv_run):

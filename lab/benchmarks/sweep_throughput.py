@@ -39,8 +39,8 @@ def sweep(workdir: Path, jobs: int, parallel: bool, cache: Path, extra: list[str
 def first_step_times(workdir: Path) -> list[tuple[float, float]]:
     client = MlflowClient(f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return [(r.data.metrics["time/job_to_first_step_s"], r.data.metrics["time/process_to_first_step_s"])
-            for r in runs if "time/job_to_first_step_s" in r.data.metrics]
+    return [(r.data.metrics["train/job_to_first_step_s"], r.data.metrics["train/process_to_first_step_s"])
+            for r in runs if "train/job_to_first_step_s" in r.data.metrics]
 
 
 def main() -> None:
