@@ -146,6 +146,10 @@ def test_the_readme_default_output_is_the_shape_lab_prints():
     shown = readme_default_output()
     assert shown[0].startswith("model=nano: ") and shown[1].startswith("val loss ") and shown[2].startswith("sample: ")
     assert shown[-2].startswith("MLflow run: ") and shown[-1].startswith("Browse it:  mlflow ui --backend-store-uri sqlite:///")
+    from lab.tracking import run_url
+
+    run_id = shown[-2].split()[2]
+    assert shown[-1].endswith(f"then open {run_url('sqlite:///outputs/mlflow.db', '1', run_id)}")
 
 
 @pytest.mark.slow
