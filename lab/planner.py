@@ -260,14 +260,14 @@ def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = 
         return None
     if hw.device == "mps":
         hw.compile = False
-        return "torch.compile: off <hardware.compile=auto: its MPS backend is still experimental>"
+        return "torch.compile: off: its MPS backend is still experimental <hardware.compile=auto>"
     if hw.fsdp:
         hw.compile = False
-        return "torch.compile: off <hardware.compile=auto: hardware.fsdp runs eager>"
+        return "torch.compile: off: hardware.fsdp runs eager <hardware.compile=auto>"
     flops, seconds = eager_seconds(cfg, world_size, vocab_size)
     hw.compile = seconds >= COMPILE_PAYS_AFTER_S
-    why = (f"{flops:.2g} training FLOPs, about {seconds / 60:.1f} min eager at nominal speed: "
-           f"{'more' if hw.compile else 'less'} than the {COMPILE_PAYS_AFTER_S / 60:.0f} min a compile takes to repay")
+    why = (f"this run is about {seconds / 60:.1f} min of eager compute at nominal speed ({flops:.2g} FLOPs), "
+           f"{'more' if hw.compile else 'less'} than the {COMPILE_PAYS_AFTER_S / 60:.0f} min compiling takes to pay back")
     if hw.compile and hw.device == "cpu" and _cpp_compiler() is None:
         hw.compile, why = False, "no C++ compiler found to build its CPU kernels (install g++, or set CXX)"
-    return f"torch.compile: {'on' if hw.compile else 'off'} <hardware.compile=auto: {why}>"
+    return f"torch.compile: {'on' if hw.compile else 'off'}: {why} <hardware.compile=auto>"

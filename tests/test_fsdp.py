@@ -22,7 +22,7 @@ def test_fsdp_trains_checkpoints_in_shards_and_resumes_as_ddp_trains(lab_cli, tm
     lab_cli(*COMMON, launcher=TORCHRUN, cwd=ddp)
     lab_cli(*COMMON, "hardware.fsdp=true", "train.stop_at_step=3", launcher=TORCHRUN, cwd=sharded)
     proc = lab_cli(*COMMON, "hardware.fsdp=true", "train.resume=auto", launcher=TORCHRUN, cwd=sharded)
-    assert "torch.compile: off <hardware.compile=auto: hardware.fsdp runs eager>" in proc.stdout
+    assert "torch.compile: off: hardware.fsdp runs eager <hardware.compile=auto>" in proc.stdout
     (plain,), (run,) = all_runs(ddp), all_runs(sharded)
     assert run.info.status == "FINISHED" and run.data.params["hardware.fsdp"] == "True"
     a, b = loss_history(ddp, plain.info.run_id), loss_history(sharded, run.info.run_id)
