@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from lab.config import RESULT_NEUTRAL_KEYS, CompareConfig
 from lab.errors import LabError
+from lab.tracking import REUSED_RUN
 
 
 class CompareError(LabError):
@@ -114,7 +115,7 @@ def _search(client: MlflowClient, exp_ids: list[str], filter_string: Optional[st
             raise CompareError(f"compare.filter={filter_string!r} is not a valid MLflow filter: "
                                f"{str(e).splitlines()[0]}") from None
         kept += [r for r in page if r.info.run_id not in skip and r.data.tags.get("lab.stage") != "compare"
-                 and r.data.tags.get("lab.sweep") != "true" and (stand_ins or "lab.reused_run" not in r.data.tags)]
+                 and r.data.tags.get("lab.sweep") != "true" and (stand_ins or REUSED_RUN not in r.data.tags)]
         token = page.token
         if not token:
             break

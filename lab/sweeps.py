@@ -56,6 +56,8 @@ def swept_tags(sweep_dir: Optional[Path], overrides: list[str]) -> dict[str, str
 def finished_twin(tracker: Tracker, chash: str) -> Any:
     """A FINISHED run with this config hash in this experiment, or None; never a reused point's stand-in
     (`Tracker.mirror`), whose original may have failed since."""
+    from lab.tracking import REUSED_RUN  # lazily: the sweeper imports this module without MLflow
+
     if not tracker.enabled:
         return None
     runs = tracker.client.search_runs(
@@ -63,7 +65,7 @@ def finished_twin(tracker: Tracker, chash: str) -> Any:
         filter_string=f"tags.`lab.config_hash` = '{chash}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200,
     )
-    return next((r for r in runs if "lab.reused_run" not in r.data.tags), None)
+    return next((r for r in runs if REUSED_RUN not in r.data.tags), None)
 
 
 def write_job_record(output_dir: Path, status: str, run_id: Optional[str], value: Any) -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table-creation INFO lines are noise to a user
 
 _BATCH = 1000  # MLflow accepts at most 1000 metrics, 100 params, 100 tags per log_batch
+REUSED_RUN = "lab.reused_run"  # the tag a sweep's stand-in for a reused point carries: the original's id
 MODEL_ARTIFACT = "model"  # the logged model's name, so `runs:/<id>/model` finds it
 PROBE_TIMEOUT_S = 5.0  # a tracking server that does not answer within this is reported, not retried for minutes
 
@@ -362,7 +363,7 @@ class Tracker:
     def reused_original(self, run_id: str) -> str:
         """The run a sweep's reused point stands for (`lab.reused_run`), else `run_id` itself."""
         try:
-            return self.client.get_run(run_id).data.tags.get("lab.reused_run", run_id) if self.enabled else run_id
+            return self.client.get_run(run_id).data.tags.get(REUSED_RUN, run_id) if self.enabled else run_id
         except MlflowException:
             return run_id  # unknown here: the caller says so
 
@@ -371,7 +372,7 @@ class Tracker:
         reused, not run again): its params, tags and every metric's whole history, tagged
         `lab.reused_run`, so the sweep's children hold all of its points. Returns the new run's id."""
         kept = {k: v for k, v in original.data.tags.items() if not k.startswith(("mlflow.", "lab.pid", "lab.host"))}
-        self.start(run_name, kept | tags | {"lab.reused_run": original.info.run_id}, parent_run_id,
+        self.start(run_name, kept | tags | {REUSED_RUN: original.info.run_id}, parent_run_id,
                    description=f"This config already FINISHED as run {original.info.run_id}: the sweep reused it. "
                                "Its params and metrics are copied here; its checkpoints and model stay there.",
                    system_metrics=False)  # it runs nothing to watch
