@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -41,6 +42,8 @@ from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where
 )
 from lab.errors import ConfigError
 from lab.ranges import check_ranges, ranged
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # conf/, README.md and the git checkout
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from lab import fsdp
 from lab.compare import plot_losses
 from lab.engine import FitResult, Trainer
 from lab.files import save_safetensors
-from lab.runner import Run
+from lab.run import Run
 
 
 def fit_and_export(run: Run, trainer: Trainer, model: torch.nn.Module, adapter, tokenizer) -> FitResult:

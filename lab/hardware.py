@@ -134,3 +134,13 @@ class AutocastForward(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
+
+
+def fresh_accelerate_state() -> None:
+    """accelerate keeps its state per process and refuses a second precision or device, but one
+    process runs many runs (a pipeline's steps, capacity's points, in-process callers, the memory
+    planner's measurements): so each starts from fresh state. A launched process keeps its process
+    group (the partial state), which is set once per launch."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)

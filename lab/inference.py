@@ -26,7 +26,7 @@ from lab.sbd import mask_token
 from lab.tracking import Tracker, TrackingError
 
 if TYPE_CHECKING:
-    from lab.runner import Run
+    from lab.run import Run
 
 Prompt = Union[str, Sequence[Message]]  # text, or a conversation ending in a user turn
 

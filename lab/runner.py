@@ -5,15 +5,13 @@ with the one-line error as the tag `lab.error`; never RUNNING.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
@@ -22,112 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import STAGE_READS, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
+from lab.config import REPO_ROOT, STAGE_READS, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
 from lab.errors import CheckpointError, ConfigError, LabError
 from lab.files import StorageError, os_error_message
-from lab.hardware import check_device, resolve_precision
+from lab.hardware import check_device, fresh_accelerate_state, resolve_precision
 from lab.lineage import Pretrained
+from lab.run import HydraInfo, Outcome, Run
 from lab.tracking import Tracker, run_url, source_tags, ui_command
 
-if TYPE_CHECKING:
-    from lab.engine import Parts
-
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class HydraInfo:
-    """What Hydra knows about this job; defaults stand in when called outside a Hydra app."""
-
-    output_dir: Path
-    choices: dict[str, str] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)
-    sweep_dir: Optional[Path] = None  # set in a multirun
-    job_num: Optional[int] = None
-
-    @classmethod
-    def current(cls, outputs: str) -> "HydraInfo":
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if not HydraConfig.initialized():
-            return cls(output_dir=Path(outputs) / "runs" / "direct")
-        hc = HydraConfig.get()
-        multirun = hc.mode == RunMode.MULTIRUN
-        return cls(
-            output_dir=Path(hc.runtime.output_dir),
-            choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
-            overrides=list(hc.overrides.task),
-            sweep_dir=Path(hc.sweep.dir) if multirun else None,
-            job_num=hc.job.num if multirun else None,
-        )
-
-
-@dataclass
-class Run:
-    """Everything a stage needs besides its own builders."""
-
-    cfg: RunConfig
-    accelerator: Accelerator
-    tracker: Tracker
-    info: HydraInfo
-    config_hash: str
-    ckpt_dir: Path  # this run's checkpoints: <paths.checkpoints>/<MLflow run id>
-    resume_from: Optional[Path] = None
-    pretrained: Optional[Pretrained] = None  # what init_from named, if anything
-    started_at: float = field(default_factory=time.time)  # when this job began (wall clock)
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """What every checkpoint of this run records beside its weights. An adapter run also records
-        its adapter and the weights it started from, so the update can be measured later
-        (`analysis=adapter_rank`)."""
-        meta = {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
-        if STAGE_READS.get(self.cfg.stage.name) in ("SFT", "DPO"):  # generation renders prompts as it learned them
-            meta["template"] = self.cfg.data.template
-        if self.cfg.train.sbd_block:  # it can decode blocks of this many tokens (generate.sbd_gamma)
-            meta["sbd_block"] = self.cfg.train.sbd_block
-        if self.cfg.adapter.kind != "none":
-            meta |= {"adapter": dataclasses.asdict(self.cfg.adapter), "init_from": self.cfg.init_from}
-        return meta
-
-    def engine_parts(self) -> "Parts":
-        """What the engine uses of this run."""
-        from lab.engine import Parts
-
-        return Parts(train=self.cfg.train, hardware=self.cfg.hardware, optimizer=self.cfg.optimizer, accelerator=self.accelerator,
-                     tracker=self.tracker, ckpt_dir=self.ckpt_dir, meta=self.checkpoint_meta(),
-                     resume_from=self.resume_from, flush_every=self.cfg.tracking.flush_every,
-                     started_at=self.started_at, label=self.cfg.stage.name)
-
-    def log_dataset(self, data: Any) -> None:
-        """The run's data as MLflow dataset inputs, the cache's content hash as the digest, one input
-        per split; once per run (a resumed run logged them when it started)."""
-        if self.resume_from is not None:
-            return
-        meta = data.meta
-        source = {"cache": str(Path(data.directory).resolve()) if data.directory else None,
-                  "sources": [{"kind": s["kind"], "path": s["path"]} for s in meta["sources"]]}
-        profiles = {context: {"rows": meta[f"n_{split}_rows"], "seq_len": meta["seq_len"],
-                              "tokenizer_sha256": meta["tokenizer_sha256"]}
-                    for context, split in (("train", "train"), ("validation", "val"))}
-        self.tracker.log_dataset(self.cfg.data.name, meta["key"], source, profiles)
-
-    def say(self, message: str) -> None:
-        """Print on rank 0 only."""
-        if self.is_main:
-            print(message, flush=True)
-
-
-@dataclass
-class Outcome:
-    run_id: str  # the MLflow run that ran, or the earlier one that was reused
-    value: float  # `sweep.metric`, or the stage's return value
-    reused: bool = False
 
 
 def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional[str] = None,
@@ -202,16 +103,6 @@ def wall_time(seconds: float) -> str:
     if s < 60:
         return f"{s} s"
     return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def fresh_accelerate_state() -> None:
-    """accelerate keeps its state per process and refuses a second precision or device, but one
-    process runs many runs (a pipeline's steps, capacity's points, in-process callers, the memory
-    planner's measurements): so each starts from fresh state. A launched process keeps its process
-    group (the partial state), which is set once per launch."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)
 
 
 def _accelerator(mixed_precision: str, cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
@@ -318,7 +209,8 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
         run_id, resume_from, pretrained = broadcast_object_list([run_id, resume_from, pretrained])
         if pretrained is not None:
             cfg.model = pretrained.model
-    return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained)
+    return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained,
+               start_child=run_nested)
 
 
 def _settle_hardware(run: Run) -> None:

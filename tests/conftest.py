@@ -19,7 +19,7 @@ def shared_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A 60-chapter slice of Genesis as plain text files: real text, fast to tokenize."""
-    from lab.data.sources import read_kjv
+    from lab.data.kjv import read_kjv
 
     root = tmp_path_factory.mktemp("corpus")
     chapters = read_kjv()[:60]

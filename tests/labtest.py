@@ -148,7 +148,7 @@ def save_hf_tokenizer(directory: Path, vocab_size: int = 400) -> int:
     Returns its size, specials included."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lab.data.sources import read_kjv_verses
+    from lab.data.kjv import read_kjv_verses
 
     verses = [v.text for _, v in zip(range(3000), read_kjv_verses())]
     tok = Tokenizer(models.BPE())

@@ -49,7 +49,7 @@ def test_auto_micro_batch_accumulates_to_the_same_losses(tmp_path):
     from lab.step_trace import Job, trace
     from hydra import compose, initialize_config_dir
     from lab.config import register_schemas, version_base
-    from lab.runner import REPO_ROOT
+    from lab.config import REPO_ROOT
 
     common = [*FAST, "hardware.precision=fp32", "train.max_steps=6", "train.eval_every=0"]
     register_schemas()
@@ -82,7 +82,8 @@ def test_plan_applies_the_rule_a_training_run_applies_to_auto(tmp_path, compose_
     import re
 
     from lab.errors import ConfigError
-    from lab.runner import HydraInfo, execute
+    from lab.run import HydraInfo
+    from lab.runner import execute
 
     def run(*overrides):
         cfg = compose_cfg(*PLAN, "hardware.memory_gb=2", "hardware.micro_batch=auto", f"paths.outputs={tmp_path / 'outputs'}",

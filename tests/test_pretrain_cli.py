@@ -105,7 +105,7 @@ def test_init_from_takes_logged_and_registered_models(kjv_run, tmp_path):
     cwd, _, run = kjv_run
     tracker = Tracker(TrackingConfig(system_metrics_every=0), cwd / "outputs")
     local = load_file(cwd / "outputs/checkpoints" / run.info.run_id / "export/model.safetensors")
-    specs = [f"models:/lab-pretrain-micro/1", f"models:/{run.data.tags['lab.model_id']}", f"runs:/{run.info.run_id}/model"]
+    specs = ["models:/lab-pretrain-micro/1", f"models:/{run.data.tags['lab.model_id']}", f"runs:/{run.info.run_id}/model"]
     for spec in specs:
         pre = resolve(spec, tracker, tmp_path / "no_checkpoints", tmp_path / "cache")
         assert pre.run_id == run.info.run_id and pre.model.name == "micro" and pre.path.is_relative_to(tmp_path), spec

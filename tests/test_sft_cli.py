@@ -132,5 +132,5 @@ def test_pipeline_nests_stages_and_reuses_finished_ones(pretrained):
     runs = runs_of(cwd, "pipe")
     assert len(runs) == 5 and sum(r.data.tags["lab.stage"] == "pipeline" for r in runs) == 2
     again = runs[-1].data.tags
-    assert again[f"lab.pipeline.step1.sft"] == f"{steps[1].info.run_id} (reused)"
-    assert again[f"lab.pipeline.step2.dpo"] == f"{steps[2].info.run_id} (reused)"
+    assert again["lab.pipeline.step1.sft"] == f"{steps[1].info.run_id} (reused)"
+    assert again["lab.pipeline.step2.dpo"] == f"{steps[2].info.run_id} (reused)"

@@ -12,7 +12,7 @@ from labtest import FAST, all_runs, run_lab
 
 @pytest.fixture(scope="module")
 def bpe():
-    from lab.data.sources import read_kjv
+    from lab.data.kjv import read_kjv
 
     return train_sentencepiece(TokenizerConfig(kind="bpe", vocab_size=400, special_tokens=["<|im_start|>"]), read_kjv()[:5])
 

@@ -48,7 +48,8 @@ def lab(runs, *args, **kw):
 
 def in_process(runs, compose_cfg, *overrides):
     """Run a stage in this process (its errors come back as exceptions); returns the Outcome."""
-    from lab.runner import HydraInfo, execute
+    from lab.run import HydraInfo
+    from lab.runner import execute
 
     cwd, cache, _ = runs
     dcfg = compose_cfg(*FAST, f"paths.outputs={cwd / 'outputs'}", f"paths.cache={cache}", *overrides)

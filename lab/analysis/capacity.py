@@ -34,7 +34,6 @@ from lab.analysis.inputs import Report, Source, pyplot
 from lab.config import RandomTokensConfig
 from lab.data.random_tokens import random_rows, sequence_bits
 from lab.errors import ConfigError
-from lab.runner import run_nested
 
 PAPER = {"fp32": 3.83, "bf16": 3.51}  # Morris et al. 2025: bits per parameter of GPT-style models, by training precision
 
@@ -83,7 +82,7 @@ def train_points(run) -> list[str]:
     for dim in cfg.dims:
         for n in sorted(cfg.sequences):
             run.say(f"capacity: model.dim={dim}, {n} sequences")
-            outcome = run_nested(run, child_overrides(run, dim, n), f"d{dim}-n{n}")
+            outcome = run.nested(child_overrides(run, dim, n), f"d{dim}-n{n}")
             if outcome.reused:
                 run.say(f"capacity: reusing FINISHED run {outcome.run_id}")
             else:

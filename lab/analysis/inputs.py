@@ -23,7 +23,7 @@ from lab.lineage import Pretrained
 if TYPE_CHECKING:
     import pandas as pd
 
-    from lab.runner import Run
+    from lab.run import Run
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a kind may read one source twice

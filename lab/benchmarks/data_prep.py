@@ -25,7 +25,7 @@ FILE_BYTES = 4 * 2**20
 
 def write_corpus(directory: Path, megabytes: float, seed: int = 0) -> Path:
     """A folder of .txt files totalling about `megabytes` MiB: chapters of KJV verses drawn at random."""
-    from lab.data.sources import read_kjv_verses
+    from lab.data.kjv import read_kjv_verses
 
     verses = [v.text for v in read_kjv_verses()]
     rng = random.Random(seed)
@@ -51,7 +51,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from lab.config import register_schemas, to_run_config, version_base
 from lab.data import prepare_data
-from lab.runner import REPO_ROOT
+from lab.config import REPO_ROOT
 register_schemas()
 with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), **version_base()):
     cfg = to_run_config(compose("config", overrides=sys.argv[2:]))

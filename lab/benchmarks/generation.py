@@ -33,7 +33,7 @@ from lab.errors import ConfigError
 from lab.generation import generate
 from lab.models.kv_cache import KVCache
 from lab.sbd import mask_token
-from lab.runner import Run
+from lab.run import Run
 
 
 def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, float]:

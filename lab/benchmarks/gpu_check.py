@@ -67,7 +67,7 @@ def sdpa_kernel() -> str:
 
     from lab.config import ModelConfig
     from lab.models import build_model
-    from lab.runner import REPO_ROOT
+    from lab.config import REPO_ROOT
 
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                               OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{MODEL}.yaml")))

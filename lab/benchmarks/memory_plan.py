@@ -37,7 +37,7 @@ def accelerator(mixed_precision: str, device: str = "cpu") -> Iterator:
     """An Accelerator on `device` with this precision; accelerate's process-wide state is reset around it."""
     from accelerate import Accelerator
 
-    from lab.runner import fresh_accelerate_state
+    from lab.hardware import fresh_accelerate_state
 
     fresh_accelerate_state()
     try:
@@ -51,7 +51,7 @@ def _job(case: Case, precision: str):
 
     from lab.config import AdapterConfig, ModelConfig, OptimizerConfig
     from lab.step_trace import Job
-    from lab.runner import REPO_ROOT
+    from lab.config import REPO_ROOT
 
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                                 OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{case.model}.yaml")))

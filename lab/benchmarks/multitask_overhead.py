@@ -31,7 +31,7 @@ def build(args: argparse.Namespace, tasks: list[str], tmp: Path):
     from lab.hardware import resolve_precision
     from lab.models import build_model
     from lab.objectives import lm_loss
-    from lab.runner import REPO_ROOT
+    from lab.config import REPO_ROOT
     from lab.tasks import TaskHeads, VerseObjectives
     from lab.tracking import Tracker
 

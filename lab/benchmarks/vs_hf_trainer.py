@@ -50,7 +50,7 @@ def run_lab(steps: int, warmup: int, compile_model: Optional[bool]) -> dict:
     from lab.models import build_model
     from lab.objectives import lm_loss
     from lab.planner import choose_compile
-    from lab.runner import REPO_ROOT
+    from lab.config import REPO_ROOT
     from lab.tracking import Tracker
 
     register_schemas()

@@ -20,15 +20,8 @@ draws which task each micro-batch comes from.
 from lab.data.chat import FORMATS, Conversation, Message, parse_record, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
 from lab.data.kjv_pref import build_kjv_pref
-from lab.data.packing import (
-    PackedData,
-    load_packed,
-    mixture_row_weights,
-    pack_rows,
-    prepare_data,
-    split_documents,
-    tokenize_documents,
-)
+from lab.data.packing import PackedData, load_packed, mixture_row_weights, pack_rows, prepare_data, tokenize_documents
+from lab.data.split import split_documents
 from lab.data.preference import (
     PreferenceBatchStream,
     PreferenceData,
@@ -46,7 +39,8 @@ from lab.data.sft import (
     pack_examples,
     prepare_sft_data,
 )
-from lab.data.sources import corpus_hash, kjv_path, read_kjv, read_kjv_verses, read_source, read_sources, resolve_paths
+from lab.data.sources import corpus_hash, read_source, read_sources, resolve_paths
+from lab.data.kjv import kjv_path, read_kjv, read_kjv_verses
 from lab.data.stream import BatchStream, val_batches
 from lab.data.templates import (
     TEMPLATES,

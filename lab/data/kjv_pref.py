@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 
 from lab.data.chat import Message
-from lab.data.sources import Verse, read_kjv_verses
-from lab.data.preference import PreferencePair
+from lab.data.kjv import Verse, read_kjv_verses
+from lab.data.pairs import PreferencePair
 
 SELECT_PER_10K = 1000  # share of continuable verses (out of 10,000) picked: about 3,000 of the 29,914
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 
 from lab.data.chat import Conversation, Message
-from lab.data.sources import Verse, read_kjv_verses
+from lab.data.kjv import Verse, read_kjv_verses
 
 SELECT_PER_10K = 1925  # share of verses (out of 10,000) picked: about 6,000 of the 31,103
 TASKS = ("quote", "continue", "book")

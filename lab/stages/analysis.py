@@ -11,7 +11,7 @@ from typing import Optional
 
 from lab.analysis import KINDS
 from lab.analysis.inputs import Report, resolve_sources
-from lab.runner import Run
+from lab.run import Run
 
 
 def analysis(run: Run) -> Optional[float]:

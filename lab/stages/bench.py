@@ -23,7 +23,7 @@ from lab.hardware import autocast_dtype, measured_matmul_tflops, peak_memory_mb,
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
-from lab.runner import Run
+from lab.run import Run
 
 
 def _bare_loop(run: Run, data, steps: int):

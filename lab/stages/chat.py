@@ -16,7 +16,7 @@ from typing import Optional
 from lab import inference
 from lab.data.chat import Message
 from lab.errors import ConfigError
-from lab.runner import Run
+from lab.run import Run
 
 
 def chat(run: Run) -> float:

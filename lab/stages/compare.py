@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from lab import compare as cmp
-from lab.runner import Run
+from lab.run import Run
 
 
 def compare(run: Run) -> Optional[float]:

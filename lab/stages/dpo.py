@@ -21,7 +21,7 @@ from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.files import load_torch, save_torch
 from lab.lineage import load_tokenizer_checked
-from lab.runner import Run
+from lab.run import Run
 
 
 class WithReference:

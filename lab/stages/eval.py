@@ -20,7 +20,7 @@ import pandas as pd
 from lab import evaluation, inference, lineage
 from lab.data import prepare_data
 from lab.data.prompts import prompt_json, read_choices, read_references
-from lab.runner import Run
+from lab.run import Run
 
 
 def evaluate(run: Run) -> float:

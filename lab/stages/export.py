@@ -18,7 +18,7 @@ from lab.files import atomic_directory
 from lab.formats.gguf import write_gguf
 from lab.formats.hf_export import write_hf_model, write_peft_adapter
 from lab.lineage import Pretrained, load_tokenizer_checked
-from lab.runner import Run
+from lab.run import Run
 
 
 def export(run: Run) -> None:

@@ -16,7 +16,7 @@ from lab import inference
 from lab.data.prompts import prompt_json, read_prompts
 from lab.errors import ConfigError
 from lab.files import ensure_dir
-from lab.runner import Run
+from lab.run import Run
 
 
 def generate(run: Run) -> float:

@@ -20,7 +20,7 @@ from lab.export import fit_and_export
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
-from lab.runner import Run
+from lab.run import Run
 from lab.samples import SampleWriter
 from lab.tasks import TaskHeads, VerseObjectives
 

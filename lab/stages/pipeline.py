@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lab.config import PipelineStep
 from lab.errors import ConfigError
-from lab.runner import Run, run_nested
+from lab.run import Run
 
 
 def step_overrides(step: PipelineStep, command_line: list[str], previous: str | None) -> list[str]:
@@ -28,7 +28,7 @@ def pipeline(run: Run) -> float:
     for i, step in enumerate(steps):
         overrides = step_overrides(step, run.info.overrides, previous)
         run.say(f"pipeline step {i + 1}/{len(steps)} {step.name}: {' '.join(overrides)}")
-        outcome = run_nested(run, overrides, f"{i}-{step.name}", force=run.cfg.pipeline.force)
+        outcome = run.nested(overrides, f"{i}-{step.name}", force=run.cfg.pipeline.force)
         if outcome.reused:
             run.say(f"pipeline step {i + 1}/{len(steps)} {step.name}: reusing FINISHED run {outcome.run_id}")
         previous, value = outcome.run_id, outcome.value

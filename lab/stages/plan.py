@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from lab.config import HardwareConfig, ModelConfig
 from lab.planner import GiB, Plan, choose_batch, device_memory, gib, largest_micro_batch, make_plan, tensor_budget
 from lab.step_trace import Job
-from lab.runner import REPO_ROOT, Run
+from lab.config import REPO_ROOT
+from lab.run import Run
 
 
 def plan(run: Run) -> float:

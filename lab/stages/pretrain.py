@@ -18,7 +18,7 @@ from lab.grokking import FourierShare
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import answer_loss, lm_loss, with_sbd
-from lab.runner import Run
+from lab.run import Run
 from lab.samples import SampleWriter
 from lab.tokenizers import check_tokenizer
 

@@ -13,7 +13,7 @@ import socket
 
 from lab import inference
 from lab.errors import ConfigError
-from lab.runner import Run
+from lab.run import Run
 from lab.serving import Stats, build_app
 
 

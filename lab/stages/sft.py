@@ -10,7 +10,7 @@ from lab.engine import EvalSet, Task, Trainer
 from lab.export import fit_and_export
 from lab.lineage import load_tokenizer_checked
 from lab.objectives import masked_lm_loss, with_sbd
-from lab.runner import Run
+from lab.run import Run
 from lab.samples import SampleWriter
 
 # Fixed prompts, rendered with the run's template at every evaluation.

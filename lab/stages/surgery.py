@@ -19,7 +19,7 @@ from lab.data import prepare_data
 from lab.export import registered_name
 from lab.lineage import load_tokenizer_checked
 from lab.models import build_empty
-from lab.runner import Run
+from lab.run import Run
 from lab.surgery import COPIED, Plan, plan_rows, transplant
 from lab.formats.hf_tokenizer import load_any_tokenizer
 from lab.tokenizers import Tokenizer

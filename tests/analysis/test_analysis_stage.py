@@ -37,7 +37,8 @@ def _ids(cwd: Path, experiment: str) -> list[str]:
 
 def analyse(runs, compose_cfg, *overrides: str):
     """Run stage=analysis in this process; returns (the MLflow run, its analysis folder)."""
-    from lab.runner import HydraInfo, execute
+    from lab.run import HydraInfo
+    from lab.runner import execute
 
     cwd, cache, _ = runs
     dcfg = compose_cfg("stage=analysis", *FAST, f"paths.outputs={cwd / 'outputs'}", f"paths.cache={cache}",

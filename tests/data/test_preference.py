@@ -22,7 +22,7 @@ from lab.data import (
     stop_token_id,
 )
 from lab.data.chat import Message
-from lab.data.sources import read_kjv
+from lab.data.kjv import read_kjv
 from lab.errors import CheckpointError, ConfigError, DataError
 from lab.tokenizers import ByteTokenizer, Tokenizer, train_sentencepiece
 

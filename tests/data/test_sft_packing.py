@@ -24,7 +24,7 @@ from lab.data import (
     val_batches,
 )
 from lab.data.sft import sft_batch
-from lab.data.sources import read_kjv
+from lab.data.kjv import read_kjv
 from lab.errors import CheckpointError, ConfigError, DataError
 from lab.models import build_model
 from lab.tokenizers import ByteTokenizer, Tokenizer, train_sentencepiece

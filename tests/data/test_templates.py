@@ -6,7 +6,7 @@ import pytest
 from lab.config import TEMPLATES as CONFIG_TEMPLATES
 from lab.config import TokenizerConfig
 from lab.data import TEMPLATES, Message, encode_conversation, encode_conversations, prompt_text, render, stop_token_id
-from lab.data.sources import read_kjv
+from lab.data.kjv import read_kjv
 from lab.data.templates import EOS
 from lab.errors import ConfigError
 from lab.tokenizers import ByteTokenizer, Tokenizer, train_sentencepiece

@@ -70,7 +70,7 @@ def test_streams_resume_at_a_position():
 
 
 def test_held_out_chapters_are_the_pretraining_split():
-    from lab.data.packing import split_documents
+    from lab.data.split import split_documents
 
     held = held_out_chapters(0.05, 1234)
     assert np.flatnonzero(held).tolist() == split_documents(1189, 0.05, 1234)[1].tolist() and held.sum() == 60

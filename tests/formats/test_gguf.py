@@ -73,7 +73,7 @@ def test_permute_qk_interleaves_the_rotate_half_pairs():
 
 
 def test_sentencepiece_vocabulary_and_bf16_weights(tmp_path):
-    from lab.data.sources import read_kjv
+    from lab.data.kjv import read_kjv
 
     tok = train_sentencepiece(TokenizerConfig(kind="bpe", vocab_size=600), read_kjv()[:20])
     cfg = ModelConfig(n_kv_heads=2)

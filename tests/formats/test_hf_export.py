@@ -82,7 +82,7 @@ def test_how_a_model_was_initialised_does_not_stop_its_export(tmp_path):
 
 @pytest.fixture(scope="module")
 def verses():
-    from lab.data.sources import read_kjv
+    from lab.data.kjv import read_kjv
 
     texts = read_kjv()
     return texts[:200], texts[200:320]

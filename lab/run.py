@@ -1,0 +1,121 @@
+"""`Run`: what a stage receives. The settled config, the tracker, where files go, what `init_from`
+named, and a way to start child runs; made by `lab.runner`, which no stage imports."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from accelerate import Accelerator
+
+from lab.config import STAGE_READS, RunConfig
+from lab.lineage import Pretrained
+from lab.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lab.engine import Parts
+
+
+@dataclass
+class HydraInfo:
+    """What Hydra knows about this job; defaults stand in when called outside a Hydra app."""
+
+    output_dir: Path
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    sweep_dir: Optional[Path] = None  # set in a multirun
+    job_num: Optional[int] = None
+
+    @classmethod
+    def current(cls, outputs: str) -> "HydraInfo":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return cls(output_dir=Path(outputs) / "runs" / "direct")
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        return cls(
+            output_dir=Path(hc.runtime.output_dir),
+            choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+            overrides=list(hc.overrides.task),
+            sweep_dir=Path(hc.sweep.dir) if multirun else None,
+            job_num=hc.job.num if multirun else None,
+        )
+
+
+@dataclass
+class Run:
+    """Everything a stage needs besides its own builders."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    tracker: Tracker
+    info: HydraInfo
+    config_hash: str
+    ckpt_dir: Path  # this run's checkpoints: <paths.checkpoints>/<MLflow run id>
+    resume_from: Optional[Path] = None
+    pretrained: Optional[Pretrained] = None  # what init_from named, if anything
+    started_at: float = field(default_factory=time.time)  # when this job began (wall clock)
+    # how a child run is started (`lab.runner.run_nested`), given by the runner: stages never import it
+    start_child: Optional[Callable[..., "Outcome"]] = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What every checkpoint of this run records beside its weights. An adapter run also records
+        its adapter and the weights it started from, so the update can be measured later
+        (`analysis=adapter_rank`)."""
+        meta = {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
+        if STAGE_READS.get(self.cfg.stage.name) in ("SFT", "DPO"):  # generation renders prompts as it learned them
+            meta["template"] = self.cfg.data.template
+        if self.cfg.train.sbd_block:  # it can decode blocks of this many tokens (generate.sbd_gamma)
+            meta["sbd_block"] = self.cfg.train.sbd_block
+        if self.cfg.adapter.kind != "none":
+            meta |= {"adapter": dataclasses.asdict(self.cfg.adapter), "init_from": self.cfg.init_from}
+        return meta
+
+    def engine_parts(self) -> "Parts":
+        """What the engine uses of this run."""
+        from lab.engine import Parts
+
+        return Parts(train=self.cfg.train, hardware=self.cfg.hardware, optimizer=self.cfg.optimizer, accelerator=self.accelerator,
+                     tracker=self.tracker, ckpt_dir=self.ckpt_dir, meta=self.checkpoint_meta(),
+                     resume_from=self.resume_from, flush_every=self.cfg.tracking.flush_every,
+                     started_at=self.started_at, label=self.cfg.stage.name)
+
+    def log_dataset(self, data: Any) -> None:
+        """The run's data as MLflow dataset inputs, the cache's content hash as the digest, one input
+        per split; once per run (a resumed run logged them when it started)."""
+        if self.resume_from is not None:
+            return
+        meta = data.meta
+        source = {"cache": str(Path(data.directory).resolve()) if data.directory else None,
+                  "sources": [{"kind": s["kind"], "path": s["path"]} for s in meta["sources"]]}
+        profiles = {context: {"rows": meta[f"n_{split}_rows"], "seq_len": meta["seq_len"],
+                              "tokenizer_sha256": meta["tokenizer_sha256"]}
+                    for context, split in (("train", "train"), ("validation", "val"))}
+        self.tracker.log_dataset(self.cfg.data.name, meta["key"], source, profiles)
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(message, flush=True)
+
+    def nested(self, overrides: list[str], folder: str, force: bool = False) -> "Outcome":
+        """Run `config.yaml` with `overrides` as a child of this run (a pipeline step, a capacity point),
+        its output under `folder`; a child whose exact config already FINISHED is reused unless `force`."""
+        if self.start_child is None:
+            raise RuntimeError("this Run was not made by lab.runner, so it cannot start child runs")
+        return self.start_child(self, overrides, folder, force)
+
+
+@dataclass
+class Outcome:
+    run_id: str  # the MLflow run that ran, or the earlier one that was reused
+    value: float  # `sweep.metric`, or the stage's return value
+    reused: bool = False
