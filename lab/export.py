@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -16,15 +16,24 @@ from lab.files import save_safetensors
 from lab.run import Run
 
 
-def fit_and_export(run: Run, trainer: Trainer, model: torch.nn.Module, adapter, tokenizer) -> FitResult:
-    """Fit; then export the final weights, unless `train.stop_at_step` paused the run early."""
+def train(run: Run, trainer: Trainer, data: Any, intro: str, params: dict[str, Any]) -> Optional[FitResult]:
+    """The tail every training stage shares: record the data and what trains, say so, fit, export.
+
+    `params` adds to (or corrects) the counts every run logs: `model.n_params`, `adapter.n_trainable`.
+    Returns None when `train.stop_at_step` paused the run early (nothing is exported then).
+    """
+    model, adapter = trainer.raw_model, trainer.adapter
+    run.log_dataset(data)
+    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
+                            **params})
+    run.say(intro)
     result = trainer.fit()
     if result.stopped_early:
         run.say(f"stopped at step {result.step} with checkpoint {result.checkpoint}; continue with train.resume=auto")
-        return result
+        return None
     weights = fsdp.full_weights(model) if trainer.sharded else None  # every rank gathers; rank 0 writes
     if run.is_main:
-        export_final(run, model, adapter, tokenizer, result.checkpoint, weights)
+        export_final(run, model, adapter, trainer.tokenizer, result.checkpoint, weights)
         log_loss_chart(run)
     return result
 

@@ -21,7 +21,7 @@ from lab.data.chat import Message
 from lab.data.templates import TEMPLATES, encode_conversation, stop_token_id
 from lab.errors import ConfigError
 from lab.generation import OnText, Result, generate
-from lab.lineage import Pretrained, load_tokenizer_checked
+from lab.lineage import Pretrained
 from lab.sbd import mask_token
 from lab.tracking import Tracker, TrackingError
 
@@ -118,7 +118,7 @@ def load(pretrained: Pretrained, template: Optional[str], device: torch.device, 
         template: `generate.template`: None takes the model's own, "none" is plain text.
     """
     model = pretrained.build().to(device).eval()
-    tokenizer = load_tokenizer_checked(pretrained)
+    tokenizer = pretrained.tokenizer()
     label = name or pretrained.run_id or Path(pretrained.path).name
     meta = {} if pretrained.hf else ckpt.read_meta(pretrained.path)  # a Hugging Face folder records neither
     return TextModel(model, tokenizer, chat_template(meta, pretrained.run_id, template, tracker), label, autocast,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +33,7 @@ class Pretrained:
     vocab_size: int
     run_id: Optional[str]  # the MLflow run that made it, for lineage
     hf: bool = False  # a Hugging Face folder (config.json, *.safetensors, its tokenizer) rather than lab's
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def build(self):
         """The model it describes, with its weights loaded."""
@@ -45,6 +46,13 @@ class Pretrained:
         model = build_empty(self.model, self.vocab_size)
         ckpt.load_weights(model, self.path)
         return model
+
+    def tokenizer(self):
+        """Its tokenizer, verified against the SHA-256 the checkpoint recorded (a Hugging Face folder
+        records none: its file's SHA-256 becomes the tokenizer's identity from here on); loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer_checked(self)
+        return self._tokenizer
 
 
 def resolve(spec: str, tracker: Tracker, checkpoints: Path, cache: Path, key: str = "init_from") -> Pretrained:
@@ -126,9 +134,7 @@ def _read_hf(path: Path) -> Pretrained:
     return Pretrained(path, model, vocab_size, None, hf=True)
 
 
-def load_tokenizer_checked(pre: Pretrained):
-    """The checkpoint's tokenizer, verified against the SHA-256 the checkpoint recorded (a Hugging
-    Face folder records none: its file's SHA-256 becomes the tokenizer's identity from here on)."""
+def _load_tokenizer_checked(pre: Pretrained):
     from lab.tokenizers import check_tokenizer, load_tokenizer
 
     if pre.hf:

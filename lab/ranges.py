@@ -2,6 +2,8 @@
 
     lr: float = ranged(3e-3, "(0, inf)")      # a schema field: the value must be > 0
 
+    kind: str = chosen("bpe", ("byte", "bpe", "unigram"))  # a schema field: one of these
+
 `check_ranges(node, "train")` raises one ConfigError naming the first key out of its range.
 """
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from lab.errors import ConfigError
 
@@ -51,10 +53,20 @@ def ranged(default: Any, interval: str) -> Any:
     return field(default=default, metadata={"interval": Interval.parse(interval)})
 
 
+def chosen(default: Any, choices: Sequence[str]) -> Any:
+    """A field whose value must be one of `choices` (null is allowed where the default is null);
+    `check_ranges` enforces it."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
 def check_ranges(node: Any, prefix: str) -> None:
-    """Raise ConfigError, naming the key, for any field of `node` outside its declared interval."""
+    """Raise ConfigError, naming the key, for any field of `node` outside its declared interval or
+    choices."""
     for f in dataclasses.fields(node):
-        interval, value = f.metadata.get("interval"), getattr(node, f.name)
+        choices, value = f.metadata.get("choices"), getattr(node, f.name)
+        if choices is not None and value not in choices and not (value is None and f.default is None):
+            raise ConfigError(f"{prefix}.{f.name}={value!r} is unknown; use one of {', '.join(choices)}")
+        interval = f.metadata.get("interval")
         if interval is None or value is None:
             continue
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value in interval):

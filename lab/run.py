@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from accelerate import Accelerator
 
-from lab.config import STAGE_READS, RunConfig
+from lab.config import RunConfig
+from lab import lineage
 from lab.lineage import Pretrained
 from lab.tracking import Tracker
 
@@ -71,7 +72,7 @@ class Run:
         its adapter and the weights it started from, so the update can be measured later
         (`analysis=adapter_rank`)."""
         meta = {"run_id": self.tracker.run_id, "config_hash": self.config_hash}
-        if STAGE_READS.get(self.cfg.stage.name) in ("SFT", "DPO"):  # generation renders prompts as it learned them
+        if self.cfg.stage.declared.reads in ("SFT", "DPO"):  # generation renders prompts as it learned them
             meta["template"] = self.cfg.data.template
         if self.cfg.train.sbd_block:  # it can decode blocks of this many tokens (generate.sbd_gamma)
             meta["sbd_block"] = self.cfg.train.sbd_block
@@ -100,6 +101,17 @@ class Run:
                               "tokenizer_sha256": meta["tokenizer_sha256"]}
                     for context, split in (("train", "train"), ("validation", "val"))}
         self.tracker.log_dataset(self.cfg.data.name, meta["key"], source, profiles)
+
+    def prepare(self, build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`build(*args, **kwargs)` with the data cache under paths.cache as its last positional argument:
+        rank 0 first (it trains the tokenizer and writes the cache), then the other ranks (they read it)."""
+        with self.accelerator.main_process_first():
+            return build(*args, Path(self.cfg.paths.cache), **kwargs)
+
+    def resolve(self, spec: str, key: str = "init_from") -> Pretrained:
+        """The model `spec` names, as init_from takes it (a run id, a path, runs:/, models:/, hf:);
+        errors name `key`."""
+        return lineage.resolve(spec, self.tracker, Path(self.cfg.paths.checkpoints), Path(self.cfg.paths.cache), key=key)
 
     def say(self, message: str) -> None:
         """Print on rank 0 only."""

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import REPO_ROOT, STAGE_READS, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
+from lab.config import REPO_ROOT, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
 from lab.errors import CheckpointError, ConfigError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, fresh_accelerate_state, resolve_precision
@@ -45,7 +45,7 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
         parent: nest the run under this MLflow run (a pipeline); a sweep's parent is found by itself.
         checked: `to_run_config(dcfg)`, when the caller has already made it.
     """
-    from lab.stages import STAGES
+    from lab.stages import stage_function
 
     started_at = time.time()
     info = info or HydraInfo.current(OmegaConf.select(dcfg, "paths.outputs", default="outputs"))
@@ -54,14 +54,12 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     record = {"status": "failed", "run_id": None, "value": math.nan}
     try:
         cfg = checked or to_run_config(dcfg)
-        planning = cfg.stage.name == "plan"  # plans for a device need not run on it
-        if not planning:
+        declared = cfg.stage.declared
+        if declared.on_device:
             check_device(cfg.hardware)
-        # a multi-task step trains one task: the other heads (and, on a verse task, the LM head) get no
-        # gradient, which DDP must be told of
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.stage.name == "multitask")
-        accelerator = _accelerator("no" if planning else resolve_precision(cfg.hardware),
-                                   cpu=planning or cfg.hardware.device == "cpu", ddp=ddp)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=declared.unused_parameters)
+        accelerator = _accelerator(resolve_precision(cfg.hardware) if declared.on_device else "no",
+                                   cpu=not declared.on_device or cfg.hardware.device == "cpu", ddp=ddp)
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
         twin = _finished_twin(cfg, info, tracker, accelerator)
@@ -75,7 +73,7 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
         run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
         _settle_hardware(run)
-        result = STAGES[cfg.stage.name](run)
+        result = stage_function(cfg.stage.name)(run) if run.is_main or declared.ranks == "all" else math.nan
         value = tracker.latest.get(cfg.sweep.metric, result)
         tracker.finish("FINISHED")
         record = {"status": "finished", "run_id": tracker.run_id, "value": value}
@@ -220,7 +218,7 @@ def _settle_hardware(run: Run) -> None:
     from lab.planner import choose_batch, choose_compile
 
     cfg = run.cfg
-    if cfg.stage.name not in STAGE_READS:
+    if not cfg.stage.declared.reads:  # only stages that train (or time training) take a batch
         return
     if cfg.hardware.fsdp and run.accelerator.num_processes == 1:
         raise ConfigError("hardware.fsdp=true shards the model over processes, and this run has one; launch it "

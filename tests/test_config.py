@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.config import config_hash, to_run_config
+from lab.config import config_hash, run_params, to_run_config
 from lab.errors import ConfigError
 
 from labtest import CONF_DIR
@@ -125,8 +125,8 @@ def test_warmup_scales_down_to_a_tenth_of_a_short_run(compose_cfg, caplog, max_s
     assert ("warming up over" in caplog.text) == (warmup != 40)
 
 
-def numeric_fields(node=None, prefix=""):
-    """(key, field) of every int or float field of the schema, recursively."""
+def schema_fields(keep, node=None, prefix=""):
+    """(key, field) of every field of the schema, recursively, for which keep(type, field) holds."""
     import dataclasses
     import typing
 
@@ -136,13 +136,23 @@ def numeric_fields(node=None, prefix=""):
     hints = typing.get_type_hints(node)
     for f in dataclasses.fields(node):
         kind = hints[f.name]
-        inner = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) is typing.Union else []
         if dataclasses.is_dataclass(kind):
-            yield from numeric_fields(kind, f"{prefix}{f.name}.")
+            yield from schema_fields(keep, kind, f"{prefix}{f.name}.")
         elif typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
-            yield from numeric_fields(typing.get_args(kind)[0], f"{prefix}{f.name}.0.")
-        elif kind in (int, float) or (len(inner) == 1 and inner[0] in (int, float)):
+            yield from schema_fields(keep, typing.get_args(kind)[0], f"{prefix}{f.name}.0.")
+        elif keep(kind, f):
             yield f"{prefix}{f.name}", f
+
+
+def numeric_fields():
+    """(key, field) of every int or float field of the schema."""
+    import typing
+
+    def numeric(kind, f) -> bool:
+        inner = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) is typing.Union else []
+        return kind in (int, float) or (len(inner) == 1 and inner[0] in (int, float))
+
+    return schema_fields(numeric)
 
 
 NUMERIC = list(numeric_fields())
@@ -177,6 +187,23 @@ def test_each_numeric_range_is_enforced_naming_the_key(key, field):
             OmegaConf.to_object(config)
 
 
+CHOSEN = list(schema_fields(lambda kind, f: "choices" in f.metadata))
+
+
+@pytest.mark.parametrize("key,field", CHOSEN, ids=[k for k, _ in CHOSEN])
+def test_each_choice_is_enforced_naming_the_key_and_the_choices(key, field):
+    from omegaconf import OmegaConf
+
+    from lab.config import RunConfig
+
+    config = OmegaConf.structured(RunConfig)
+    OmegaConf.update(config, key, "nosuch")
+    named = re.sub(r"\.(\d+)\.", r"[\1].", key)
+    with pytest.raises(ConfigError, match=re.escape(f"{named}='nosuch' is unknown; use one of {', '.join(field.metadata['choices'])}")):
+        OmegaConf.to_object(config)
+    assert len(CHOSEN) >= 20
+
+
 def test_missing_value_names_the_key(compose_cfg):
     with pytest.raises(ConfigError, match=r"data.sources\[0\].path|data.sources.0.path"):
         to_run_config(compose_cfg("data=text"))
@@ -200,11 +227,30 @@ def test_config_hash_ignores_paths_and_resume_but_not_results(compose_cfg):
     assert config_hash(to_run_config(compose_cfg("hardware.precision=fp32"))) != base
 
 
-def test_the_schema_knows_every_stage():
-    from lab.config import STAGE_NAMES
-    from lab.stages import STAGES
+def test_a_stage_is_its_config_file_and_its_module(compose_cfg):
+    from lab.config import declaration, stage_names
+    from lab.stages import stage_function
 
-    assert set(STAGE_NAMES) == set(STAGES)
+    assert len(stage_names()) == 15
+    for name in stage_names():
+        assert stage_function(name).__module__ == f"lab.stages.{name}"
+        declared = to_run_config(compose_cfg(f"stage={name}", "init_from=x", "analysis=layers")).stage.declared
+        assert declared == declaration(name)  # what the composed config holds is what the file declares
+    assert declaration("sft").starts_from_a_model and declaration("sft").reads == "SFT"
+    assert declaration("multitask").unused_parameters and not declaration("plan").on_device
+    assert [n for n in stage_names() if declaration(n).planned] == ["dpo", "pretrain", "sft"]
+    assert [n for n in stage_names() if declaration(n).ranks == "main"] == [
+        "analysis", "chat", "compare", "eval", "export", "generate", "serve", "surgery"]
+
+
+def test_a_stage_declaration_is_checked_and_never_hashed(compose_cfg):
+    base = to_run_config(compose_cfg())
+    with pytest.raises(ConfigError, match="stage.declared.reads='text' is unknown"):
+        to_run_config(compose_cfg("stage.declared.reads=text"))
+    with pytest.raises(ConfigError, match="plan.stage='eval' is unknown; use one of dpo, pretrain, sft"):
+        to_run_config(compose_cfg("stage=plan", "plan.stage=eval"))
+    assert config_hash(to_run_config(compose_cfg("stage.declared.ranks=main"))) == config_hash(base)
+    assert not any(k.startswith("stage.declared") for k in run_params(base))
 
 
 def test_a_run_logs_the_params_its_stage_reads_as_written(compose_cfg):

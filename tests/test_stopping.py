@@ -132,7 +132,7 @@ def test_a_plateau_lowers_the_rate_the_optimizer_steps_with_and_a_resume_keeps_i
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(target_mode="up"), "train.stop.target_mode='up' is unknown; use max or min"),
+    (dict(target_mode="up"), "train.stop.target_mode='up' is unknown; use one of max, min"),
     (dict(target_metric="acc"), "train.stop.target_metric='acc' is not a metric the engine logs"),
     (dict(plateau_window=-1), "train.stop.plateau_window"),
     (dict(plateau_lr_factor=1.0), "train.stop.plateau_lr_factor"),

@@ -46,7 +46,7 @@ def test_a_tokenizer_onto_itself_copies_every_row_in_place(bpe):
 def test_surgery_keeps_shared_rows_beats_random_rows_and_is_a_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
-    from lab.lineage import load_tokenizer_checked, resolve
+    from lab.lineage import resolve
 
     # trained enough to have opinions (val loss about 3.2): an untrained model's rows carry nothing to average
     run_lab(*FAST, "train.max_steps=400", "hardware.micro_batch=16", "train.warmup_steps=10", "train.eval_every=0",
@@ -61,8 +61,8 @@ def test_surgery_keeps_shared_rows_beats_random_rows_and_is_a_checkpoint(tmp_pat
     assert "rows copied" in proc.stdout
     ckpts = tmp_path / "outputs/checkpoints"
     before, after = (load_file(ckpts / r / "export/model.safetensors")["tok_emb.weight"] for r in (pre.info.run_id, cut.info.run_id))
-    old_tok = load_tokenizer_checked(resolve(pre.info.run_id, None, ckpts, tmp_path))
-    new_tok = load_tokenizer_checked(resolve(cut.info.run_id, None, ckpts, tmp_path))
+    old_tok = resolve(pre.info.run_id, None, ckpts, tmp_path).tokenizer()
+    new_tok = resolve(cut.info.run_id, None, ckpts, tmp_path).tokenizer()
     shared = [(new_tok.piece(j), j) for j in range(new_tok.vocab_size)]
     old_ids = {old_tok.piece(i): i for i in range(old_tok.vocab_size)}
     pairs = [(old_ids[p], j) for p, j in shared if p in old_ids]

@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 
 from lab import checkpoint as ckpt
-from lab import lineage
 from lab.adapters.lora import merge_weight
 from lab.analysis.inputs import Report, Source, need, pyplot
 from lab.errors import CheckpointError
@@ -88,7 +87,7 @@ def base_weights(run, source: Source, first: Path) -> tuple[str, dict[str, torch
         raise CheckpointError(f"{first}: the checkpoint does not record what the run started from (an adapter run of "
                               f"an older lab, or no adapter); name it with analysis.adapter_rank.base=<run id | path>")
     key = "analysis.adapter_rank.base" if run.cfg.analysis.adapter_rank.base else f"{first}: init_from"
-    pre = lineage.resolve(spec, run.tracker, Path(run.cfg.paths.checkpoints), Path(run.cfg.paths.cache), key=key)
+    pre = run.resolve(spec, key=key)
     return spec, pre.build().state_dict()
 
 

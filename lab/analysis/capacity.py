@@ -22,14 +22,12 @@ the bits in its dataset) and its final train loss against the entropy per token.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from lab import lineage
 from lab.analysis.inputs import Report, Source, pyplot
 from lab.config import RandomTokensConfig
 from lab.data.random_tokens import random_rows, sequence_bits
@@ -100,8 +98,7 @@ def measure(run, run_id: str) -> dict:
         raise ConfigError(f"run {run_id} did not train on data=random; analysis=capacity measures only such runs")
     rc = RandomTokensConfig(vocab=int(params["data.random.vocab"]), length=int(params["data.random.length"]),
                             sequences=int(params["data.random.sequences"]), seed=int(params["data.random.seed"]))
-    cfg = run.cfg
-    pre = lineage.resolve(run_id, run.tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache), key="capacity point")
+    pre = run.resolve(run_id, key="capacity point")
     model = pre.build().eval()
     bits = sequence_bits(rc)
     precision = tags.get("lab.precision", "")

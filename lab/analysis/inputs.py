@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 
-from lab import lineage
 from lab.errors import ConfigError
 from lab.lineage import Pretrained
 
@@ -47,7 +46,7 @@ class Source:
         return self.pretrained.build().eval()
 
     def tokenizer(self) -> Any:
-        return lineage.load_tokenizer_checked(self.pretrained)
+        return self.pretrained.tokenizer()
 
 
 def resolve_sources(run: "Run") -> list[Source]:
@@ -59,7 +58,7 @@ def resolve_sources(run: "Run") -> list[Source]:
                   if r.info.status == "FINISHED"]
     sources = [Source("init_from", cfg.init_from, run.pretrained)] if run.pretrained is not None else []
     for key, spec in named:
-        pre = lineage.resolve(spec, run.tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache), key=key)
+        pre = run.resolve(spec, key=key)
         sources.append(Source(key, spec, pre))
     return sources
 

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lab import lineage
 from lab.analysis.inputs import Report, Source, pyplot
 from lab.data.sources import read_sources
 from lab.formats.hf_tokenizer import load_any_tokenizer
@@ -69,8 +68,8 @@ def tokenizers_named(run, sources: list[Source]) -> list[tuple[str, Any]]:
         elif (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
             named.append((folder.name, load_any_tokenizer(folder)))
         else:  # a checkpoint or run, as init_from takes it
-            pre = lineage.resolve(spec, run.tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache), key=key)
-            named.append((Source(key, spec, pre).label, lineage.load_tokenizer_checked(pre)))
+            pre = run.resolve(spec, key=key)
+            named.append((Source(key, spec, pre).label, pre.tokenizer()))
     named += [(s.label, s.tokenizer()) for s in sources]
     return named or [_trained(cfg, cfg.tokenizer.kind)]
 

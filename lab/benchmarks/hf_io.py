@@ -69,7 +69,7 @@ def run_mode(mode: str, directory: Path) -> dict:
         n = model.num_parameters()
         with tempfile.TemporaryDirectory(dir=directory) as out:
             write_hf_model(Path(out), model.state_dict(), model.config, pre.vocab_size,
-                           lineage.load_tokenizer_checked(pre), 2**31, dtype="bfloat16")
+                           pre.tokenizer(), 2**31, dtype="bfloat16")
             seconds = time.perf_counter() - start
             return {"mode": mode, "seconds": seconds, "peak_mib": peak_rss_mib(), "after_mib": rss_mib(), "params": n}
     else:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -47,7 +47,6 @@ import torch
 
 from lab.config import DataConfig
 from lab.data.batch import Batch
-from lab.data.cache import content_key
 from lab.data.chat import Message, parse_turn
 from lab.data.kjv_pref import build_kjv_pref
 from lab.data.pairs import PreferencePair
@@ -56,7 +55,7 @@ from lab.data.split import split_documents
 from lab.config import require_kinds
 from lab.data.sources import corpus_hash, iter_jsonl, resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
-from lab.data.templates import encode_conversations, get_template
+from lab.data.templates import encode_conversations, encoded_cache_dir
 from lab.errors import DataError
 from lab.tokenizers import Tokenizer
 
@@ -341,13 +340,9 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer: Tokenizer, cache_di
         CheckpointError: a cached entry made with another tokenizer.
     """
     require_kinds(data_cfg, "DPO")  # fail on the config before reading anything
-    template = get_template(data_cfg.template)
     pairs = [read_preference_source(data_cfg, i) for i in range(len(data_cfg.sources))]
     hashes = [pairs_hash(p) for p in pairs]
-    key = content_key({"version": PREF_FORMAT_VERSION, "corpora": hashes, "tokenizer": tokenizer.sha256,
-                       "template": asdict(template), "seq_len": data_cfg.seq_len,
-                       "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed})
-    directory = Path(cache_dir) / "pref" / key
+    directory = encoded_cache_dir("pref", PREF_FORMAT_VERSION, data_cfg, tokenizer, hashes, cache_dir)
     if not (directory / "meta.json").is_file():
         _write(directory, data_cfg, pairs, hashes, tokenizer)
     return load_preference_data(directory, tokenizer, [s.weight for s in data_cfg.sources])

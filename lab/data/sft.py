@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -28,7 +28,6 @@ import torch
 
 from lab.config import DataConfig, SourceConfig
 from lab.data.batch import Batch, lm_batch
-from lab.data.cache import content_key
 from lab.data.chat import Conversation, conversations_hash, read_chat_files
 from lab.data.kjv_sft import build_kjv_sft
 from lab.data.packing import PackedData, _token_dtype, mixture_row_weights, open_cached, write_cache
@@ -36,7 +35,7 @@ from lab.data.split import split_documents
 from lab.config import require_kinds
 from lab.data.sources import resolve_paths, source_keys
 from lab.data.stream import BatchStream, val_indices
-from lab.data.templates import encode_conversations, get_template
+from lab.data.templates import encode_conversations, encoded_cache_dir
 from lab.errors import DataError
 from lab.tokenizers import Tokenizer
 
@@ -231,13 +230,9 @@ def prepare_sft_data(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path
         DataError: missing, malformed or too little data.
     """
     require_kinds(data_cfg, "SFT")  # fail on the config before reading anything
-    template = get_template(data_cfg.template)
     conversations = [read_sft_source(data_cfg, i) for i in range(len(data_cfg.sources))]
     hashes = [conversations_hash(c) for c in conversations]
-    key = content_key({"version": SFT_FORMAT_VERSION, "corpora": hashes, "tokenizer": tokenizer.sha256,
-                       "template": asdict(template), "seq_len": data_cfg.seq_len,
-                       "val_fraction": data_cfg.val_fraction, "split_seed": data_cfg.split_seed})
-    directory = Path(cache_dir) / "sft" / key
+    directory = encoded_cache_dir("sft", SFT_FORMAT_VERSION, data_cfg, tokenizer, hashes, cache_dir)
     if not (directory / "meta.json").is_file():
         splits = [split_documents(len(c), data_cfg.val_fraction, data_cfg.split_seed, where=_label(data_cfg, i))
                   for i, c in enumerate(conversations)]

@@ -19,9 +19,12 @@ is also where generation starts from a prompt.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
+from lab.config import DataConfig
+from lab.data.cache import content_key
 from lab.data.chat import Conversation, Message
 from lab.errors import ConfigError
 from lab.tokenizers import Tokenizer
@@ -68,6 +71,17 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise ConfigError(f"data.template={name!r} is unknown; use one of {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def encoded_cache_dir(kind: str, version: int, cfg: DataConfig, tokenizer: Tokenizer, hashes: Sequence[str],
+                      cache_dir: Path) -> Path:
+    """Where data encoded with `data.template` is cached (`<cache>/<kind>/<key>`): the key covers the
+    sources' content hashes, the tokenizer's sha256, the template's exact strings, data.seq_len,
+    data.val_fraction and data.split_seed, and the encoding's `version`."""
+    key = content_key({"version": version, "corpora": list(hashes), "tokenizer": tokenizer.sha256,
+                       "template": asdict(get_template(cfg.template)), "seq_len": cfg.seq_len,
+                       "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed})
+    return Path(cache_dir) / kind / key
 
 
 def _parts(messages: Sequence[Message], t: Template, add_generation_prompt: bool) -> list[tuple[Optional[str], bool]]:

@@ -20,7 +20,6 @@ from lab.engine import EvalSet, Task, Trainer, lr_factor
 from lab.optim import build_optimizer
 from lab.errors import ConfigError
 from lab.hardware import autocast_dtype, measured_matmul_tflops, peak_memory_mb, peak_tflops
-from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import lm_loss
 from lab.run import Run
@@ -145,7 +144,7 @@ def _bench_generation(run: Run) -> float:
     """The model init_from names, or a fresh one of the model group (speed does not need training)."""
     cfg = run.cfg
     if run.pretrained is not None:
-        model, tokenizer = run.pretrained.build(), load_tokenizer_checked(run.pretrained)
+        model, tokenizer = run.pretrained.build(), run.pretrained.tokenizer()
     else:
         tokenizer = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache)).tokenizer
         torch.manual_seed(cfg.train.seed)
@@ -197,3 +196,6 @@ def _bench_sbd(run: Run) -> float:
         run.say(f"  {gamma:>6g} {g('passes_per_token'):>13.3f} {g('same_as_greedy'):>15.1%} {g('chrf_vs_greedy'):>15.1f} "
                 f"{g('tokens_per_sec'):>9,.0f}")
     return min(m[f"bench/sbd/gamma_{g:g}/passes_per_token"] for g in cfg.stage.bench_gammas)
+
+
+STAGE = bench  # what lab.runner calls for stage=bench; conf/stage/bench.yaml declares the rest

@@ -21,8 +21,6 @@ from lab.run import Run
 
 def chat(run: Run) -> float:
     """Read turns from stdin until /exit or end of input; returns the number of answers given."""
-    if not run.is_main:
-        return float("nan")
     g = run.cfg.generate
     tm = inference.load_for(run)
     if tm.template is None:
@@ -86,3 +84,6 @@ def _fit(tm: inference.TextModel, system: list[Message], history: list[Message],
         run.say(f"(that message is {len(ids)} tokens with the template; the model's context is {tm.context}: shorten it)")
         return None
     return ids
+
+
+STAGE = chat  # what lab.runner calls for stage=chat; conf/stage/chat.yaml declares the rest

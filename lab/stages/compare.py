@@ -12,8 +12,6 @@ def compare(run: Run) -> Optional[float]:
 
     Returns the best value of the first of `compare.metrics`.
     """
-    if not run.is_main:  # analysis reads MLflow once; other ranks have nothing to do
-        return None
     cfg, client = run.cfg.compare, run.tracker.client
     runs = cmp.select_runs(client, cfg, run.cfg.tracking.experiment, exclude=[run.tracker.run_id])
     cmp.check_metrics(runs, cfg.metrics)
@@ -50,3 +48,6 @@ def compare(run: Run) -> Optional[float]:
     run.tracker.set_tags({"lab.compare.best_run": ordered[0].info.run_id})
     run.say(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} under {out}")
     return float(ordered[0].data.metrics[cfg.metrics[0]])
+
+
+STAGE = compare  # what lab.runner calls for stage=compare; conf/stage/compare.yaml declares the rest

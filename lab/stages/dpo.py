@@ -8,7 +8,6 @@ SimPO needs no reference at all.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -18,9 +17,8 @@ from lab.data import prepare_preference_data
 from lab.data.batch import Batch
 from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_objective, pair_logps, reference_kind
 from lab.engine import EvalSet, Task, Trainer
-from lab.export import fit_and_export
+from lab.export import train
 from lab.files import load_torch, save_torch
-from lab.lineage import load_tokenizer_checked
 from lab.run import Run
 
 
@@ -85,9 +83,8 @@ def reference_logps(run: Run, model: torch.nn.Module, data: Any) -> tuple[torch.
 def dpo(run: Run) -> float:
     """Start from `init_from`, pick the reference, fit the preference loss. Returns val loss."""
     cfg = run.cfg
-    tokenizer = load_tokenizer_checked(run.pretrained)
-    with run.accelerator.main_process_first():
-        data = prepare_preference_data(cfg.data, tokenizer, Path(cfg.paths.cache))
+    tokenizer = run.pretrained.tokenizer()
+    data = run.prepare(prepare_preference_data, cfg.data, tokenizer)
     model = run.pretrained.build()
     reference, trained, kind = None, data, reference_kind(cfg.dpo, cfg.adapter)
     if kind == "copy":
@@ -102,17 +99,15 @@ def dpo(run: Run) -> float:
     objective = dpo_objective(cfg.dpo, reference)
     trainer = Trainer(run.engine_parts(), model, [Task("", trained.stream, objective)],
                       {"": EvalSet(trained.val_batches, objective, perplexity=False)}, tokenizer, adapter=adapter)
-    run.log_dataset(data)
-    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
-                            "data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val),
-                            "dpo.reference_used": kind,
-                            **{f"data.{k}": data.meta[k] for k in ("n_skipped_identical", "n_skipped_long_prompt", "n_truncated")}})
-    run.say(f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: reference={kind}; "
-            f"{len(data.train):,} train / {len(data.val):,} val pairs")
-    result = fit_and_export(run, trainer, model, adapter, tokenizer)
-    if result.stopped_early:
+    result = train(run, trainer, data, f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: "
+                   f"reference={kind}; {len(data.train):,} train / {len(data.val):,} val pairs",
+                   {"data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val), "dpo.reference_used": kind,
+                    **{f"data.{k}": data.meta[k] for k in ("n_skipped_identical", "n_skipped_long_prompt", "n_truncated")}})
+    if result is None:
         return float("nan")
     acc = run.tracker.latest.get("val/rewards/accuracies", float("nan"))
     run.say(f"val loss {result.val_loss:.4f}   val rewards/accuracies {acc:.3f}")
     return result.val_loss
 
+
+STAGE = dpo  # what lab.runner calls for stage=dpo; conf/stage/dpo.yaml declares the rest

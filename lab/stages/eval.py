@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lab import evaluation, inference, lineage
+from lab import evaluation, inference
 from lab.data import prepare_data
 from lab.data.prompts import prompt_json, read_choices, read_references
 from lab.run import Run
@@ -25,12 +25,9 @@ from lab.run import Run
 
 def evaluate(run: Run) -> float:
     """Score every model; returns the first model's bits per byte (or its first score)."""
-    if not run.is_main:
-        return float("nan")
     cfg = run.cfg
     named = [("init_from", cfg.init_from, run.pretrained)] if run.pretrained is not None else []
-    named += [(f"eval.runs[{i}]", spec, lineage.resolve(spec, run.tracker, Path(cfg.paths.checkpoints),
-                                                         Path(cfg.paths.cache), key=f"eval.runs[{i}]"))
+    named += [(f"eval.runs[{i}]", spec, run.resolve(spec, key=f"eval.runs[{i}]"))
               for i, spec in enumerate(cfg.eval.runs)]
     references = read_references(cfg.eval.references) if cfg.eval.references else None
     choices = read_choices(cfg.eval.choices) if cfg.eval.choices else None
@@ -91,3 +88,6 @@ def _write_outputs(run: Run, label: str, references, outputs: list[str]) -> None
             f.write(json.dumps({"prompt": prompt_json(r.prompt), "reference": r.reference, "output": o},
                                ensure_ascii=False) + "\n")
     run.tracker.log_artifact(path)
+
+
+STAGE = evaluate  # what lab.runner calls for stage=eval; conf/stage/eval.yaml declares the rest

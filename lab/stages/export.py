@@ -17,17 +17,15 @@ from lab.errors import CheckpointError, ConfigError
 from lab.files import atomic_directory
 from lab.formats.gguf import write_gguf
 from lab.formats.hf_export import write_hf_model, write_peft_adapter
-from lab.lineage import Pretrained, load_tokenizer_checked
+from lab.lineage import Pretrained
 from lab.run import Run
 
 
 def export(run: Run) -> None:
     """Write the export folder (atomically: complete or absent), log it, and say where it is."""
-    if not run.is_main:  # one process writes files
-        return None
     cfg, pre = run.cfg.export, run.pretrained
     target = target_dir(cfg, run.info.output_dir)
-    tokenizer = load_tokenizer_checked(pre)
+    tokenizer = pre.tokenizer()
     shard = int(cfg.max_shard_mb * 2**20)
     with atomic_directory(target) as tmp:
         if cfg.format == "hf":
@@ -66,3 +64,6 @@ def peft_parts(pre: Pretrained) -> tuple[dict, Path]:
         raise CheckpointError(f"export.format=peft reads the base weights from the run's last checkpoint, and "
                               f"{pre.path.parent} has none; export.format=hf writes the merged model instead")
     return ckpt.base_weights(last), adapter
+
+
+STAGE = export  # what lab.runner calls for stage=export; conf/stage/export.yaml declares the rest

@@ -21,8 +21,6 @@ from lab.run import Run
 
 def generate(run: Run) -> float:
     """Complete every prompt in batches of generate.batch; returns the tokens generated per second."""
-    if not run.is_main:
-        return float("nan")
     cfg, g = run.cfg, run.cfg.generate
     named = [("prompt", cfg.prompt)] if cfg.prompt else []
     if g.prompts:
@@ -52,3 +50,6 @@ def generate(run: Run) -> float:
                              "generate/forward_passes": passes, "generate/tokens_per_sec": tokens / seconds}, step=0)
     run.say(f"wrote {out}: {len(named)} completion(s), {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s)")
     return tokens / seconds
+
+
+STAGE = generate  # what lab.runner calls for stage=generate; conf/stage/generate.yaml declares the rest

@@ -8,7 +8,6 @@ val (`train/coherence/loss`, `val/xref/recall_at_10`); val/loss is the weighted 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from lab.adapters import apply_adapter
 from lab.config_stages import MultitaskConfig
@@ -16,8 +15,7 @@ from lab.errors import ConfigError
 from lab.data import prepare_data
 from lab.data.verse_tasks import prepare_verse_tasks
 from lab.engine import EvalSet, Task, Trainer
-from lab.export import fit_and_export
-from lab.lineage import load_tokenizer_checked
+from lab.export import train
 from lab.models import build_model
 from lab.objectives import lm_loss
 from lab.run import Run
@@ -42,9 +40,8 @@ def multitask(run: Run) -> float:
     cfg, mt = run.cfg, run.cfg.multitask
     _check_rows_fit(mt, cfg.model.max_seq_len)  # before any data is prepared (init_from's model is cfg.model)
     start = run.pretrained
-    tokenizer = load_tokenizer_checked(start) if start else None
-    with run.accelerator.main_process_first():
-        lm = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    tokenizer = start.tokenizer() if start else None
+    lm = run.prepare(prepare_data, cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     verse = prepare_verse_tasks(mt, cfg.data, lm.tokenizer)
     model = start.build() if start else build_model(cfg.model, lm.tokenizer.vocab_size)
     trunk_params = model.num_parameters()
@@ -63,19 +60,20 @@ def multitask(run: Run) -> float:
         callbacks.append(SampleWriter(lm.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                                       run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed))
     trainer = Trainer(run.engine_parts(), model, tasks, evals, lm.tokenizer, adapter=adapter, callbacks=callbacks)
-    run.log_dataset(lm)
-    share = heads.num_parameters() / trunk_params
-    run.tracker.log_params({"model.n_params": trunk_params, "multitask.head_params": heads.num_parameters(),
-                            "multitask.head_share": f"{share:.4f}", "adapter.n_trainable": adapter.num_trainable(),
-                            **{f"multitask.n_train_{n}": len(v.train) for n, v in verse.items()},
-                            **{f"multitask.n_val_{n}": len(v.val) for n, v in verse.items()}})
-    total = sum(weights.values())
-    run.say(f"multitask: model={cfg.model.name} ({trunk_params / 1e6:.2f}M) + heads {heads.num_parameters():,} "
-            f"({share:.1%}); tasks " + ", ".join(f"{n} {w / total:.3f}" for n, w in weights.items()))
-    result = fit_and_export(run, trainer, model, adapter, lm.tokenizer)
-    if result.stopped_early:
+    share, total = heads.num_parameters() / trunk_params, sum(weights.values())
+    result = train(run, trainer, lm, f"multitask: model={cfg.model.name} ({trunk_params / 1e6:.2f}M) + heads "
+                   f"{heads.num_parameters():,} ({share:.1%}); tasks "
+                   + ", ".join(f"{n} {w / total:.3f}" for n, w in weights.items()),
+                   {"model.n_params": trunk_params, "multitask.head_params": heads.num_parameters(),
+                    "multitask.head_share": f"{share:.4f}",
+                    **{f"multitask.n_train_{n}": len(v.train) for n, v in verse.items()},
+                    **{f"multitask.n_val_{n}": len(v.val) for n, v in verse.items()}})
+    if result is None:
         return float("nan")
     latest = run.tracker.latest
     run.say("val " + "   ".join(f"{k[4:]} {v:.3f}" for k, v in sorted(latest.items())
                                   if k.startswith("val/") and k.count("/") == 2 and not k.endswith("/ppl")))
     return result.val_loss
+
+
+STAGE = multitask  # what lab.runner calls for stage=multitask; conf/stage/multitask.yaml declares the rest

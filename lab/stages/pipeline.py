@@ -35,3 +35,5 @@ def pipeline(run: Run) -> float:
         run.tracker.set_tags({f"lab.pipeline.step{i}.{step.name}": previous + (" (reused)" if outcome.reused else "")})
     return value
 
+
+STAGE = pipeline  # what lab.runner calls for stage=pipeline; conf/stage/pipeline.yaml declares the rest

@@ -137,3 +137,6 @@ def _table(run: Run) -> float:
     run.tracker.log_artifact(out)
     run.say(out.read_text() + f"\nwritten to {out}")
     return 0.0
+
+
+STAGE = plan  # what lab.runner calls for stage=plan; conf/stage/plan.yaml declares the rest

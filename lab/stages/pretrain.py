@@ -4,7 +4,6 @@ sequences (data=random: memorization capacity)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from lab import checkpoint as ckpt
@@ -13,9 +12,8 @@ from lab.data import prepare_data
 from lab.data.modular import prepare_modular
 from lab.data.random_tokens import prepare_random
 from lab.engine import EvalSet, Task, Trainer
-from lab.export import fit_and_export
+from lab.export import train
 from lab.grokking import FourierShare
-from lab.lineage import load_tokenizer_checked
 from lab.models import build_model
 from lab.objectives import answer_loss, lm_loss, with_sbd
 from lab.run import Run
@@ -38,16 +36,13 @@ def pretrain(run: Run) -> float:
     trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, learn)],
                       {"": EvalSet(data.val_batches, objective, perplexity=not arithmetic)}, data.tokenizer,
                       adapter=adapter, callbacks=callbacks)
-    run.log_dataset(data)
-    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
-                            "data.n_train_rows": len(data.train),
-                            "data.n_val_rows": len(data.val), "tokenizer.sha256": data.tokenizer.sha256})
     what = f"equations of {' '.join(cfg.data.modular.ops)} mod {cfg.data.modular.p}" if arithmetic else \
         f"sequences of {cfg.data.seq_len} tokens"
-    run.say(f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
-            f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val {what}")
-    result = fit_and_export(run, trainer, model, adapter, data.tokenizer)
-    if result.stopped_early:
+    result = train(run, trainer, data, f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
+                   f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val {what}",
+                   {"data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val),
+                    "tokenizer.sha256": data.tokenizer.sha256})
+    if result is None:
         return float("nan")
     ppl = math.exp(min(result.val_loss, 50))  # as the evaluation logged it, val/ppl
     run.tracker.flush()
@@ -62,9 +57,8 @@ def pretrain(run: Run) -> float:
 def _corpus(run: Run) -> tuple[Any, Any, list]:
     """Packed text, next-token loss everywhere, samples at each evaluation."""
     cfg = run.cfg
-    tokenizer = load_tokenizer_checked(run.pretrained) if run.pretrained else None
-    with run.accelerator.main_process_first():  # rank 0 trains the tokenizer and packs; the others read the cache
-        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tokenizer)
+    tokenizer = run.pretrained.tokenizer() if run.pretrained else None
+    data = run.prepare(prepare_data, cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
     return data, lm_loss, [samples]
@@ -74,7 +68,7 @@ def _random(run: Run) -> tuple[Any, Any, list]:
     """Random sequences: next-token loss on every token after <bos>; nothing to sample."""
     data = prepare_random(run.cfg.data)
     if run.pretrained:
-        check_tokenizer(load_tokenizer_checked(run.pretrained).sha256, data.tokenizer, where=f"init_from={run.cfg.init_from}")
+        check_tokenizer(run.pretrained.tokenizer().sha256, data.tokenizer, where=f"init_from={run.cfg.init_from}")
     return data, lm_loss, []
 
 
@@ -84,9 +78,12 @@ def _modular(run: Run) -> tuple[Any, Any, list]:
     cfg = run.cfg
     data = prepare_modular(cfg.data)
     if run.pretrained:
-        check_tokenizer(load_tokenizer_checked(run.pretrained).sha256, data.tokenizer, where=f"init_from={cfg.init_from}")
+        check_tokenizer(run.pretrained.tokenizer().sha256, data.tokenizer, where=f"init_from={cfg.init_from}")
     if cfg.data.modular.full_batch:
         cfg.hardware.micro_batch = data.full_batch(run.accelerator.num_processes)
         cfg.hardware.grad_accum = 1
         run.say(f"full batch: hardware.micro_batch={cfg.hardware.micro_batch}, grad_accum=1 <data.modular.full_batch=true>")
     return data, answer_loss, [FourierShare(cfg.data.modular.p)]
+
+
+STAGE = pretrain  # what lab.runner calls for stage=pretrain; conf/stage/pretrain.yaml declares the rest

@@ -1,14 +1,12 @@
 """Supervised fine-tuning: chat data rendered with a template, loss on the assistant's tokens only."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from lab.adapters import apply_adapter
 from lab.data import prepare_sft_data
 from lab.data.templates import prompt_text, stop_token_id
 from lab.engine import EvalSet, Task, Trainer
-from lab.export import fit_and_export
-from lab.lineage import load_tokenizer_checked
+from lab.export import train
 from lab.objectives import masked_lm_loss, with_sbd
 from lab.run import Run
 from lab.samples import SampleWriter
@@ -24,9 +22,8 @@ SAMPLE_PROMPTS = [
 def sft(run: Run) -> float:
     """Start from `init_from`, optionally wrap the model in an adapter, and fit on chat data."""
     cfg = run.cfg
-    tokenizer = load_tokenizer_checked(run.pretrained)
-    with run.accelerator.main_process_first():
-        data = prepare_sft_data(cfg.data, tokenizer, Path(cfg.paths.cache))
+    tokenizer = run.pretrained.tokenizer()
+    data = run.prepare(prepare_sft_data, cfg.data, tokenizer)
     model = run.pretrained.build()
     adapter = apply_adapter(model, cfg.adapter)
     prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
@@ -34,16 +31,16 @@ def sft(run: Run) -> float:
                            run.tracker, seed=cfg.train.seed, stop_id=stop_token_id(cfg.data.template, tokenizer))
     trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, with_sbd(masked_lm_loss, cfg.train, tokenizer))],
                       {"": EvalSet(data.val_batches, masked_lm_loss)}, tokenizer, adapter=adapter, callbacks=[samples])
-    run.log_dataset(data)
-    run.tracker.log_params({"model.n_params": model.num_parameters(), "adapter.n_trainable": adapter.num_trainable(),
-                            "data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val)})
-    run.say(f"sft from {run.pretrained.path}: adapter={cfg.adapter.name}, "
-            f"{adapter.num_trainable():,} of {model.num_parameters():,} parameters train; "
-            f"data={cfg.data.name} ({cfg.data.template}): {len(data.train):,} train / {len(data.val):,} val rows")
-    result = fit_and_export(run, trainer, model, adapter, tokenizer)
-    if result.stopped_early:
+    result = train(run, trainer, data, f"sft from {run.pretrained.path}: adapter={cfg.adapter.name}, "
+                   f"{adapter.num_trainable():,} of {model.num_parameters():,} parameters train; data={cfg.data.name} "
+                   f"({cfg.data.template}): {len(data.train):,} train / {len(data.val):,} val rows",
+                   {"data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val)})
+    if result is None:
         return float("nan")
     run.say(f"val loss {result.val_loss:.4f} on assistant tokens")
     for text in samples.last:
         run.say("sample: " + text.replace("\n", " | "))
     return result.val_loss
+
+
+STAGE = sft  # what lab.runner calls for stage=sft; conf/stage/sft.yaml declares the rest

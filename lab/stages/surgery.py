@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from lab import checkpoint as ckpt
 from lab.data import prepare_data
 from lab.export import registered_name
-from lab.lineage import load_tokenizer_checked
 from lab.models import build_empty
 from lab.run import Run
 from lab.surgery import COPIED, Plan, plan_rows, transplant
@@ -28,12 +27,10 @@ from lab.tokenizers import Tokenizer
 def surgery(run: Run) -> float:
     """Plan the rows, rebuild the embedding, compare its loss with random new rows, save. Returns val loss."""
     cfg, pre = run.cfg, run.pretrained
-    old = load_tokenizer_checked(pre)
+    old = pre.tokenizer()
     given = load_any_tokenizer(Path(cfg.surgery.tokenizer).expanduser()) if cfg.surgery.tokenizer else None
-    with run.accelerator.main_process_first():  # the tokenizer group is trained on the data, as pretraining would
-        data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=given)
-    if not run.is_main:
-        return float("nan")
+    # the tokenizer group is trained on the data, as pretraining would
+    data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=given)
     plan = plan_rows(old, data.tokenizer)
     weights = pre.build().state_dict()
     model = _with_rows(pre.model, data.tokenizer, transplant(weights, pre.model.tie_embeddings, plan,
@@ -77,3 +74,6 @@ def corpus_loss(model: torch.nn.Module, rows, batch: int) -> float:
         total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
         count += chunk[:, 1:].numel()
     return total / max(count, 1) if count else math.nan
+
+
+STAGE = surgery  # what lab.runner calls for stage=surgery; conf/stage/surgery.yaml declares the rest
