@@ -1,6 +1,7 @@
 """Shared fixtures: compose configs through Hydra, and run the real `lab` CLI in a subprocess."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,27 @@ from lab.config import register_schemas, version_base
 from labtest import CONF_DIR, run_lab
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets an equal share of the cores (its `lab` processes inherit it),
+    so two workers on two cores do not each start two threads per process."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
-    """One tokenizer/packing cache for the whole session: KJV is tokenized once."""
-    return tmp_path_factory.mktemp("cache")
+    """One tokenizer/packing cache for the whole session, shared by pytest-xdist's workers (entries are
+    content-keyed and written atomically): KJV is tokenized once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # every worker's basetemp sits in one session folder
+    (root / "cache").mkdir(exist_ok=True)
+    return root / "cache"
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,9 @@ def run_lab(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: 
             launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run `python -m lab ARGS` in `cwd` (its outputs/ and MLflow store land there)."""
     full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    if "torch.distributed.run" in launcher:  # a port of its own: torchrun's default 29500 is shared by parallel tests
+        at = launcher.index("torch.distributed.run") + 1
+        launcher = (*launcher[:at], "--master-port", str(_free_port()), *launcher[at:])
     cmd = [sys.executable, *(launcher or ("-m", "lab")), *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
