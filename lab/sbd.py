@@ -48,7 +48,7 @@ def block_layout(segments: torch.Tensor, block: int, offset: int) -> tuple[torch
     Positions restart at each segment (packed SFT rows); x~'s positions are x's. Blocks are runs of
     `block` row places starting at -offset, cut again where a segment starts.
     """
-    from lab.models.decoder import segment_layout
+    from lab.models.attention_ops import segment_layout
 
     B, T = segments.shape
     pos, clean = segment_layout(segments)  # (B, T), (B, 1, T, T) causal within each segment

@@ -70,7 +70,7 @@ def permute_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def llama3_factors(cfg: ModelConfig) -> torch.Tensor:
     """llama.cpp's `rope_freqs`: by how much llama3 scaling divides each RoPE frequency."""
-    from lab.models.decoder import scaled_frequencies
+    from lab.models.attention_ops import scaled_frequencies
 
     hs = cfg.head_size
     base = 1.0 / cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs)

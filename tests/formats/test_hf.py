@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from lab.errors import CheckpointError, LabError  # noqa: E402
 from lab.formats.hf import load_hf  # noqa: E402
-from lab.models.decoder import window_mask  # noqa: E402
+from lab.models.attention_ops import window_mask  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from lab.config import ModelConfig
 from lab.models import Decoder, build_model
 from labtest import V, make, micro
-from lab.models.decoder import Attention, _write_out, segment_layout, written_out_attention
+from lab.models.attention_ops import segment_layout, write_out, written_out_attention
+from lab.models.decoder import Attention
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -124,7 +125,7 @@ def test_written_out_attention_is_sdpa():
     _, mask = segment_layout(torch.tensor([[0] * 5 + [1] * 11, [0] * 16]))
     packed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.allclose(written_out_attention(q, k, v, mask, 8 ** -0.5, None, 0.0), packed, atol=1e-6)
-    assert not _write_out(q)  # eager steps keep SDPA (and its flash kernels)
+    assert not write_out(q)  # eager steps keep SDPA (and its flash kernels)
 
 
 def test_tied_embeddings_share_storage_and_count_once():
