@@ -7,16 +7,15 @@ import logging
 import math
 import signal
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from lab.config import register_schemas, to_run_config, version_base
+from lab.config import REPO_ROOT, register_schemas, to_run_config, version_base
 from lab.console import held_stderr
 from lab.errors import LabError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(REPO_ROOT / "conf")
 log = logging.getLogger("lab")
 
 

