@@ -43,6 +43,7 @@ from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where
 )
 from lab.errors import ConfigError
 from lab.ranges import check_ranges, chosen, ranged
+from lab.sections import Section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # conf/, README.md and the git checkout
 
@@ -64,7 +65,7 @@ STAGE_DIR = REPO_ROOT / "conf" / "stage"  # one file per stage, beside its modul
 
 
 @dataclass
-class StageDeclaration:
+class StageDeclaration(Section):
     """What the runner and the config know of a stage, declared (data only) in conf/stage/<name>.yaml
     as `stage.declared`; its code is lab/stages/<name>.py. Follows from the stage's name: never hashed
     or logged."""
@@ -95,7 +96,7 @@ def declaration(name: str) -> StageDeclaration:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Section):
     name: str = "pretrain"  # a file of conf/stage/, and the module lab/stages/<name>.py
     declared: StageDeclaration = field(default_factory=StageDeclaration)  # set by conf/stage/<name>.yaml
     bench_steps: int = ranged(10, "[1, inf)")  # bench: timed steps per loop in each round
@@ -117,7 +118,7 @@ class StageConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The decoder's shape and its Llama / Gemma options; every option is off by default (plain Llama)."""
 
     name: str = "micro"
@@ -191,7 +192,7 @@ class ModelConfig:
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Section):
     name: str = "bpe"
     kind: str = chosen("bpe", ("byte", "bpe", "unigram"))
     vocab_size: int = ranged(8192, "[32, inf)")  # SentencePiece only; byte is always 256 + specials
@@ -204,7 +205,7 @@ class TokenizerConfig:
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Section):
     kind: str = chosen("kjv", SOURCE_KINDS)  # kjv | text | jsonl (pretraining); kjv_sft | chat (SFT)
     path: Optional[str] = None  # text: a file, glob or folder; jsonl and chat: a file or glob
     text_field: str = "text"  # jsonl: the field holding the text
@@ -218,7 +219,7 @@ MODULAR_OPS = ("+", "-", "*", "/")
 
 
 @dataclass
-class ModularConfig:
+class ModularConfig(Section):
     """`a op b mod p` for every pair, the answer the only token scored (data=modular; Power et al. 2022)."""
 
     p: int = ranged(113, "[2, 1000]")  # the modulus (Nanda et al. 2023: 113); division needs a prime
@@ -237,7 +238,7 @@ class ModularConfig:
             raise ConfigError(f"data.modular.p={self.p} is not prime, and division mod p needs a prime "
                               "(every b != 0 must have an inverse); use e.g. data.modular.p=97 or 113")
 @dataclass
-class RandomTokensConfig:
+class RandomTokensConfig(Section):
     """Uniform random token sequences, each trained on as its own row after a <bos> (data=random):
     the memorization-capacity set-up of Morris et al. 2025. Validation is the training set itself."""
 
@@ -253,7 +254,7 @@ class RandomTokensConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     name: str = "kjv"
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     path: Optional[str] = None  # shortcut for sources[0].path when there is one source
@@ -291,7 +292,7 @@ class DataConfig:
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Section):
     name: str = "none"
     kind: str = "none"  # none (full fine-tuning) | lora | dora | relora | rank1
     rank: int = ranged(8, "[1, inf)")  # r; rank1 always uses 1
@@ -335,7 +336,7 @@ def trains_rest_by_default(kind: str, stage: str) -> bool:
 
 
 @dataclass
-class HardwareConfig:
+class HardwareConfig(Section):
     name: str = "cpu"
     device: str = chosen("cpu", ("cpu", "cuda", "mps"))
     precision: str = chosen("bf16", ("bf16", "fp16", "fp32"))  # bf16 falls back to fp32 where the device lacks it
@@ -359,7 +360,7 @@ class HardwareConfig:
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     name: str = "mlflow"
     uri: Optional[str] = None  # None: embedded sqlite store under paths.outputs; or http://host:port
     experiment: str = "lab"
@@ -372,7 +373,7 @@ class TrackingConfig:
 
 
 @dataclass
-class GrokfastConfig:
+class GrokfastConfig(Section):
     """Grokfast (Lee et al. 2024): add the gradients' slow component back, amplified, before each step."""
 
     kind: str = chosen("none", ("none", "ema", "ma"))  # none | ema (exponential moving average) | ma (moving average over a window)
@@ -385,7 +386,7 @@ class GrokfastConfig:
 
 
 @dataclass
-class GrokkingConfig:
+class GrokkingConfig(Section):
     """The grokking detector: generalisation that arrives long after the training set was memorised."""
 
     enabled: bool = False  # watch; on an event log grokking/* and keep a checkpoint of that step
@@ -403,7 +404,7 @@ class GrokkingConfig:
 
 
 @dataclass
-class StopConfig:
+class StopConfig(Section):
     """Ending a run before train.max_steps (the cap): at a target, or once converged (lab.stopping)."""
 
     target_metric: Optional[str] = None  # e.g. val/acc: stop the first time it reaches target_value; None: off
@@ -425,7 +426,7 @@ class StopConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     max_steps: int = ranged(400, "[1, inf)")  # optimizer steps; the schedule spans exactly this many
     lr: float = ranged(3e-3, "(0, inf)")
     min_lr_ratio: float = ranged(0.1, "[0, 1]")  # cosine and linear decay end at lr * min_lr_ratio
@@ -463,7 +464,7 @@ class TrainConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     """The optimizer (lab.optim). train.lr, train.weight_decay and the schedule apply to every kind."""
 
     name: str = "adamw"
@@ -489,14 +490,14 @@ class OptimizerConfig:
 
 
 @dataclass
-class PathsConfig:
+class PathsConfig(Section):
     outputs: str = "outputs"  # relative to the directory lab is launched from
     cache: str = "${paths.outputs}/cache"  # tokenizers and packed datasets, keyed by content hash
     checkpoints: str = "${paths.outputs}/checkpoints"  # one folder per MLflow run id
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(Section):
     metric: str = "val/loss"  # what a sweep optimises: the job's return value, and "best" on the parent
     mode: str = chosen("min", ("min", "max"))
     force: bool = False  # re-run jobs whose exact config already FINISHED in this experiment
@@ -506,7 +507,7 @@ class SweepConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -581,13 +582,20 @@ class RunConfig:
                               "models:/<name>/<version> | checkpoint path | hf:<Hugging Face folder>>")
 
     def check_context(self) -> None:
-        """Every model runs with every data option's defaults: RoPE has no learned positions, so a
-        context shorter than `data.seq_len` is only the size of a table, and it grows. (A stage that
-        reads no data, such as export, keeps the model as it is.)"""
-        if self.stage.declared.reads and self.data.seq_len > self.model.max_seq_len:
+        """The model group's context grows to data.seq_len as the config is built (so the config hash
+        has always seen it grown); lab.settle grows an init_from model's the same way."""
+        grown = grown_context(self)
+        if grown:
             log.info("model.max_seq_len raised from %d to data.seq_len=%d (model=%s; RoPE tables grow freely)",
-                     self.model.max_seq_len, self.data.seq_len, self.model.name)
-            self.model.max_seq_len = self.data.seq_len
+                     self.model.max_seq_len, grown, self.model.name)
+            self.model.max_seq_len = grown
+
+
+def grown_context(cfg: RunConfig) -> Optional[int]:
+    """data.seq_len, where the model's context is shorter; else None. Every model runs with every data
+    option's defaults: RoPE has no learned positions, so a shorter context is only the size of a table,
+    and it grows. (A stage that reads no data, such as export, keeps the model as it is.)"""
+    return cfg.data.seq_len if cfg.stage.declared.reads and cfg.data.seq_len > cfg.model.max_seq_len else None
 
 
 def require_kinds(cfg: DataConfig, reader: str) -> None:

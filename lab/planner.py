@@ -169,12 +169,14 @@ def suggestions(job: Job, hw: HardwareConfig, memory: int) -> list[str]:
     return fits
 
 
-def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[str]:
-    """Settle hardware.micro_batch and grad_accum in place; returns what was chosen, or None.
+def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None,
+                 stage: Optional[str] = None) -> Optional[tuple[int, int, str]]:
+    """The micro-batch and grad_accum a run takes, and the line that says why; None: as configured.
 
     With train.global_batch set, grad_accum is what keeps it: global / (micro_batch * world_size).
     With micro_batch=auto, the micro-batch is the largest divisor of the per-rank batch that fits
-    (`vocab_size`: init_from's, else the tokenizer config's); only then is anything traced.
+    the training of `stage` (default stage.name; `vocab_size`: init_from's, else the tokenizer
+    config's); only then is anything traced.
 
     Raises:
         ConfigError: the numbers do not divide, global_batch is missing for auto, or nothing fits
@@ -190,7 +192,7 @@ def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
         raise ConfigError(f"train.global_batch={want} does not split over {world_size} processes; use a multiple of {world_size}")
     per_rank = want // world_size
     if hw.micro_batch == "auto":
-        job = Job.of(cfg, vocab_size=vocab_size)
+        job = Job.of(cfg, vocab_size=vocab_size, stage=stage)
         memory = device_memory(hw)
         largest, _ = largest_micro_batch(job, tensor_budget(hw, memory))
         if largest == 0:
@@ -199,16 +201,16 @@ def choose_batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
             raise ConfigError(f"hardware.micro_batch=auto: not even one sequence of data.seq_len={job.seq_len} fits "
                               f"hardware={hw.name} ({gib(memory)} GiB, hardware.memory_gb): it needs {one.summary()}; "
                               + (f"these would fit: {', '.join(fixes)}" if fixes else "no single change fits; use a smaller model"))
-        hw.micro_batch = max(d for d in range(1, min(per_rank, largest) + 1) if per_rank % d == 0)
+        micro = max(d for d in range(1, min(per_rank, largest) + 1) if per_rank % d == 0)
         why = f"<hardware.micro_batch=auto: at most {largest} fit hardware={hw.name}, {gib(memory)} GiB>"
     elif per_rank % hw.micro_batch:
         raise ConfigError(f"train.global_batch={want} is not a multiple of hardware.micro_batch={hw.micro_batch} x "
                           f"{world_size} process(es); change one, or set hardware.micro_batch=auto")
     else:
-        why = "<train.global_batch>"
-    hw.grad_accum = per_rank // hw.micro_batch
-    return (f"batch: hardware.micro_batch={hw.micro_batch} x hardware.grad_accum={hw.grad_accum} x {world_size} "
-            f"process(es) = train.global_batch={want} {why}")
+        micro, why = hw.micro_batch, "<train.global_batch>"
+    accum = per_rank // micro
+    return micro, accum, (f"batch: hardware.micro_batch={micro} x hardware.grad_accum={accum} x {world_size} "
+                          f"process(es) = train.global_batch={want} {why}")
 
 
 # torch.compile pays once the eager run outlasts its cost. On 2 CPU cores (model=tiny, bf16) a cold
@@ -253,21 +255,20 @@ def _cpp_compiler() -> Optional[str]:
         return None
 
 
-def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[str]:
-    """Settle hardware.compile=auto to on or off in place; returns the choice and why, or None."""
+def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[tuple[bool, str]]:
+    """Whether hardware.compile=auto compiles, and the line that says why; None: as configured.
+    Reads the settled batch (hardware.micro_batch and grad_accum)."""
     hw = cfg.hardware
     if hw.compile != "auto":
         return None
     if hw.device == "mps":
-        hw.compile = False
-        return "torch.compile: off: its MPS backend is still experimental <hardware.compile=auto>"
+        return False, "torch.compile: off: its MPS backend is still experimental <hardware.compile=auto>"
     if hw.fsdp:
-        hw.compile = False
-        return "torch.compile: off: hardware.fsdp runs eager <hardware.compile=auto>"
+        return False, "torch.compile: off: hardware.fsdp runs eager <hardware.compile=auto>"
     flops, seconds = eager_seconds(cfg, world_size, vocab_size)
-    hw.compile = seconds >= COMPILE_PAYS_AFTER_S
+    on = seconds >= COMPILE_PAYS_AFTER_S
     why = (f"this run is about {seconds / 60:.1f} min of eager compute at nominal speed ({flops:.2g} FLOPs), "
-           f"{'more' if hw.compile else 'less'} than the {COMPILE_PAYS_AFTER_S / 60:.0f} min compiling takes to pay back")
-    if hw.compile and hw.device == "cpu" and _cpp_compiler() is None:
-        hw.compile, why = False, "no C++ compiler found to build its CPU kernels (install g++, or set CXX)"
-    return f"torch.compile: {'on' if hw.compile else 'off'}: {why} <hardware.compile=auto>"
+           f"{'more' if on else 'less'} than the {COMPILE_PAYS_AFTER_S / 60:.0f} min compiling takes to pay back")
+    if on and hw.device == "cpu" and _cpp_compiler() is None:
+        on, why = False, "no C++ compiler found to build its CPU kernels (install g++, or set CXX)"
+    return on, f"torch.compile: {'on' if on else 'off'}: {why} <hardware.compile=auto>"

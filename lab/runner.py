@@ -5,6 +5,7 @@ with the one-line error as the tag `lab.error`; never RUNNING.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -23,9 +24,10 @@ from lab import sweeps
 from lab.config import REPO_ROOT, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
 from lab.errors import CheckpointError, ConfigError, LabError
 from lab.files import StorageError, os_error_message
-from lab.hardware import check_device, fresh_accelerate_state, resolve_precision
+from lab.hardware import check_device, fresh_accelerate_state, precision_fallback
 from lab.lineage import Pretrained
 from lab.run import HydraInfo, Outcome, Run
+from lab.settle import settle
 from lab.tracking import Tracker, run_url, source_tags, ui_command
 
 log = logging.getLogger(__name__)
@@ -54,25 +56,25 @@ def execute(dcfg: DictConfig, info: Optional[HydraInfo] = None, parent: Optional
     record = {"status": "failed", "run_id": None, "value": math.nan}
     try:
         cfg = checked or to_run_config(dcfg)
+        chash = config_hash(cfg)  # the request's identity: what a resume or a sweep looks for
         declared = cfg.stage.declared
         if declared.on_device:
             check_device(cfg.hardware)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=declared.unused_parameters)
-        accelerator = _accelerator(resolve_precision(cfg.hardware) if declared.on_device else "no",
+        accelerator = _accelerator(precision_fallback(cfg.hardware)[0] if declared.on_device else "no",
                                    cpu=not declared.on_device or cfg.hardware.device == "cpu", ddp=ddp)
         set_seed(cfg.train.seed)
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, enabled=accelerator.is_main_process)
-        twin = _finished_twin(cfg, info, tracker, accelerator)
+        twin = _finished_twin(cfg, chash, info, tracker, accelerator)
         if twin is not None:
             shown = twin.info.run_id
             if parent:  # the sweep shows the point all the same: a child standing for the earlier run
-                tags = _tags(cfg, info, config_hash(cfg)) | sweeps.swept_tags(info.sweep_dir, info.overrides)
+                tags = _tags(cfg, info, chash) | sweeps.swept_tags(info.sweep_dir, info.overrides)
                 shown = tracker.mirror(twin, run_name(cfg, info, cfg.init_from is not None), tags, parent)
             record = {"status": "skipped", "run_id": shown, "value": _skip(cfg, twin)}
             return Outcome(twin.info.run_id, record["value"], reused=True)
-        run = _open_run(cfg, dcfg, accelerator, tracker, info, parent)
+        run = _open_run(cfg, chash, dcfg, accelerator, tracker, info, parent)
         run.started_at = started_at
-        _settle_hardware(run)
         result = stage_function(cfg.stage.name)(run) if run.is_main or declared.ranks == "all" else math.nan
         value = tracker.latest.get(cfg.sweep.metric, result)
         tracker.finish("FINISHED")
@@ -160,11 +162,11 @@ def _end_failed(tracker: Optional[Tracker], dcfg: DictConfig, info: HydraInfo, p
         return None
 
 
-def _finished_twin(cfg: RunConfig, info: HydraInfo, tracker: Tracker, accelerator: Accelerator) -> Any:
+def _finished_twin(cfg: RunConfig, chash: str, info: HydraInfo, tracker: Tracker, accelerator: Accelerator) -> Any:
     """In a sweep, a FINISHED run of exactly this config (to reuse), or None."""
     if not info.sweep_dir or accelerator.num_processes > 1 or cfg.sweep.force:
         return None
-    return sweeps.finished_twin(tracker, config_hash(cfg))
+    return sweeps.finished_twin(tracker, chash)
 
 
 def _skip(cfg: RunConfig, twin: Any) -> float:
@@ -180,11 +182,11 @@ def command_line(info: HydraInfo) -> str:
     return "```\nlab " + " ".join(shlex.quote(o) for o in info.overrides) + "\n```"
 
 
-def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker, info: HydraInfo,
-              parent: Optional[str]) -> Run:
-    """Start (or, to resume, reopen) the MLflow run on rank 0 and tell every rank its id."""
-    chash = config_hash(cfg)
-    run_id, resume_from, pretrained = "", None, None
+def _open_run(cfg: RunConfig, chash: str, dcfg: DictConfig, accelerator: Accelerator, tracker: Tracker,
+              info: HydraInfo, parent: Optional[str]) -> Run:
+    """Start (or, to resume, reopen) the MLflow run on rank 0 and tell every rank its id; then settle
+    the config on every rank (`lab.settle`), saying each decision and logging the params."""
+    run_id, resume_from, pretrained, fresh = "", None, None, False
     if accelerator.is_main_process:
         tracker.reap_ghosts()
         pretrained = _init_from(cfg, tracker)
@@ -196,53 +198,34 @@ def _open_run(cfg: RunConfig, dcfg: DictConfig, accelerator: Accelerator, tracke
             tags["lab.precision"] = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)  # what ran
             if pretrained is not None:  # lineage: which run this one grew from, and the model that came with it
                 tags |= {"lab.init_from": cfg.init_from, "lab.lineage.parent_run": pretrained.run_id or "",
-                         "lab.choice.model": cfg.model.name}
-            run_id = tracker.start(run_name(cfg, info, pretrained is not None), tags, parent_run_id=parent,
+                         "lab.choice.model": pretrained.model.name}
+            name = run_name(cfg, info, pretrained is not None, pretrained.model.name if pretrained else None)
+            run_id = tracker.start(name, tags, parent_run_id=parent,
                                    description=command_line(info))
-            tracker.log_params(run_params(cfg))
+            fresh = True
         tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
                           "lab.output_dir": str(info.output_dir)})
         _log_config(tracker, dcfg, info.output_dir)
     if accelerator.num_processes > 1:
         run_id, resume_from, pretrained = broadcast_object_list([run_id, resume_from, pretrained])
-        if pretrained is not None:
-            cfg.model = pretrained.model
-    return Run(cfg, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained,
-               start_child=run_nested)
-
-
-def _settle_hardware(run: Run) -> None:
-    """hardware.micro_batch=auto and train.global_batch become a micro-batch and grad_accum, and
-    hardware.compile=auto becomes on or off, before anything is built: each printed, and logged as
-    the params plan.micro_batch, plan.grad_accum and plan.compile."""
-    from lab.planner import choose_batch, choose_compile
-
-    cfg = run.cfg
-    if not cfg.stage.declared.reads:  # only stages that train (or time training) take a batch
-        return
-    if cfg.hardware.fsdp and run.accelerator.num_processes == 1:
-        raise ConfigError("hardware.fsdp=true shards the model over processes, and this run has one; launch it "
-                          "with torchrun, e.g. torchrun --nproc_per_node 2 -m lab hardware.fsdp=true")
-    vocab_size = run.pretrained.vocab_size if run.pretrained else None
-    chosen = choose_batch(cfg, run.accelerator.num_processes, vocab_size)
-    if chosen:
-        run.say(chosen)
-        run.tracker.log_params({"plan.micro_batch": cfg.hardware.micro_batch, "plan.grad_accum": cfg.hardware.grad_accum})
-    chosen = choose_compile(cfg, run.accelerator.num_processes, vocab_size)
-    if chosen:
-        run.say(chosen)
-        run.tracker.log_params({"plan.compile": cfg.hardware.compile})
+    settled, decisions = settle(cfg, accelerator.num_processes, accelerator.mixed_precision, pretrained)
+    if fresh:
+        # the request, with the model it starts from; the other decisions are the plan.* params
+        tracker.log_params(run_params(dataclasses.replace(cfg, model=settled.model)))
+    run = Run(settled, accelerator, tracker, info, chash, Path(cfg.paths.checkpoints) / run_id, resume_from, pretrained,
+              start_child=run_nested)
+    for decision in decisions:
+        {"print": run.say, "warning": log.warning, "info": log.info}[decision.shown](decision.why)
+        if decision.params:
+            tracker.log_params(decision.params)
+    return run
 
 
 def _init_from(cfg: RunConfig, tracker: Tracker) -> Optional[Pretrained]:
-    """Resolve `init_from`; the checkpoint's model config replaces the model group's."""
+    """The model `init_from` names (its config replaces the model group's when the config settles)."""
     if not cfg.init_from:
         return None
-    pretrained = lineage.resolve(cfg.init_from, tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache))
-    cfg.model = pretrained.model
-    cfg.check_context()
-    log.info("model config taken from %s <init_from=%s>", pretrained.path, cfg.init_from)
-    return pretrained
+    return lineage.resolve(cfg.init_from, tracker, Path(cfg.paths.checkpoints), Path(cfg.paths.cache))
 
 
 def _find_resume(cfg: RunConfig, tracker: Tracker, chash: str) -> tuple[str, Optional[Path]]:
@@ -268,7 +251,7 @@ def _find_resume(cfg: RunConfig, tracker: Tracker, chash: str) -> tuple[str, Opt
     return "", found
 
 
-def run_name(cfg: RunConfig, info: HydraInfo, from_a_run: bool = False) -> str:
+def run_name(cfg: RunConfig, info: HydraInfo, from_a_run: bool = False, model_name: Optional[str] = None) -> str:
     """What the run is, as the MLflow runs list shows it: the stage and what it trains or reads
     (`sft-micro-lora from 3f2a9c1e`), and in a sweep the values this job sweeps (`pretrain-micro lr=0.001`)."""
     stage = cfg.stage.name
@@ -278,7 +261,7 @@ def run_name(cfg: RunConfig, info: HydraInfo, from_a_run: bool = False) -> str:
     elif stage == "analysis":
         name = f"analysis-{cfg.analysis.kind}"
     else:
-        name = f"{stage}-{cfg.model.name}" + (f"-{cfg.adapter.name}" if cfg.adapter.kind != "none" else "")
+        name = f"{stage}-{model_name or cfg.model.name}" + (f"-{cfg.adapter.name}" if cfg.adapter.kind != "none" else "")
         if from_a_run and cfg.init_from:
             name += f" from {_short(cfg.init_from)}"
     return _in_sweep(name, info)

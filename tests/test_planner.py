@@ -102,11 +102,12 @@ def test_auto_takes_the_largest_divisor_that_fits_and_keeps_the_global_batch(com
                                     "hardware.micro_batch=auto", "train.global_batch=12"))
     j = Job.of(cfg)
     cfg.hardware.memory_gb = _memory_gb(trace(j, 5).peak + 100, cfg.hardware)  # 5 fit, not 6
-    said = choose_batch(cfg, 1)
-    assert (cfg.hardware.micro_batch, cfg.hardware.grad_accum) == (4, 3)  # 12's largest divisor up to 5
+    micro, accum, said = choose_batch(cfg, 1)
+    assert (micro, accum) == (4, 3)  # 12's largest divisor up to 5
     assert said.startswith("batch: hardware.micro_batch=4 x hardware.grad_accum=3 x 1 process(es) = train.global_batch=12")
+    assert cfg.hardware.micro_batch == "auto"  # chosen, not written: lab.settle writes it
     fixed = to_run_config(compose_cfg("hardware.micro_batch=4", "train.global_batch=16"))
-    assert choose_batch(fixed, 2) and fixed.hardware.grad_accum == 2
+    assert choose_batch(fixed, 2)[:2] == (4, 2)
 
 
 def test_batch_errors_name_the_keys_and_the_fixes(compose_cfg):
@@ -176,24 +177,27 @@ def test_auto_compile_turns_on_when_the_run_repays_it(compose_cfg, monkeypatch):
     tiny = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto"))  # 400 steps of 8 x 256
     flops, seconds = planner.eager_seconds(tiny, 1, 8192)
     assert flops == 55070208 * 256 * 8 * 400 and seconds == flops / 0.15e12  # 301 s at a nominal 0.15 TFLOP/s
-    assert choose_compile(tiny, 1, 8192) == ("torch.compile: on: this run is about 5.0 min of eager compute at nominal "
-                                             "speed (4.5e+13 FLOPs), more than the 2 min compiling takes to pay back "
-                                             "<hardware.compile=auto>")
-    assert tiny.hardware.compile is True and choose_compile(tiny, 1) is None  # settled: asked again, nothing changes
+    assert choose_compile(tiny, 1, 8192) == (True, "torch.compile: on: this run is about 5.0 min of eager compute at "
+                                             "nominal speed (4.5e+13 FLOPs), more than the 2 min compiling takes to pay "
+                                             "back <hardware.compile=auto>")
+    assert tiny.hardware.compile == "auto"  # chosen, not written: lab.settle writes it
     short = to_run_config(compose_cfg("model=tiny", "train.max_steps=100", "hardware.compile=auto"))  # 75 s
-    assert choose_compile(short, 1, 8192).startswith("torch.compile: off: this run is about 1.3 min") and short.hardware.compile is False
+    on, why = choose_compile(short, 1, 8192)
+    assert not on and why.startswith("torch.compile: off: this run is about 1.3 min")
     # two processes share the work: each takes half the time
     assert planner.eager_seconds(short, 2, 8192)[1] == planner.eager_seconds(short, 1, 8192)[1]
     gpu = to_run_config(compose_cfg("model=tiny", "hardware=rtx4090", "hardware.micro_batch=8"))
     assert planner.eager_seconds(gpu, 1, 8192)[1] == pytest.approx(flops / (0.35 * 165.2e12))  # 0.8 s: no compile
-    assert choose_compile(gpu, 1, 8192).startswith("torch.compile: off: this run is about 0.0 min")
+    assert choose_compile(gpu, 1, 8192)[1].startswith("torch.compile: off: this run is about 0.0 min")
     fixed = to_run_config(compose_cfg("model=tiny", "hardware.compile=false"))
-    assert choose_compile(fixed, 1, 8192) is None and fixed.hardware.compile is False
+    assert choose_compile(fixed, 1, 8192) is None
     mps = to_run_config(compose_cfg("model=tiny", "hardware=mps", "hardware.compile=auto"))
-    assert "MPS backend" in choose_compile(mps, 1, 8192) and mps.hardware.compile is False
+    assert choose_compile(mps, 1, 8192) == (False, "torch.compile: off: its MPS backend is still experimental "
+                                                   "<hardware.compile=auto>")
     monkeypatch.setattr(planner, "_cpp_compiler", lambda: None)
     tiny = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto"))
-    assert "no C++ compiler" in choose_compile(tiny, 1, 8192) and tiny.hardware.compile is False
+    on, why = choose_compile(tiny, 1, 8192)
+    assert not on and "no C++ compiler" in why
 
 
 def test_compile_takes_true_false_or_auto_only(compose_cfg):

@@ -58,7 +58,9 @@ def run_lab(steps: int, warmup: int, compile_model: Optional[bool]) -> dict:
         cfg = to_run_config(compose("config", overrides=[
             "model=tiny", f"data.seq_len={SEQ}", f"hardware.micro_batch={BATCH}", "train.progress=false"]
             + ([] if compile_model is None else [f"hardware.compile={str(compile_model).lower()}"])))
-    choose_compile(cfg, 1, VOCAB)
+    chosen = choose_compile(cfg, 1, VOCAB)  # auto, as a run settles it
+    if chosen:
+        cfg.hardware.compile = chosen[0]
     rows = _rows(BATCH * (steps + warmup))
     torch.manual_seed(0)
     model = build_model(cfg.model, VOCAB)

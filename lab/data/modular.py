@@ -101,9 +101,10 @@ class ModularData:
         for start in range(0, len(mine), micro_batch):
             yield answer_batch(self.val, mine[start:start + micro_batch])
 
-    def full_batch(self, world_size: int = 1) -> int:
-        """The micro-batch that puts the whole train split through every step."""
-        return max(1, len(self.train) // world_size)
+def train_rows(mc: ModularConfig, n_rows: Optional[int] = None) -> int:
+    """How many of the table's `n_rows` equations (default: all of `mc`'s) the train split holds."""
+    n_rows = len(equations(mc)) if n_rows is None else n_rows
+    return max(1, min(n_rows - 1, round(mc.train_fraction * n_rows)))
 
 
 def prepare_modular(cfg: DataConfig) -> ModularData:
@@ -111,7 +112,7 @@ def prepare_modular(cfg: DataConfig) -> ModularData:
     mc = cfg.modular
     rows = equations(mc)
     order = np.random.default_rng(cfg.split_seed).permutation(len(rows))
-    n_train = max(1, min(len(rows) - 1, round(mc.train_fraction * len(rows))))
+    n_train = train_rows(mc, len(rows))
     tokenizer = modular_tokenizer(mc.p)
     settings = {"p": mc.p, "ops": list(mc.ops), "train_fraction": mc.train_fraction, "split_seed": cfg.split_seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

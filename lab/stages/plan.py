@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lab.config import HardwareConfig, ModelConfig
-from lab.planner import GiB, Plan, choose_batch, device_memory, gib, largest_micro_batch, make_plan, tensor_budget
+from lab.planner import GiB, Plan, device_memory, gib, largest_micro_batch, make_plan, tensor_budget
 from lab.step_trace import Job
 from lab.config import REPO_ROOT
 from lab.run import Run
@@ -30,9 +30,6 @@ def plan(run: Run) -> float:
     pretrained = run.pretrained
     job = Job.of(cfg, pretrained.model if pretrained else None, pretrained.vocab_size if pretrained else None,
                  stage=cfg.plan.stage)
-    chosen = choose_batch(cfg, run.accelerator.num_processes, job.vocab_size)  # the rule a training run applies
-    if chosen:
-        run.say(chosen)
     result = make_plan(job, cfg.hardware, cfg.hardware.micro_batch)
     run.say(report(result, cfg.plan.stage, cfg.model.name if not pretrained else str(pretrained.path)))
     run.tracker.log_metrics(result.metrics(), step=0)

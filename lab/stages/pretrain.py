@@ -73,16 +73,12 @@ def _random(run: Run) -> tuple[Any, Any, list]:
 
 
 def _modular(run: Run) -> tuple[Any, Any, list]:
-    """The equation table, the answer's loss and accuracy, the embeddings' Fourier share; with
-    data.modular.full_batch every step sees the whole train split."""
+    """The equation table, the answer's loss and accuracy, the embeddings' Fourier share (with
+    data.modular.full_batch, lab.settle made the micro-batch the whole train split)."""
     cfg = run.cfg
     data = prepare_modular(cfg.data)
     if run.pretrained:
         check_tokenizer(run.pretrained.tokenizer().sha256, data.tokenizer, where=f"init_from={cfg.init_from}")
-    if cfg.data.modular.full_batch:
-        cfg.hardware.micro_batch = data.full_batch(run.accelerator.num_processes)
-        cfg.hardware.grad_accum = 1
-        run.say(f"full batch: hardware.micro_batch={cfg.hardware.micro_batch}, grad_accum=1 <data.modular.full_batch=true>")
     return data, answer_loss, [FourierShare(cfg.data.modular.p)]
 
 
