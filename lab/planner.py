@@ -149,8 +149,7 @@ def suggestions(job: Job, hw: HardwareConfig, memory: int) -> list[str]:
     if not job.grad_checkpointing:
         tries.append(("hardware.grad_checkpointing=true", replace(job, grad_checkpointing=True)))
     if job.adapter.kind == "none":
-        stage = "pretrain" if job.objective in ("lm", "answer") else job.objective
-        lora = AdapterConfig(name="lora", kind="lora", train_rest=trains_rest_by_default("lora", stage))
+        lora = AdapterConfig(name="lora", kind="lora", train_rest=trains_rest_by_default("lora", job.stage))
         tries.append(("adapter=lora", replace(job, adapter=lora)))
     if job.optimizer.kind != "adafactor":
         tries.append(("optimizer=adafactor", replace(job, optimizer=OptimizerConfig(name="adafactor", kind="adafactor"))))

@@ -17,6 +17,7 @@ from lab.tracking import Tracker
 
 if TYPE_CHECKING:
     from lab.engine import Parts
+    from lab.objectives import ObjectiveInputs
 
 
 @dataclass
@@ -88,6 +89,14 @@ class Run:
                      tracker=self.tracker, ckpt_dir=self.ckpt_dir, meta=self.checkpoint_meta(),
                      resume_from=self.resume_from, flush_every=self.cfg.tracking.flush_every,
                      started_at=self.started_at, label=self.cfg.stage.name)
+
+    def objective_inputs(self, **parts: Any) -> "ObjectiveInputs":
+        """What the stage's `OBJECTIVE` is built from, for this run; `parts`: the applied adapter
+        (`adapter_set`), DPO's frozen copy (`frozen`)."""
+        from lab.objectives import ObjectiveInputs
+
+        cfg = self.cfg
+        return ObjectiveInputs(cfg.train, cfg.dpo, cfg.adapter, arithmetic=cfg.data.sources[0].kind == "modular", **parts)
 
     def log_dataset(self, data: Any) -> None:
         """The run's data as MLflow dataset inputs, the cache's content hash as the digest, one input

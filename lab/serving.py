@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -103,81 +103,38 @@ class _Stopped(Exception):
     """The client went away mid-stream: generation stops."""
 
 
-def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
-    """The API over `tm`; `defaults` fill the sampling fields a request leaves out."""
-    app = FastAPI(title=f"lab: {tm.name}")
-    lock = threading.Lock()  # one generation at a time
+class Server:
+    """One model behind the API: its sampling defaults, the lock that serves one request at a time,
+    and the counts the run logs."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()  # a union field reports each branch: the value's own fault says the most
-        first = next((x for x in errors if x["type"] == "value_error"), errors[0])
-        if first["type"] == "json_invalid":
-            return _error(400, f"the body is not valid JSON (at character {first['loc'][-1]}); send a JSON object",
-                          code="invalid_json")
-        where = ".".join(str(p) for p in first["loc"] if p != "body" and "[" not in str(p))  # not a branch's tag
-        return _error(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
+    def __init__(self, tm: TextModel, defaults: Sampling, stats: Stats):
+        self.tm, self.defaults, self.stats = tm, defaults, stats
+        self.lock = threading.Lock()
 
-    @app.exception_handler(HTTPException)
-    async def _http(_request: Request, e: HTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
-
-    @app.exception_handler(APIError)
-    async def _api(_request: Request, e: APIError) -> JSONResponse:
-        return _error(e.status, e.message, e.param, e.code)
-
-    @app.exception_handler(LabError)
-    async def _lab(_request: Request, e: LabError) -> JSONResponse:  # a request lab's own checks refuse
-        return _error(400, str(e), code="invalid_value")
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": tm.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "lab"}]}
-
-    @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts or not all(prompts):
-            raise APIError(400, "prompt: give a non-empty string (or a list of them)", "prompt")
-        ids = [[tm.tokenizer.bos_id] + tm.tokenizer.encode(p) for p in prompts]  # plain text, template or not
-        return _answer(req, ids, req.max_tokens, "text_completion", _text_choice, _text_chunk)
-
-    @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest):
-        if tm.template is None:
-            raise APIError(400, "this model has no chat template (it was not fine-tuned on chats); use /v1/completions, "
-                                "or serve it with generate.template=<chatml | chat | ...>", "messages")
-        try:
-            ids = [tm.encode([Message(m.role, m.content) for m in req.messages])]
-        except (LabError, ValueError) as e:
-            raise APIError(400, f"messages: {e}", "messages") from None
-        return _answer(req, ids, req.max_completion_tokens or req.max_tokens, "chat.completion", _chat_choice, _chat_chunk)
-
-    def _answer(req: _Request, ids: list[list[int]], max_tokens: Optional[int], kind: str, choice, chunk):
+    def answer(self, req: _Request, ids: list[list[int]], max_tokens: Optional[int], kind: str, choice, chunk):
+        """The response to `req` for prompts `ids`: whole, or streamed as server-sent events."""
+        tm = self.tm
         if req.model != tm.name:
             raise APIError(404, f"the model {req.model!r} does not exist here; this server serves {tm.name!r}",
                            "model", "model_not_found")
-        sampling = _sampling(req, ids, max_tokens)
+        sampling = self.sampling(req, ids, max_tokens)
         prompt = sum(len(i) for i in ids)
-        stats.requests += 1
-        stats.prompt_tokens += prompt
+        self.stats.requests += 1
+        self.stats.prompt_tokens += prompt
         head = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": tm.name}
         if req.stream:
-            return StreamingResponse(_events(ids, sampling, head, kind, chunk), media_type="text/event-stream")
-        with lock:
+            return StreamingResponse(self.events(ids, sampling, head, kind, chunk), media_type="text/event-stream")
+        with self.lock:
             result = tm.complete(ids, sampling)
         used = sum(len(c.ids) for c in result.completions)
-        stats.completion_tokens += used
+        self.stats.completion_tokens += used
         return head | {"object": kind, "choices": [choice(i, c) for i, c in enumerate(result.completions)],
                        "usage": {"prompt_tokens": prompt, "completion_tokens": used, "total_tokens": prompt + used}}
 
-    def _sampling(req: _Request, ids: list[list[int]], max_tokens: Optional[int]) -> Sampling:
+    def sampling(self, req: _Request, ids: list[list[int]], max_tokens: Optional[int]) -> Sampling:
+        """The request's sampling settings over `generate.*`; refused where the context cannot hold them."""
+        tm, defaults = self.tm, self.defaults
         longest = max(len(i) for i in ids)
         if max_tokens is not None and longest + max_tokens > tm.context:
             raise APIError(400, f"this model's context is {tm.context} tokens, but {longest + max_tokens} were requested "
@@ -193,7 +150,7 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
         return tm.resolved(dataclasses.replace(defaults, **chosen, stop=stop, seed=seed,
                                                max_new_tokens=max_tokens or min(defaults.max_new_tokens, tm.context - longest)))
 
-    def _events(ids: list[list[int]], sampling: Sampling, head: dict, kind: str, chunk) -> Iterator[str]:
+    def events(self, ids: list[list[int]], sampling: Sampling, head: dict, kind: str, chunk) -> Iterator[str]:
         """Server-sent events: generation runs in a thread and hands text over through a queue."""
         pieces: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         gone = threading.Event()
@@ -205,8 +162,8 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
 
         def work() -> None:
             try:
-                with lock:
-                    pieces.put(("done", tm.complete(ids, sampling, on_text=on_text)))
+                with self.lock:
+                    pieces.put(("done", self.tm.complete(ids, sampling, on_text=on_text)))
             except _Stopped:
                 pass
             except Exception as e:  # reported to the client as the stream's last event
@@ -223,7 +180,7 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
                 if what == "text":
                     yield send({"choices": [chunk(value[0], value[1], None)]})
                 elif what == "done":
-                    stats.completion_tokens += sum(len(c.ids) for c in value.completions)
+                    self.stats.completion_tokens += sum(len(c.ids) for c in value.completions)
                     yield send({"choices": [chunk(i, "", c.finish_reason) for i, c in enumerate(value.completions)]})
                     yield "data: [DONE]\n\n"
                     return
@@ -233,6 +190,76 @@ def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
         finally:
             gone.set()  # a client that disconnected stops the generation at its next token
 
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+routes = APIRouter()
+
+
+@routes.get("/health")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@routes.get("/v1/models")
+def models(server: Server = Depends(_server)) -> dict:
+    return {"object": "list", "data": [{"id": server.tm.name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "lab"}]}
+
+
+@routes.post("/v1/completions")
+def completions(req: CompletionRequest, server: Server = Depends(_server)):
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts or not all(prompts):
+        raise APIError(400, "prompt: give a non-empty string (or a list of them)", "prompt")
+    tokenizer = server.tm.tokenizer
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]  # plain text, template or not
+    return server.answer(req, ids, req.max_tokens, "text_completion", _text_choice, _text_chunk)
+
+
+@routes.post("/v1/chat/completions")
+def chat(req: ChatRequest, server: Server = Depends(_server)):
+    if server.tm.template is None:
+        raise APIError(400, "this model has no chat template (it was not fine-tuned on chats); use /v1/completions, "
+                            "or serve it with generate.template=<chatml | chat | ...>", "messages")
+    try:
+        ids = [server.tm.encode([Message(m.role, m.content) for m in req.messages])]
+    except (LabError, ValueError) as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+    return server.answer(req, ids, req.max_completion_tokens or req.max_tokens, "chat.completion", _chat_choice, _chat_chunk)
+
+
+async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+    errors = e.errors()  # a union field reports each branch: the value's own fault says the most
+    first = next((x for x in errors if x["type"] == "value_error"), errors[0])
+    if first["type"] == "json_invalid":
+        return _error(400, f"the body is not valid JSON (at character {first['loc'][-1]}); send a JSON object",
+                      code="invalid_json")
+    where = ".".join(str(p) for p in first["loc"] if p != "body" and "[" not in str(p))  # not a branch's tag
+    return _error(400, f"{where or 'body'}: {first['msg']}", param=where or None, code="invalid_value")
+
+
+async def _http(_request: Request, e: HTTPException) -> JSONResponse:
+    return _error(e.status_code, str(e.detail))
+
+
+async def _api(_request: Request, e: APIError) -> JSONResponse:
+    return _error(e.status, e.message, e.param, e.code)
+
+
+async def _lab(_request: Request, e: LabError) -> JSONResponse:  # a request lab's own checks refuse
+    return _error(400, str(e), code="invalid_value")
+
+
+def build_app(tm: TextModel, defaults: Sampling, stats: Stats) -> FastAPI:
+    """The API over `tm`; `defaults` fill the sampling fields a request leaves out."""
+    app = FastAPI(title=f"lab: {tm.name}")
+    app.state.server = Server(tm, defaults, stats)
+    app.include_router(routes)
+    for error, handler in ((RequestValidationError, _invalid), (HTTPException, _http), (APIError, _api), (LabError, _lab)):
+        app.add_exception_handler(error, handler)
     return app
 
 

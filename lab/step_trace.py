@@ -32,7 +32,8 @@ class Job:
     model: ModelConfig
     vocab_size: int
     seq_len: int
-    objective: str = "lm"  # lm (pretraining) | sft (packed, masked) | dpo (pairs) | answer (data=modular)
+    stage: str = "pretrain"  # whose training step: its OBJECTIVE is traced (a stage=plan can plan)
+    arithmetic: bool = False  # data=modular: rows of an equation, the answer scored
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -46,11 +47,11 @@ class Job:
         """The job a run config describes (the model and vocabulary of `init_from`, where given);
         `stage` names the training planned, stage.name by default."""
         stage = stage or cfg.stage.name
-        objective = {"sft": "sft", "dpo": "dpo"}.get(stage, "answer" if cfg.data.sources[0].kind == "modular" else "lm")
+        stage = stage if stage in ("sft", "dpo") else "pretrain"  # every other stage steps as pretraining does
         model = model or cfg.model
         model = replace(model, max_seq_len=max(model.max_seq_len, cfg.data.seq_len))  # RoPE tables grow, as in a run
         return cls(model=model, vocab_size=vocab_size or planned_vocab(cfg), seq_len=cfg.data.seq_len,
-                   objective=objective, adapter=cfg.adapter, optimizer=cfg.optimizer, train=cfg.train, dpo=cfg.dpo,
+                   stage=stage, arithmetic=cfg.data.sources[0].kind == "modular", adapter=cfg.adapter, optimizer=cfg.optimizer, train=cfg.train, dpo=cfg.dpo,
                    precision=effective_precision(cfg.hardware), grad_checkpointing=cfg.hardware.grad_checkpointing)
 
 
@@ -106,28 +107,13 @@ class Trace:
 
 
 def _objective(job: Job, adapter: Any, frozen: Optional[nn.Module]) -> Callable:
-    from lab import objectives
-    from lab.dpo import adapter_reference, copy_reference, dpo_objective, reference_kind
+    """The step the stage itself trains with: its `OBJECTIVE`, and Set Block Decoding's in its place
+    where train.sbd_block asks for it."""
+    from lab.objectives import ObjectiveInputs, with_sbd
+    from lab.stages import stage_objective
 
-    if job.objective == "dpo":
-        kind, reference = reference_kind(job.dpo, job.adapter), None
-        if kind == "adapter disabled":
-            reference = adapter_reference(adapter)
-        elif kind == "copy":
-            reference = copy_reference(frozen)
-        elif kind == "cached":
-            reference = _cached_reference
-        return dpo_objective(job.dpo, reference)
-    base = {"lm": objectives.lm_loss, "sft": objectives.masked_lm_loss, "answer": objectives.answer_loss}[job.objective]
-    if job.train.sbd_block and job.objective in ("lm", "sft"):
-        from lab.sbd import sbd_objective
-
-        return sbd_objective(job.train.sbd_block, 0, job.train.sbd_weight)
-    return base
-
-
-def _cached_reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch["ref_chosen"], batch["ref_rejected"]
+    inputs = ObjectiveInputs(job.train, job.dpo, job.adapter, job.arithmetic, adapter_set=adapter, frozen=frozen)
+    return with_sbd(stage_objective(job.stage)(inputs), job.train, None)
 
 
 def _batch(job: Job, micro_batch: int) -> Any:
@@ -135,11 +121,11 @@ def _batch(job: Job, micro_batch: int) -> Any:
 
     B, T, V = micro_batch, job.seq_len, job.vocab_size
     ids = lambda: torch.randint(0, V, (B, T))  # noqa: E731
-    if job.objective == "dpo":
+    if job.stage == "dpo":
         pairs = {"chosen_inputs": ids(), "chosen_targets": ids(), "rejected_inputs": ids(), "rejected_targets": ids(),
                  "ref_chosen": torch.zeros(B), "ref_rejected": torch.zeros(B)}
         return Batch(pairs, 2 * B * T)
-    if job.objective == "sft" or job.train.sbd_block:
+    if job.stage == "sft" or job.train.sbd_block:
         return lm_batch(ids(), ids(), torch.zeros(B, T, dtype=torch.long))  # one segment per row: the mask is built all the same
     return lm_batch(ids(), ids())
 
@@ -199,7 +185,7 @@ def _trace(job: Job, micro_batch: int) -> Trace:
     with FakeTensorMode(), LiveMemory() as mem, _EveryPositionCounts():
         model = build_model(job.model, job.vocab_size)
         frozen = None
-        if job.objective == "dpo" and reference_kind(job.dpo, job.adapter) == "copy":
+        if job.stage == "dpo" and reference_kind(job.dpo, job.adapter) == "copy":
             frozen = build_model(job.model, job.vocab_size).requires_grad_(False)  # the copy's twin: deepcopy mixes fake modes
         adapter = apply_adapter(model, job.adapter)
         model.gradient_checkpointing = job.grad_checkpointing

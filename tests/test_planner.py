@@ -80,8 +80,8 @@ def test_checkpointing_lora_and_dpo_reference_change_the_peak_as_they_should():
     model = build_model(micro(max_seq_len=64), V)
     unwrapped = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("layers.") or "norm" in n)
     assert rest.step.optimizer - lora.step.optimizer == 8 * unwrapped
-    copy = trace(job(objective="dpo", dpo=DPOConfig(reference="copy")), 2)
-    cached = trace(job(objective="dpo", dpo=DPOConfig(reference="cached")), 2)
+    copy = trace(job(stage="dpo", dpo=DPOConfig(reference="copy")), 2)
+    cached = trace(job(stage="dpo", dpo=DPOConfig(reference="cached")), 2)
     assert copy.backward.reference == copy.backward.weights and cached.backward.reference == 0
 
 

@@ -208,6 +208,7 @@ class Decoder(nn.Module):
         config: the ModelConfig it was built from.
         vocab_size: rows of the embedding and output head (from the tokenizer).
         gradient_checkpointing: recompute each block in backward instead of storing activations.
+        task_heads: the multi-task stage's heads (`lab.tasks.TaskHeads`), or None.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
@@ -223,6 +224,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # the multi-task stage's heads (lab.tasks.TaskHeads) on the final norm's output; none otherwise
+        self.register_module("task_heads", None)
         # derived from the config, so kept out of the state_dict (non-persistent)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -282,44 +285,36 @@ class Decoder(nn.Module):
         for w in (a.o_proj.weight, m.down_proj.weight):
             nn.init.normal_(w, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
-    def _contexts(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> dict[bool, tuple]:
-        """(cos, sin, mask) for global layers (key False) and sliding-window layers (key True)."""
-        T = idx.size(1)
-        if segment_ids is None:
-            positions, mask = None, None  # plain causal: SDPA's is_causal fast path
-        elif segment_ids.shape != idx.shape:
-            raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != idx shape {tuple(idx.shape)}")
-        else:
+    def _layout(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor], cache: Optional[KVCache],
+                positions: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor]):
+        """Where each token sits and what it sees, for every way of calling `forward`: each token's
+        position (B, T), or None for 0..T-1; and `mask_for(local)`, the attention mask of global
+        (False) or sliding-window (True) layers, None for plain causal (SDPA's is_causal fast path)."""
+        T, window = idx.size(1), self.config.sliding_window
+        if attn_mask is not None:  # given positions and mask; sliding-window layers also drop keys `window` or more positions back
+            near = None if window is None else (positions[:, :, None] - positions[:, None, :] < window)[:, None]
+            return positions, lambda local: attn_mask & near if local else attn_mask
+        if cache is not None:  # the new tokens' positions and masks come from the cache's timeline
+            return cache.positions(T), lambda local: cache.mask(T, local)
+        mask = None
+        if segment_ids is not None:
+            if segment_ids.shape != idx.shape:
+                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != idx shape {tuple(idx.shape)}")
             positions, mask = segment_layout(segment_ids)  # (B, T), (B, 1, T, T)
+        # a window as long as the row limits nothing: the causal (fast) path then serves
+        return positions, lambda local: window_mask(mask, T, window, idx.device) if local and T > window else mask
 
+    def _contexts(self, T: int, positions: Optional[torch.Tensor], mask_for) -> dict[bool, tuple]:
+        """(cos, sin, mask) for global layers (key False) and sliding-window layers (key True)."""
         def rope(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if positions is None:
                 return cos[None, None, :T], sin[None, None, :T]  # (1, 1, T, hs)
             return cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, hs)
 
-        contexts = {False: (*rope(self.rope_cos, self.rope_sin), mask)}
-        window = self.config.sliding_window
-        if window is not None:
-            # a window as long as the row limits nothing: the causal (fast) path then serves
-            local_mask = mask if T <= window else window_mask(mask, T, window, idx.device)
-            contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), local_mask)
-        return contexts
-
-    def _positioned(self, positions: torch.Tensor, mask_for) -> dict[bool, tuple]:
-        """(cos, sin, mask) for each layer kind at explicit positions (B, T); `mask_for(local)` gives
-        that kind's mask, (B, 1, T, L)."""
-        contexts = {False: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask_for(False))}
+        contexts = {False: (*rope(self.rope_cos, self.rope_sin), mask_for(False))}
         if self.config.sliding_window is not None:
-            contexts[True] = (self.rope_local_cos[positions][:, None], self.rope_local_sin[positions][:, None],
-                              mask_for(True))
+            contexts[True] = (*rope(self.rope_local_cos, self.rope_local_sin), mask_for(True))
         return contexts
-
-    def _explicit_contexts(self, positions: torch.Tensor, mask: torch.Tensor) -> dict[bool, tuple]:
-        """Given positions (B, T) and mask (B, 1, T, T); sliding-window layers also drop keys `window`
-        or more positions back (by position, not by place in the row)."""
-        window = self.config.sliding_window
-        near = None if window is None else (positions[:, :, None] - positions[:, None, :] < window)[:, None]
-        return self._positioned(positions, lambda local: mask & near if local else mask)
 
     def forward(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
                 task: Optional[str] = None, lengths: Optional[torch.Tensor] = None,
@@ -332,7 +327,7 @@ class Decoder(nn.Module):
             segment_ids: optional (B, T) ids of packed examples. A token then attends only to
                 earlier tokens of its own segment, and RoPE positions restart at 0 per segment.
             task, lengths: return the output of `self.task_heads` (lab.tasks.TaskHeads, which the
-                multi-task stage attaches) for that task, on each row's first `lengths` tokens.
+                multi-task stage sets) for that task, on each row's first `lengths` tokens.
             cache: generation. idx are the next tokens of the cache's timeline: they attend to the
                 cached keys and values and to each other, and are then stored in it.
             positions, attn_mask: any other attention pattern (Set Block Decoding's, `lab.sbd`):
@@ -352,15 +347,11 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
         if cache is not None and (segment_ids is not None or task is not None):
             raise ValueError("a KV cache serves next-token generation only (no segment_ids, no task)")
-        if attn_mask is not None:
-            contexts = self._explicit_contexts(positions, attn_mask)
-        elif cache is not None:  # the new tokens' positions and masks come from the cache's timeline
-            contexts = self._positioned(cache.positions(T), lambda local: cache.mask(T, local))
-        else:
-            contexts = self._contexts(idx, segment_ids)
+        positions, mask_for = self._layout(idx, segment_ids, cache, positions, attn_mask)
+        contexts = self._contexts(T, positions, mask_for)
         x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(self._position_ids(idx, segment_ids, cache, positions))  # (B or 1, T, C) broadcast
+        if self.pos_emb is not None:  # each token's position, as RoPE would rotate it
+            x = x + self.pos_emb(torch.arange(T, device=idx.device)[None] if positions is None else positions)
         if cfg.embed_scale:  # Gemma rounds sqrt(dim) to the activations' dtype first
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         for layer in self.layers:
@@ -373,23 +364,13 @@ class Decoder(nn.Module):
             x = x[:, -1 - cache.transient:]  # the next token's logits only (and a transient block's): (B, 1 [+ k], C)
         x = self.norm(x)  # (B, T, C)
         if task is not None:
+            if self.task_heads is None:
+                raise ValueError(f"task={task!r}: this model has no task heads (stage=multitask sets model.task_heads)")
             return self.task_heads(x, lengths, task)
         logits = self.lm_head(x)  # (B, T, V)
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits
-
-    def _position_ids(self, idx: torch.Tensor, segment_ids: Optional[torch.Tensor], cache: Optional[KVCache],
-                      positions: Optional[torch.Tensor]) -> torch.Tensor:
-        """Each token's position, (B or 1, T), as RoPE would rotate it: given, from the cache's
-        timeline, restarting per packed segment, or 0..T-1."""
-        if positions is not None:
-            return positions
-        if cache is not None:
-            return cache.positions(idx.size(1))
-        if segment_ids is not None:
-            return segment_layout(segment_ids)[0]
-        return torch.arange(idx.size(1), device=idx.device)[None]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once.

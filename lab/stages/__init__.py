@@ -1,10 +1,11 @@
 """The stages. Stage <name> is two files: conf/stage/<name>.yaml declares it (`stage.declared`: the
 data it reads, whether it starts from a model, which ranks run it, ...) and lab/stages/<name>.py
-runs it, its function named by the module's `STAGE`."""
+runs it, its function named by the module's `STAGE`; a stage the planner plans also names its
+objective builder `OBJECTIVE` (`lab.objectives.ObjectiveInputs` -> `loss(model, batch)`)."""
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 from lab.run import Run
 
@@ -13,3 +14,8 @@ def stage_function(name: str) -> Callable[[Run], float]:
     """The function that runs stage `name` (only its module is imported: a pretraining run never
     loads the server's libraries)."""
     return importlib.import_module(f"lab.stages.{name}").STAGE
+
+
+def stage_objective(name: str) -> Callable[[Any], Callable]:
+    """The objective builder of stage `name`: what it trains on, and what the planner traces."""
+    return importlib.import_module(f"lab.stages.{name}").OBJECTIVE

@@ -19,6 +19,7 @@ from lab.dpo import adapter_reference, cached_reference, copy_reference, dpo_obj
 from lab.engine import EvalSet, Task, Trainer
 from lab.export import train
 from lab.files import load_torch, save_torch
+from lab.objectives import ObjectiveInputs
 from lab.run import Run
 
 
@@ -86,19 +87,16 @@ def dpo(run: Run) -> float:
     tokenizer = run.pretrained.tokenizer()
     data = run.prepare(prepare_preference_data, cfg.data, tokenizer)
     model = run.pretrained.build()
-    reference, trained, kind = None, data, reference_kind(cfg.dpo, cfg.adapter)
+    frozen, trained, kind = None, data, reference_kind(cfg.dpo, cfg.adapter)
     if kind == "copy":
         frozen = copy.deepcopy(model).to(run.accelerator.device).eval().requires_grad_(False)
-        reference = copy_reference(frozen)
     elif kind == "cached":
         train_ref, val_ref = reference_logps(run, model.to(run.accelerator.device), data)
-        trained, reference = WithReference(data, train_ref, val_ref), cached_reference
+        trained = WithReference(data, train_ref, val_ref)
     adapter = apply_adapter(model, cfg.adapter)
-    if kind == "adapter disabled":
-        reference = adapter_reference(adapter)
-    objective = dpo_objective(cfg.dpo, reference)
-    trainer = Trainer(run.engine_parts(), model, [Task("", trained.stream, objective)],
-                      {"": EvalSet(trained.val_batches, objective, perplexity=False)}, tokenizer, adapter=adapter)
+    loss = objective(run.objective_inputs(adapter_set=adapter, frozen=frozen))
+    trainer = Trainer(run.engine_parts(), model, [Task("", trained.stream, loss)],
+                      {"": EvalSet(trained.val_batches, loss, perplexity=False)}, tokenizer, adapter=adapter)
     result = train(run, trainer, data, f"dpo ({cfg.dpo.loss}, beta {cfg.dpo.beta}) from {run.pretrained.path}: "
                    f"reference={kind}; {len(data.train):,} train / {len(data.val):,} val pairs",
                    {"data.n_train_pairs": len(data.train), "data.n_val_pairs": len(data.val), "dpo.reference_used": kind,
@@ -110,4 +108,14 @@ def dpo(run: Run) -> float:
     return result.val_loss
 
 
+def objective(inputs: ObjectiveInputs):
+    """The preference loss against the reference `reference_kind` picks: the model with its adapter
+    off, cached log-probs carried in the batch, a frozen copy, or none (SimPO)."""
+    kind = reference_kind(inputs.dpo, inputs.adapter)
+    reference = {"adapter disabled": lambda: adapter_reference(inputs.adapter_set), "cached": lambda: cached_reference,
+                 "copy": lambda: copy_reference(inputs.frozen)}.get(kind, lambda: None)()
+    return dpo_objective(inputs.dpo, reference)
+
+
 STAGE = dpo  # what lab.runner calls for stage=dpo; conf/stage/dpo.yaml declares the rest
+OBJECTIVE = objective  # what it trains on, and what stage=plan traces

@@ -64,7 +64,7 @@ def report(p: Plan, stage: str, model_name: str) -> str:
         f"  total            {gib(p.total):>8} GiB of {gib(p.memory)} GiB (hardware={hw.name}): "
         + ("fits" if p.fits else "does NOT fit"),
         f"  largest micro-batch that fits: {p.largest_micro_batch or 'none'} "
-        f"({p.per_sequence / 2**20:.1f} MiB per {'pair' if j.objective == 'dpo' else 'sequence'})",
+        f"({p.per_sequence / 2**20:.1f} MiB per {'pair' if j.stage == 'dpo' else 'sequence'})",
     ]
     if p.adapter_savings:
         lines.append(f"  adapter={j.adapter.kind} saves {gib(p.adapter_savings)} GiB of gradients and optimizer state")

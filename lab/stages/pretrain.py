@@ -15,7 +15,7 @@ from lab.engine import EvalSet, Task, Trainer
 from lab.export import train
 from lab.grokking import FourierShare
 from lab.models import build_model
-from lab.objectives import answer_loss, lm_loss, with_sbd
+from lab.objectives import ObjectiveInputs, answer_loss, lm_loss, with_sbd
 from lab.run import Run
 from lab.samples import SampleWriter
 from lab.tokenizers import check_tokenizer
@@ -27,14 +27,15 @@ def pretrain(run: Run) -> float:
     start = run.pretrained  # continued pretraining: the earlier run's weights and tokenizer
     kind = cfg.data.sources[0].kind
     arithmetic = kind == "modular"
-    data, objective, callbacks = {"modular": _modular, "random": _random}.get(kind, _corpus)(run)
+    data, callbacks = {"modular": _modular, "random": _random}.get(kind, _corpus)(run)
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
-    learn = with_sbd(objective, cfg.train, data.tokenizer)
+    loss = objective(run.objective_inputs())
+    learn = with_sbd(loss, cfg.train, data.tokenizer)
     adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
     if adapter.modules and not start and run.is_main:  # what analysis=adapter_rank measures the update against
         ckpt.write_start_weights(run.ckpt_dir, adapter.wrapped_weights())
     trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, learn)],
-                      {"": EvalSet(data.val_batches, objective, perplexity=not arithmetic)}, data.tokenizer,
+                      {"": EvalSet(data.val_batches, loss, perplexity=not arithmetic)}, data.tokenizer,
                       adapter=adapter, callbacks=callbacks)
     what = f"equations of {' '.join(cfg.data.modular.ops)} mod {cfg.data.modular.p}" if arithmetic else \
         f"sequences of {cfg.data.seq_len} tokens"
@@ -54,32 +55,38 @@ def pretrain(run: Run) -> float:
     return result.val_loss
 
 
-def _corpus(run: Run) -> tuple[Any, Any, list]:
+def _corpus(run: Run) -> tuple[Any, list]:
     """Packed text, next-token loss everywhere, samples at each evaluation."""
     cfg = run.cfg
     tokenizer = run.pretrained.tokenizer() if run.pretrained else None
     data = run.prepare(prepare_data, cfg.data, cfg.tokenizer, tokenizer=tokenizer)
     samples = SampleWriter(data.tokenizer, [cfg.train.sample_prompt], cfg.train.sample_tokens,
                            run.info.output_dir / "samples.txt", run.tracker, seed=cfg.train.seed)
-    return data, lm_loss, [samples]
+    return data, [samples]
 
 
-def _random(run: Run) -> tuple[Any, Any, list]:
+def _random(run: Run) -> tuple[Any, list]:
     """Random sequences: next-token loss on every token after <bos>; nothing to sample."""
     data = prepare_random(run.cfg.data)
     if run.pretrained:
         check_tokenizer(run.pretrained.tokenizer().sha256, data.tokenizer, where=f"init_from={run.cfg.init_from}")
-    return data, lm_loss, []
+    return data, []
 
 
-def _modular(run: Run) -> tuple[Any, Any, list]:
+def _modular(run: Run) -> tuple[Any, list]:
     """The equation table, the answer's loss and accuracy, the embeddings' Fourier share (with
     data.modular.full_batch, lab.settle made the micro-batch the whole train split)."""
     cfg = run.cfg
     data = prepare_modular(cfg.data)
     if run.pretrained:
         check_tokenizer(run.pretrained.tokenizer().sha256, data.tokenizer, where=f"init_from={cfg.init_from}")
-    return data, answer_loss, [FourierShare(cfg.data.modular.p)]
+    return data, [FourierShare(cfg.data.modular.p)]
+
+
+def objective(inputs: ObjectiveInputs):
+    """Next-token cross-entropy; on modular arithmetic, the answer's alone (with its accuracy)."""
+    return answer_loss if inputs.arithmetic else lm_loss
 
 
 STAGE = pretrain  # what lab.runner calls for stage=pretrain; conf/stage/pretrain.yaml declares the rest
+OBJECTIVE = objective  # what it trains on, and what stage=plan traces

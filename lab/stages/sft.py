@@ -7,7 +7,7 @@ from lab.data import prepare_sft_data
 from lab.data.templates import prompt_text, stop_token_id
 from lab.engine import EvalSet, Task, Trainer
 from lab.export import train
-from lab.objectives import masked_lm_loss, with_sbd
+from lab.objectives import ObjectiveInputs, masked_lm_loss, with_sbd
 from lab.run import Run
 from lab.samples import SampleWriter
 
@@ -29,8 +29,9 @@ def sft(run: Run) -> float:
     prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
     samples = SampleWriter(tokenizer, prompts, cfg.train.sample_tokens, run.info.output_dir / "samples.txt",
                            run.tracker, seed=cfg.train.seed, stop_id=stop_token_id(cfg.data.template, tokenizer))
-    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, with_sbd(masked_lm_loss, cfg.train, tokenizer))],
-                      {"": EvalSet(data.val_batches, masked_lm_loss)}, tokenizer, adapter=adapter, callbacks=[samples])
+    loss = objective(run.objective_inputs())
+    trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, with_sbd(loss, cfg.train, tokenizer))],
+                      {"": EvalSet(data.val_batches, loss)}, tokenizer, adapter=adapter, callbacks=[samples])
     result = train(run, trainer, data, f"sft from {run.pretrained.path}: adapter={cfg.adapter.name}, "
                    f"{adapter.num_trainable():,} of {model.num_parameters():,} parameters train; data={cfg.data.name} "
                    f"({cfg.data.template}): {len(data.train):,} train / {len(data.val):,} val rows",
@@ -43,4 +44,10 @@ def sft(run: Run) -> float:
     return result.val_loss
 
 
+def objective(inputs: ObjectiveInputs):
+    """Cross-entropy on the assistant's tokens."""
+    return masked_lm_loss
+
+
 STAGE = sft  # what lab.runner calls for stage=sft; conf/stage/sft.yaml declares the rest
+OBJECTIVE = objective  # what it trains on, and what stage=plan traces

@@ -338,3 +338,14 @@ def test_torch_init_is_each_modules_default():
     torch.manual_seed(0)
     scaled = build_model(micro(**(GPT2 | dict(init="scaled"))), V)
     assert scaled.tok_emb.weight.std() < 0.03 and not scaled.layers[0].attn.q_proj.bias.any()  # normal(0.02), zero biases
+
+
+def test_task_heads_are_a_declared_slot_empty_until_the_multitask_stage_sets_it():
+    from lab.tasks import TaskHeads
+
+    model = make()
+    assert model.task_heads is None and not any(k.startswith("task_heads") for k in model.state_dict())
+    with pytest.raises(ValueError, match=r"task='xref': this model has no task heads"):
+        model(torch.zeros(1, 4, dtype=torch.long), task="xref", lengths=torch.tensor([4]))
+    model.task_heads = TaskHeads(model.config.dim, ["xref"], "mean")
+    assert any(k.startswith("task_heads.") for k in model.state_dict())
