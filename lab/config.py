@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lab.config_stages import (  # noqa: F401  (re-exported: lab.config is where every schema is found)
     ANALYSIS_KINDS,
     AnalysisConfig,
+    BenchConfig,
     DPO_LOSSES,
     EXPORT_FORMATS,
     MULTITASK_TASKS,
@@ -99,17 +100,6 @@ def declaration(name: str) -> StageDeclaration:
 class StageConfig(Section):
     name: str = "pretrain"  # a file of conf/stage/, and the module lab/stages/<name>.py
     declared: StageDeclaration = field(default_factory=StageDeclaration)  # set by conf/stage/<name>.yaml
-    bench_steps: int = ranged(10, "[1, inf)")  # bench: timed steps per loop in each round
-    bench_warmup: int = ranged(3, "[0, inf)")  # bench: untimed steps of each loop before timing
-    bench_rounds: int = ranged(6, "[1, inf)")  # bench: rounds of engine and bare chunks, interleaved; medians are reported
-    bench: str = chosen("train", ("train", "generate", "sbd"))  # bench: what is timed: train (the engine against a bare loop) | generate (with and without the KV cache) | sbd (Set Block Decoding against greedy)
-    bench_contexts: list[int] = field(default_factory=lambda: [128, 1024])  # bench=generate: context lengths reached
-    bench_new_tokens: int = ranged(64, "[1, inf)")  # bench=generate: tokens generated per timing (and per server request)
-    bench_clients: int = ranged(4, "[0, inf)")  # bench=generate: concurrent clients of the server; 0: no server
-    bench_requests: int = ranged(4, "[1, inf)")  # bench=generate: requests each client sends
-    bench_gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0])  # bench=sbd: entropy bounds γ (nats) compared
-    bench_prompts: int = ranged(16, "[1, inf)")  # bench=sbd: held-out rows whose starts are the prompts
-    bench_prompt_tokens: int = ranged(16, "[1, inf)")  # bench=sbd: tokens of each row given as the prompt
 
     def __post_init__(self) -> None:
         check_ranges(self, "stage")
@@ -530,6 +520,7 @@ class RunConfig(Section):
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     prompt: Optional[str] = None  # stage=generate: one prompt (generate.prompts: a file of them)
     init_from: Optional[str] = None  # start from: a checkpoint path, a run id, runs:/<id>, models:/<name>/<v>, or hf:<dir>
 
@@ -616,8 +607,17 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 def config_hash(cfg: RunConfig) -> str:
     """SHA-256 (16 hex digits) of the resolved config, less the keys that do not change results."""
     flat = flatten(dataclasses.asdict(cfg))
-    kept = {k: v for k, v in flat.items() if not k.startswith(RESULT_NEUTRAL_KEYS)}
+    kept = {hashed_name(k): v for k, v in flat.items() if not k.startswith(RESULT_NEUTRAL_KEYS)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hashed_name(key: str) -> str:
+    """The name a key is hashed under. The bench group's keys were stage.bench (the kind) and
+    stage.bench_<key> before they had a group; hashed under those names, every earlier run keeps the
+    identity it was recorded with (a resume, a sweep's reuse find it)."""
+    if key == "bench.kind":
+        return "stage.bench"
+    return "stage.bench_" + key.removeprefix("bench.") if key.startswith("bench.") else key
 
 
 def version_base() -> dict[str, str]:
@@ -665,7 +665,6 @@ def run_params(cfg: "RunConfig") -> dict[str, str]:
     def off(key: str) -> bool:
         blocks = {
             "adapter.": cfg.adapter.kind == "none" and key != "adapter.name",
-            "stage.bench": cfg.stage.name != "bench",
             "stage.declared.": True,  # follows from stage.name
             "data.modular.": all(src.kind != "modular" for src in cfg.data.sources),
             "data.random.": all(src.kind != "random" for src in cfg.data.sources),

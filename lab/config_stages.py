@@ -296,6 +296,26 @@ class PlanConfig(Section):
 
 
 @dataclass
+class BenchConfig(Section):
+    """What `stage=bench` times (`bench=<kind>` picks one) and how long."""
+
+    kind: str = chosen("train", ("train", "generate", "sbd"))  # train (the engine against a bare loop) | generate (with and without the KV cache) | sbd (Set Block Decoding against greedy)
+    steps: int = ranged(10, "[1, inf)")  # train: timed steps per loop in each round
+    warmup: int = ranged(3, "[0, inf)")  # train: untimed steps of each loop before timing
+    rounds: int = ranged(6, "[1, inf)")  # rounds of the two things compared, interleaved; medians are reported
+    contexts: list[int] = field(default_factory=lambda: [128, 1024])  # generate: context lengths reached
+    new_tokens: int = ranged(64, "[1, inf)")  # generate, sbd: tokens generated per timing (and per server request)
+    clients: int = ranged(4, "[0, inf)")  # generate: concurrent clients of the server; 0: no server
+    requests: int = ranged(4, "[1, inf)")  # generate: requests each client sends
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0])  # sbd: entropy bounds γ (nats) compared
+    prompts: int = ranged(16, "[1, inf)")  # sbd: held-out rows whose starts are the prompts
+    prompt_tokens: int = ranged(16, "[1, inf)")  # sbd: tokens of each row given as the prompt
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "bench")
+
+
+@dataclass
 class EvalConfig(Section):
     """stage=eval: scores for init_from and eval.runs, on held-out text and local task files."""
 

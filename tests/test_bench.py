@@ -9,7 +9,7 @@ from labtest import FAST, all_runs
 
 
 def test_bench_reports_and_logs_throughput(lab_cli, tmp_path):
-    proc = lab_cli("stage=bench", *FAST, "stage.bench_steps=3", "stage.bench_warmup=1", "stage.bench_rounds=1")
+    proc = lab_cli("stage=bench", *FAST, "bench.steps=3", "bench.warmup=1", "bench.rounds=1")
     (run,) = all_runs(tmp_path)
     m = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.tags["lab.stage"] == "bench"
@@ -33,7 +33,7 @@ def test_bench_reports_and_logs_throughput(lab_cli, tmp_path):
 
 
 def test_bench_reports_mfu_when_the_peak_is_known(lab_cli, tmp_path):
-    lab_cli("stage=bench", *FAST, "stage.bench_steps=2", "stage.bench_warmup=1", "stage.bench_rounds=1",
+    lab_cli("stage=bench", *FAST, "bench.steps=2", "bench.warmup=1", "bench.rounds=1",
             "hardware.peak_tflops=1.0")
     (run,) = all_runs(tmp_path)
     m = run.data.metrics

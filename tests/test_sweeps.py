@@ -37,7 +37,7 @@ def test_grid_sweep_then_rerun_skips_then_reruns_only_the_failed(lab_cli, tmp_pa
     assert all("train.lr=" in c.data.tags["lab.overrides"] for c in children)
     assert {c.info.run_name for c in children} == {f"pretrain-micro lr={lr} warmup_steps={w}" for lr, w in swept}
     assert parent.info.run_name == "sweep-cli lr warmup_steps"
-    assert all(c.data.params["train.lr"] in ("0.001", "0.003") and "stage.bench_steps" not in c.data.params for c in children)
+    assert all(c.data.params["train.lr"] in ("0.001", "0.003") and "bench.steps" not in c.data.params for c in children)
 
     lab_cli(*GRID)  # the same sweep again: every job already FINISHED, and each shows as a child all the same
     parents, children = sweep_runs(tmp_path)

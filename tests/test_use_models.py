@@ -309,11 +309,19 @@ def test_eval_of_two_runs_writes_one_table(runs, compose_cfg):
 
 # ---- the generation benchmark -------------------------------------------------------------------
 
+def test_bench_generate_grows_a_fresh_models_context_on_its_own_copy(runs, compose_cfg):
+    cwd, _, _ = runs  # model=micro holds 128 tokens: a context of 160 grows the model's (the run's config is settled)
+    outcome = in_process(runs, compose_cfg, "stage=bench", "bench=generate", "bench.contexts=[160]", "bench.new_tokens=8",
+                         "bench.rounds=1", "bench.clients=0", "tracking.experiment=bench_fresh")
+    m = mlflow_client(cwd).get_run(outcome.run_id).data.metrics
+    assert m["bench/gen_160/kv_cache_mb"] == 160 * 512 / 2**20
+
+
 def test_bench_generate_times_both_modes_and_the_server(runs, compose_cfg):
     cwd, _, ids = runs
-    outcome = in_process(runs, compose_cfg, "stage=bench", "stage.bench=generate", f"init_from={ids['pre']}",
-                         "stage.bench_contexts=[16,96]", "stage.bench_new_tokens=8", "stage.bench_rounds=1",
-                         "stage.bench_clients=2", "stage.bench_requests=1", "tracking.experiment=bench")
+    outcome = in_process(runs, compose_cfg, "stage=bench", "bench=generate", f"init_from={ids['pre']}",
+                         "bench.contexts=[16,96]", "bench.new_tokens=8", "bench.rounds=1",
+                         "bench.clients=2", "bench.requests=1", "tracking.experiment=bench")
     m = mlflow_client(cwd).get_run(outcome.run_id).data.metrics
     # micro: 2 layers x (keys, values) x 2 kv heads x 16-wide fp32 = 512 bytes per token of context
     assert m["bench/kv_bytes_per_token"] == 512 and m["bench/gen_96/kv_cache_mb"] == 96 * 512 / 2**20

@@ -1,19 +1,19 @@
-"""`lab stage=bench stage.bench=generate`: how fast a model generates, with and without the KV cache.
+"""`lab stage=bench bench=generate`: how fast a model generates, with and without the KV cache.
 
-For each context length C in `stage.bench_contexts`, a seeded random prompt of C - N tokens is
-continued by N = `stage.bench_new_tokens` greedy tokens, so the last token sees C. Per mode
-(cache, no cache), interleaved over `stage.bench_rounds` rounds, medians of:
+For each context length C in `bench.contexts`, a seeded random prompt of C - N tokens is
+continued by N = `bench.new_tokens` greedy tokens, so the last token sees C. Per mode
+(cache, no cache), interleaved over `bench.rounds` rounds, medians of:
 - tokens/s: N over the whole generation, prefill included;
 - time to first token: the prefill and one sampled token (`max_new_tokens=1`);
 and, once: the KV cache's bytes at C, and how many tokens of cache the free memory would hold.
 Both modes must produce the same tokens (greedy): the benchmark checks it as it goes.
 
-With `stage.bench_clients` > 0, the OpenAI-compatible server (lab.serving) is started in this
-process and that many clients each send `stage.bench_requests` completions at once: requests/s.
+With `bench.clients` > 0, the OpenAI-compatible server (lab.serving) is started in this
+process and that many clients each send `bench.requests` completions at once: requests/s.
 
-`stage.bench=sbd` (`bench_sbd`) weighs Set Block Decoding against token-by-token greedy decoding on
-the same prompts (the first `stage.bench_prompt_tokens` tokens of `stage.bench_prompts` held-out
-rows of the data group): forward passes per token at each γ of `stage.bench_gammas`, and quality as
+`bench=sbd` (`bench_sbd`) weighs Set Block Decoding against token-by-token greedy decoding on
+the same prompts (the first `bench.prompt_tokens` tokens of `bench.prompts` held-out
+rows of the data group): forward passes per token at each γ of `bench.gammas`, and quality as
 the share of tokens equal to greedy's, place by place, and chrF of the text against greedy's.
 """
 from __future__ import annotations
@@ -38,18 +38,18 @@ from lab.run import Run
 
 def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, float]:
     """Time generation at each context length; returns the metrics (also logged and printed)."""
-    sc, device = run.cfg.stage, run.accelerator.device
+    bc, device = run.cfg.bench, run.accelerator.device
     model = model.to(device).eval()
-    new = sc.bench_new_tokens
+    new = bc.new_tokens
     metrics: dict[str, float] = {}
-    for context in sc.bench_contexts:
+    for context in bc.contexts:
         if context - new < 1 or context > model.config.max_seq_len:
-            raise ConfigError(f"stage.bench_contexts has {context}: it must exceed stage.bench_new_tokens={new} and fit "
+            raise ConfigError(f"bench.contexts has {context}: it must exceed bench.new_tokens={new} and fit "
                              f"the model's context (model.max_seq_len={model.config.max_seq_len})")
         prompt = torch.randint(0, model.vocab_size, (context - new,), generator=torch.Generator().manual_seed(context)).tolist()
         times: dict[str, list[float]] = {"cache": [], "nocache": [], "ttft_cache": [], "ttft_nocache": []}
         outputs: dict[str, list[int]] = {}
-        for r in range(sc.bench_rounds):  # interleaved: drift in machine speed hits both modes alike
+        for r in range(bc.rounds):  # interleaved: drift in machine speed hits both modes alike
             for mode in (("cache", "nocache") if r % 2 == 0 else ("nocache", "cache")):
                 use = mode == "cache"
                 times[f"ttft_{mode}"].append(_timed(model, prompt, 1, use, device)[0])
@@ -71,7 +71,7 @@ def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, f
     free = _free_memory(device)
     if free is not None:
         metrics["bench/kv_tokens_in_free_memory"] = free // per_token
-    if sc.bench_clients:
+    if bc.clients:
         metrics |= _server_throughput(run, model, tokenizer)
     return metrics
 
@@ -102,28 +102,28 @@ def _free_memory(device: torch.device) -> Optional[int]:
 
 
 def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:
-    """Requests/s of lab.serving with `stage.bench_clients` concurrent clients."""
+    """Requests/s of lab.serving with `bench.clients` concurrent clients."""
     import uvicorn
 
     from lab.inference import TextModel
     from lab.serving import Stats, build_app
     from lab.stages.serve import listen
 
-    sc = run.cfg.stage
+    bc = run.cfg.bench
     tm = TextModel(model, tokenizer, None, "bench")
-    defaults = Sampling(max_new_tokens=sc.bench_new_tokens, temperature=0.0)
+    defaults = Sampling(max_new_tokens=bc.new_tokens, temperature=0.0)
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(build_app(tm, defaults, Stats()), log_level="warning"))
     server.install_signal_handlers = lambda: None  # not the main thread: leave Ctrl-C to lab
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    body = json.dumps({"model": "bench", "prompt": "In the beginning", "max_tokens": sc.bench_new_tokens}).encode()
+    body = json.dumps({"model": "bench", "prompt": "In the beginning", "max_tokens": bc.new_tokens}).encode()
 
     tokens: list[int] = []
 
     def client() -> None:
-        for _ in range(sc.bench_requests):
+        for _ in range(bc.requests):
             request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                              {"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=600) as response:
@@ -131,7 +131,7 @@ def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:
 
     try:
         _wait_healthy(port)
-        clients = [threading.Thread(target=client) for _ in range(sc.bench_clients)]
+        clients = [threading.Thread(target=client) for _ in range(bc.clients)]
         t0 = time.perf_counter()
         for c in clients:
             c.start()
@@ -142,7 +142,7 @@ def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-    n = sc.bench_clients * sc.bench_requests
+    n = bc.clients * bc.requests
     return {"bench/server_requests_per_sec": n / seconds,
             "bench/server_tokens_per_sec": sum(tokens) / seconds}
 
@@ -160,19 +160,19 @@ def _wait_healthy(port: int, timeout: float = 30.0) -> None:
 
 
 def bench_sbd(run: Run, model: torch.nn.Module, tokenizer, block: int, rows: list[list[int]]) -> dict[str, float]:
-    """Forward passes per token and agreement with greedy decoding, for each γ in stage.bench_gammas."""
+    """Forward passes per token and agreement with greedy decoding, for each γ in bench.gammas."""
     import sacrebleu
 
-    sc, device = run.cfg.stage, run.accelerator.device
+    bc, device = run.cfg.bench, run.accelerator.device
     model = model.to(device).eval()
-    prompts = [r[:sc.bench_prompt_tokens] for r in rows]
-    greedy = Sampling(max_new_tokens=sc.bench_new_tokens, temperature=0.0)
+    prompts = [r[:bc.prompt_tokens] for r in rows]
+    greedy = Sampling(max_new_tokens=bc.new_tokens, temperature=0.0)
     t0 = time.perf_counter()  # one prompt at a time, as SBD decodes them: tokens/s compare
     reference = [generate(model, [p], greedy, decode=tokenizer.decode).completions[0] for p in prompts]
     seconds = time.perf_counter() - t0
     tokens = sum(len(c.ids) for c in reference)
     metrics = {"bench/sbd/greedy_tokens_per_sec": tokens / seconds}
-    for gamma in sc.bench_gammas:
+    for gamma in bc.gammas:
         options = dataclasses.replace(greedy, sbd_gamma=gamma, sbd_block=block)
         t0 = time.perf_counter()
         result = generate(model, prompts, options, decode=tokenizer.decode, pad_id=mask_token(tokenizer))

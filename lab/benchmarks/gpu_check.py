@@ -56,7 +56,7 @@ def lab(out: Path, *overrides: str, launcher: tuple[str, ...] = ("-m", "lab")) -
 
 def bench(out: Path, precision: str, compiled: bool) -> str:
     m = lab(out, "stage=bench", f"hardware.precision={precision}", f"hardware.compile={str(compiled).lower()}",
-            "stage.bench_rounds=3")
+            "bench.rounds=3")
     mfu = f", MFU {m['bench/mfu_engine']:.1%}" if "bench/mfu_engine" in m else ""
     return f"{m['bench/engine_tokens_per_sec']:,.0f} tokens/s{mfu}, peak {m['bench/peak_memory_mb']:,.0f} MiB"
 
@@ -136,8 +136,8 @@ def main() -> int:
         row("pretraining", pretrain)
         row("generation (KV cache)", lambda: "; ".join(
             f"{c}: {m[f'bench/gen_{c}/tokens_per_sec_cache']:,.0f} tokens/s" for m in [lab(
-                out, "stage=bench", "stage.bench=generate", f"init_from={trained['run_id']}", "stage.bench_contexts=[128,1024]",
-                "stage.bench_clients=0")] for c in (128, 1024)))
+                out, "stage=bench", "bench=generate", f"init_from={trained['run_id']}", "bench.contexts=[128,1024]",
+                "bench.clients=0")] for c in (128, 1024)))
         if gpus >= 2:
             row("FSDP, 2 processes", lambda: "val loss {:.3f}".format(lab(
                 out, "hardware.fsdp=true", "train.max_steps=20", "train.eval_every=0",

@@ -6,6 +6,7 @@ adds: accelerate, metric buffering, the NaN check, the progress bookkeeping.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -76,11 +77,11 @@ def _timed(run_steps, n: int, device: torch.device, last: dict[str, float], name
 
 def bench(run: Run) -> float:
     """Print and log tokens/s of engine and bare loop, their ratio, MFU and peak memory (or, with
-    stage.bench=generate, generation's speed with and without the KV cache)."""
-    cfg, sc, device = run.cfg, run.cfg.stage, run.accelerator.device
-    if sc.bench == "generate":
+    bench=generate, generation's speed with and without the KV cache)."""
+    cfg, bc, device = run.cfg, run.cfg.bench, run.accelerator.device
+    if bc.kind == "generate":
         return _bench_generation(run)
-    if sc.bench == "sbd":
+    if bc.kind == "sbd":
         return _bench_sbd(run)
     data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache))
     torch.manual_seed(cfg.train.seed)
@@ -89,16 +90,16 @@ def bench(run: Run) -> float:
                       data.tokenizer)
     run.log_dataset(data)
     engine_steps = lambda n: [trainer.step_and_log() for _ in range(n)][-1]["train/loss"]  # noqa: E731
-    bare_steps = _bare_loop(run, data, sc.bench_steps)
+    bare_steps = _bare_loop(run, data, bc.steps)
     for warm in (engine_steps, bare_steps):
-        warm(sc.bench_warmup)
+        warm(bc.warmup)
     last: dict[str, float] = {}
     times: dict[str, list[float]] = {"engine": [], "bare": []}
-    for r in range(sc.bench_rounds):  # interleaved short chunks: drift in machine speed hits both loops alike
+    for r in range(bc.rounds):  # interleaved short chunks: drift in machine speed hits both loops alike
         order = [("engine", engine_steps), ("bare", bare_steps)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            times[name].append(_timed(fn, sc.bench_steps, device, last, name))
-    tokens = sc.bench_steps * cfg.hardware.micro_batch * cfg.hardware.grad_accum * cfg.data.seq_len
+            times[name].append(_timed(fn, bc.steps, device, last, name))
+    tokens = bc.steps * cfg.hardware.micro_batch * cfg.hardware.grad_accum * cfg.data.seq_len
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     ratio = statistics.median(b / e for e, b in zip(times["engine"], times["bare"]))  # per-round pairs
     metrics = {
@@ -128,7 +129,7 @@ def _report(run: Run, m: dict[str, float]) -> None:
     cfg = run.cfg
     run.say(f"bench: model={cfg.model.name} ({m['bench/n_params'] / 1e6:.2f}M params), hardware={cfg.hardware.name} "
             f"({run.accelerator.mixed_precision}{', compiled' if cfg.hardware.compile else ''}), batch {cfg.hardware.micro_batch}x{cfg.hardware.grad_accum} of "
-            f"{cfg.data.seq_len} tokens; median of {cfg.stage.bench_rounds} interleaved rounds of {cfg.stage.bench_steps} steps")
+            f"{cfg.data.seq_len} tokens; median of {cfg.bench.rounds} interleaved rounds of {cfg.bench.steps} steps")
     run.say(f"  engine      {m['bench/engine_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  bare loop   {m['bench/bare_tokens_per_sec']:>12,.0f} tokens/s")
     run.say(f"  engine/bare {m['bench/engine_over_bare']:>12.3f}")
@@ -149,18 +150,18 @@ def _bench_generation(run: Run) -> float:
         tokenizer = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache)).tokenizer
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, tokenizer.vocab_size)
-    longest = max(cfg.stage.bench_contexts)
+    longest = max(cfg.bench.contexts)
     if longest > model.config.max_seq_len:  # speed, not quality, is measured: RoPE tables grow freely
-        run.say(f"model.max_seq_len raised from {model.config.max_seq_len} to {longest} <stage.bench_contexts>")
-        model.config.max_seq_len = longest
+        run.say(f"model.max_seq_len raised from {model.config.max_seq_len} to {longest} <bench.contexts>")
+        model.config = dataclasses.replace(model.config, max_seq_len=longest)  # the model's own copy: the run's is settled
         model.reset_rope()
     m = bench_generation(run, model, tokenizer)
     run.tracker.log_metrics(m, step=0)
     run.say(f"bench generate: model={cfg.model.name} ({model.num_parameters() / 1e6:.2f}M params), "
-            f"{cfg.stage.bench_new_tokens} new tokens, batch 1, greedy; median of {cfg.stage.bench_rounds} interleaved rounds")
+            f"{cfg.bench.new_tokens} new tokens, batch 1, greedy; median of {cfg.bench.rounds} interleaved rounds")
     run.say(f"  {'context':>8} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speed-up':>9} {'TTFT cache':>11} "
             f"{'TTFT no-cache':>14} {'KV cache':>9}")
-    for c in cfg.stage.bench_contexts:
+    for c in cfg.bench.contexts:
         g = lambda k: m[f"bench/gen_{c}/{k}"]  # noqa: E731
         run.say(f"  {c:>8} {g('tokens_per_sec_cache'):>12,.0f} {g('tokens_per_sec_nocache'):>15,.0f} "
                 f"{g('cache_speedup'):>8.2f}x {g('ttft_ms_cache'):>9.1f}ms {g('ttft_ms_nocache'):>12.1f}ms "
@@ -170,32 +171,32 @@ def _bench_generation(run: Run) -> float:
              if "bench/kv_tokens_in_free_memory" in m else ""))
     if "bench/server_requests_per_sec" in m:
         run.say(f"  server: {m['bench/server_requests_per_sec']:.2f} requests/s, {m['bench/server_tokens_per_sec']:,.0f} "
-                f"tokens/s with {cfg.stage.bench_clients} concurrent clients")
-    return m[f"bench/gen_{cfg.stage.bench_contexts[-1]}/cache_speedup"]
+                f"tokens/s with {cfg.bench.clients} concurrent clients")
+    return m[f"bench/gen_{cfg.bench.contexts[-1]}/cache_speedup"]
 
 
 def _bench_sbd(run: Run) -> float:
     """Set Block Decoding against greedy, on the model init_from names (fine-tuned with train.sbd_block)."""
     cfg = run.cfg
     if run.pretrained is None:
-        raise ConfigError("stage.bench=sbd measures a model fine-tuned with train.sbd_block: set init_from=<its run id>")
+        raise ConfigError("bench=sbd measures a model fine-tuned with train.sbd_block: set init_from=<its run id>")
     tm = inference.load(run.pretrained, "none", run.accelerator.device)
     block = tm.sbd_block
     if block is None:
         raise ConfigError(f"init_from={cfg.init_from} was not trained with train.sbd_block, so it cannot decode blocks; "
                           "fine-tune it first, e.g. lab stage=sft train.sbd_block=4 init_from=<run>")
     data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tm.tokenizer)
-    rows = [list(map(int, r)) for r in data.val[:cfg.stage.bench_prompts]]
+    rows = [list(map(int, r)) for r in data.val[:cfg.bench.prompts]]
     m = bench_sbd(run, tm.model, tm.tokenizer, block, rows)
     run.tracker.log_metrics(m, step=0)
-    run.say(f"bench sbd: {len(rows)} prompts of {cfg.stage.bench_prompt_tokens} tokens, {cfg.stage.bench_new_tokens} new "
+    run.say(f"bench sbd: {len(rows)} prompts of {cfg.bench.prompt_tokens} tokens, {cfg.bench.new_tokens} new "
             f"tokens each, block {block}; greedy {m['bench/sbd/greedy_tokens_per_sec']:,.0f} tokens/s")
     run.say(f"  {'gamma':>6} {'passes/token':>13} {'same as greedy':>15} {'chrF vs greedy':>15} {'tokens/s':>9}")
-    for gamma in cfg.stage.bench_gammas:
+    for gamma in cfg.bench.gammas:
         g = lambda k: m[f"bench/sbd/gamma_{gamma:g}/{k}"]  # noqa: E731
         run.say(f"  {gamma:>6g} {g('passes_per_token'):>13.3f} {g('same_as_greedy'):>15.1%} {g('chrf_vs_greedy'):>15.1f} "
                 f"{g('tokens_per_sec'):>9,.0f}")
-    return min(m[f"bench/sbd/gamma_{g:g}/passes_per_token"] for g in cfg.stage.bench_gammas)
+    return min(m[f"bench/sbd/gamma_{g:g}/passes_per_token"] for g in cfg.bench.gammas)
 
 
 STAGE = bench  # what lab.runner calls for stage=bench; conf/stage/bench.yaml declares the rest
