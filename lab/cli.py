@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import logging
 import math
 import signal
@@ -86,3 +87,8 @@ def main() -> None:
     except BaseException as e:
         end_open_parent("FAILED", f"{type(e).__name__}: {e}".splitlines()[0])
         raise
+    finally:
+        # lab is about to exit. The interpreter's last garbage collection would walk every object
+        # torch, MLflow and Hydra made (2.4 s of the exit on 2 cores); frozen, it skips them. Exit
+        # handlers, thread joins and flushing still run.
+        gc.freeze()

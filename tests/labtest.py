@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,16 +29,75 @@ FAST = [
 
 def run_lab(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict | None = None,
             launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run `python -m lab ARGS` in `cwd` (its outputs/ and MLflow store land there)."""
+    """Run `python -m lab ARGS` in `cwd` (its outputs/ and MLflow store land there).
+
+    Without a launcher the process is forked from a server that has already imported torch, MLflow
+    and lab (`multiprocessing`'s forkserver): the same `python -m lab` in a fresh process, less the
+    7 s of imports each run would pay. A launcher (torchrun, a Hydra launcher) gets a new interpreter;
+    LAB_TEST_SUBPROCESS=1 starts one every time."""
     full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     if "torch.distributed.run" in launcher:  # a port of its own: torchrun's default 29500 is shared by parallel tests
         at = launcher.index("torch.distributed.run") + 1
         launcher = (*launcher[:at], "--master-port", str(_free_port()), *launcher[at:])
     cmd = [sys.executable, *(launcher or ("-m", "lab")), *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    # joblib's workers (hydra/launcher=joblib) are not started from a fork server's child: those get a new interpreter
+    if launcher or any(a.startswith("hydra/launcher=") for a in args) or os.environ.get("LAB_TEST_SUBPROCESS") == "1":
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    else:
+        proc = _forked(cmd, list(args), cwd, full_env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+# What every `lab` process imports; the fork server imports it once. Importing starts no threads
+# (torch's pools start at their first op), so the forks are as clean as new interpreters.
+PRELOAD = ["labtest", "lab.cli", "lab.runner", "lab.stages.pretrain", "lab.stages.sft", "lab.stages.dpo",
+           "torch._dynamo", "matplotlib.pyplot", "mlflow.store.tracking.sqlalchemy_store"]
+
+
+@functools.cache
+def _fork_server():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def _forked(cmd: list[str], args: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        child = _fork_server().Process(target=_python_m_lab, args=(args, str(cwd), env, str(out), str(err)))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        return subprocess.CompletedProcess(cmd, child.exitcode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
+
+
+def _python_m_lab(args: list[str], cwd: str, env: dict, out: str, err: str) -> None:
+    """In a fork of the server: what `python -m lab ARGS` does, with its output in `out` and `err`.
+    An exception or SystemExit ends the process as it would end the interpreter (multiprocessing's
+    bootstrap: the traceback printed, the exit code kept); exit handlers run first, as at exit."""
+    import atexit
+    import runpy
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.argv = [str(REPO / "lab" / "__main__.py"), *args]
+    try:
+        runpy.run_module("lab", run_name="__main__", alter_sys=True)
+    finally:
+        atexit._run_exitfuncs()
 
 
 def mlflow_client(cwd: Path):

@@ -139,11 +139,11 @@ def test_checkpoint_holds_weights_state_and_tokenizer_hash(kjv_run):
 def test_stop_and_resume_replays_the_same_losses_bitwise(lab_cli, tmp_path):
     lab_cli(*FAST, "tracking.experiment=whole")
     lab_cli(*FAST, "tracking.experiment=parts", "train.stop_at_step=5", "train.save_every=4",
-            "tracking.system_metrics_every=0.5")
+            "tracking.system_metrics_every=0.1")
     client = mlflow_client(tmp_path)
     (stopped,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
     before = len(client.get_metric_history(stopped.info.run_id, "system/cpu_utilization_percentage"))
-    lab_cli(*FAST, "tracking.experiment=parts", "train.resume=auto", "tracking.system_metrics_every=0.5")
+    lab_cli(*FAST, "tracking.experiment=parts", "train.resume=auto", "tracking.system_metrics_every=0.1")
     whole = client.search_runs([client.get_experiment_by_name("whole").experiment_id])[0]
     (parts,) = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
     assert parts.info.status == "FINISHED"
