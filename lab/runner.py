@@ -208,7 +208,12 @@ def _open_run(cfg: RunConfig, chash: str, dcfg: DictConfig, accelerator: Acceler
         _log_config(tracker, dcfg, info.output_dir)
     if accelerator.num_processes > 1:
         run_id, resume_from, pretrained = broadcast_object_list([run_id, resume_from, pretrained])
-    settled, decisions = settle(cfg, accelerator.num_processes, accelerator.mixed_precision, pretrained)
+    try:
+        settled, decisions = settle(cfg, accelerator.num_processes, accelerator.mixed_precision, pretrained)
+    except LabError:
+        if fresh:  # the FAILED run still shows what it was asked to do
+            tracker.log_params(run_params(cfg))
+        raise
     if fresh:
         # the request, with the model it starts from; the other decisions are the plan.* params
         tracker.log_params(run_params(dataclasses.replace(cfg, model=settled.model)))

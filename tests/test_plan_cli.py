@@ -93,6 +93,8 @@ def test_plan_applies_the_rule_a_training_run_applies_to_auto(tmp_path, compose_
     for stage in ("plan", "pretrain"):
         with pytest.raises(ConfigError, match=re.escape("hardware.micro_batch=auto keeps the global batch fixed: set train.global_batch")):
             run(f"stage={stage}")
+    failed = all_runs(tmp_path)  # the run had started: FAILED, with the params of what it was asked
+    assert {r.info.status for r in failed} == {"FAILED"} and all(r.data.params["hardware.micro_batch"] == "auto" for r in failed)
     run("stage=plan", "train.global_batch=12")
     out = capsys.readouterr().out
     assert "batch: hardware.micro_batch=12 x hardware.grad_accum=1 x 1 process(es) = train.global_batch=12" in out
