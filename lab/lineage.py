@@ -21,6 +21,12 @@ from lab.errors import CheckpointError
 from lab.files import atomic_directory
 from lab.tracking import Tracker, TrackingError
 
+
+def short_source(source: str) -> str:
+    """A run id's first 8 characters, a folder's last part: enough to tell sources apart in a name."""
+    source = str(source).removeprefix("hf:").removeprefix("runs:/").rstrip("/")
+    return source[:8] if re.fullmatch(r"[0-9a-f]{32}", source) else Path(source).name or source
+
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import shlex
 import time
 from pathlib import Path
@@ -22,12 +21,13 @@ from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
 from lab.config import REPO_ROOT, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
-from lab.errors import CheckpointError, ConfigError, LabError
+from lab.errors import CheckpointError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, fresh_accelerate_state, precision_fallback
-from lab.lineage import Pretrained
+from lab.lineage import Pretrained, short_source
 from lab.run import HydraInfo, Outcome, Run
 from lab.settle import settle
+from lab.stages import stage_run_name
 from lab.tracking import Tracker, run_url, source_tags, ui_command
 
 log = logging.getLogger(__name__)
@@ -260,15 +260,12 @@ def run_name(cfg: RunConfig, info: HydraInfo, from_a_run: bool = False, model_na
     """What the run is, as the MLflow runs list shows it: the stage and what it trains or reads
     (`sft-micro-lora from 3f2a9c1e`), and in a sweep the values this job sweeps (`pretrain-micro lr=0.001`)."""
     stage = cfg.stage.name
-    if stage == "compare":
-        c = cfg.compare
-        name = f"compare {_short(c.parent)}" if c.parent else f"compare {', '.join(c.experiments or [c.experiment or cfg.tracking.experiment])}"
-    elif stage == "analysis":
-        name = f"analysis-{cfg.analysis.kind}"
-    else:
-        name = f"{stage}-{model_name or cfg.model.name}" + (f"-{cfg.adapter.name}" if cfg.adapter.kind != "none" else "")
-        if from_a_run and cfg.init_from:
-            name += f" from {_short(cfg.init_from)}"
+    named = stage_run_name(stage)
+    if named is not None:  # a stage that reads no model names its runs itself (RUN_NAME)
+        return _in_sweep(named(cfg), info)
+    name = f"{stage}-{model_name or cfg.model.name}" + (f"-{cfg.adapter.name}" if cfg.adapter.kind != "none" else "")
+    if from_a_run and cfg.init_from:
+        name += f" from {short_source(cfg.init_from)}"
     return _in_sweep(name, info)
 
 
@@ -278,12 +275,6 @@ def _in_sweep(name: str, info: HydraInfo) -> str:
     if swept:
         return name + " " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(swept.items()))
     return name + (f"-{info.job_num}" if info.job_num is not None else "")
-
-
-def _short(source: str) -> str:
-    """A run id's first 8 characters, a folder's last part: enough to tell sources apart in a name."""
-    source = str(source).removeprefix("hf:").removeprefix("runs:/").rstrip("/")
-    return source[:8] if re.fullmatch(r"[0-9a-f]{32}", source) else Path(source).name or source
 
 
 def _tags(cfg: RunConfig, info: HydraInfo, chash: str) -> dict[str, str]:

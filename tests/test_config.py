@@ -279,3 +279,15 @@ def test_a_run_logs_the_params_its_stage_reads_as_written(compose_cfg):
     analysis = run_params(to_run_config(compose_cfg("stage=analysis", "analysis=layers", "init_from=runs:/0123")))
     assert "analysis.layers.rows" in analysis and not any(k.startswith("analysis.capacity.") for k in analysis)
     assert "adapter.name" not in analysis and "train.lr" not in analysis  # analysis trains nothing
+
+
+def test_runs_are_named_by_their_stage_and_what_they_read(compose_cfg):
+    from lab.run import HydraInfo
+    from lab.runner import run_name
+
+    info = HydraInfo(output_dir=Path("unused"))
+    named = lambda *overrides, **kw: run_name(to_run_config(compose_cfg(*overrides)), info, **kw)  # noqa: E731
+    assert named("stage=analysis", "analysis=layers", "init_from=x") == "analysis-layers"  # analysis's RUN_NAME
+    assert named("stage=compare", f"compare.parent={'ab' * 16}") == "compare abababab"  # compare's RUN_NAME
+    assert named("stage=compare", "compare.experiments=[a,b]") == "compare a, b"
+    assert named("stage=sft", "model=micro", "adapter=lora", "init_from=/runs/step_7", from_a_run=True) == "sft-micro-lora from step_7"

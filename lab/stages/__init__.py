@@ -1,11 +1,12 @@
 """The stages. Stage <name> is two files: conf/stage/<name>.yaml declares it (`stage.declared`: the
 data it reads, whether it starts from a model, which ranks run it, ...) and lab/stages/<name>.py
 runs it, its function named by the module's `STAGE`; a stage the planner plans also names its
-objective builder `OBJECTIVE` (`lab.objectives.ObjectiveInputs` -> `loss(model, batch)`)."""
+objective builder `OBJECTIVE` (`lab.objectives.ObjectiveInputs` -> `loss(model, batch)`), and one
+whose runs are not `<stage>-<model>` names them with `RUN_NAME(cfg)`."""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from lab.run import Run
 
@@ -14,6 +15,11 @@ def stage_function(name: str) -> Callable[[Run], float]:
     """The function that runs stage `name` (only its module is imported: a pretraining run never
     loads the server's libraries)."""
     return importlib.import_module(f"lab.stages.{name}").STAGE
+
+
+def stage_run_name(name: str) -> Optional[Callable[[Any], str]]:
+    """How stage `name` names its runs (`RUN_NAME(cfg)`), or None for the usual `<stage>-<model>`."""
+    return getattr(importlib.import_module(f"lab.stages.{name}"), "RUN_NAME", None)
 
 
 def stage_objective(name: str) -> Callable[[Any], Callable]:

@@ -28,4 +28,9 @@ def analysis(run: Run) -> Optional[float]:
     return value
 
 
+def run_name(cfg) -> str:
+    return f"analysis-{cfg.analysis.kind}"
+
+
 STAGE = analysis  # what lab.runner calls for stage=analysis; conf/stage/analysis.yaml declares the rest
+RUN_NAME = run_name

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from lab import compare as cmp
+from lab.lineage import short_source
 from lab.run import Run
 
 
@@ -50,4 +51,11 @@ def compare(run: Run) -> Optional[float]:
     return float(ordered[0].data.metrics[cfg.metrics[0]])
 
 
+def run_name(cfg) -> str:
+    """`compare <sweep parent>` or `compare <experiments>`: what is compared."""
+    c = cfg.compare
+    return f"compare {short_source(c.parent)}" if c.parent else f"compare {', '.join(c.experiments or [c.experiment or cfg.tracking.experiment])}"
+
+
 STAGE = compare  # what lab.runner calls for stage=compare; conf/stage/compare.yaml declares the rest
+RUN_NAME = run_name
