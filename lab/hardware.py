@@ -133,7 +133,8 @@ class AutocastForward(nn.Module):
     def __init__(self, model: nn.Module, device_type: str, dtype: Optional[torch.dtype]):
         super().__init__()
         self.inner, self.device_type, self.dtype = model, device_type, dtype
-        self._forward = convert_outputs_to_fp32(self._autocast_forward) if dtype is not None else model.forward
+        # fp32 calls the module itself, not its forward: FSDP's hooks (which gather the shards) run on the call
+        self._forward = convert_outputs_to_fp32(self._autocast_forward) if dtype is not None else model
 
     def _autocast_forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(self.device_type, dtype=self.dtype):
