@@ -271,6 +271,11 @@ class DataConfig(Section):
             if s.kind not in ("kjv", "kjv_sft", "kjv_pref", "bible", *GENERATED_KINDS) and not s.path:
                 raise ConfigError(f"data.sources[{i}].path is empty; set it, e.g. data.path=corpus/*.{'txt' if s.kind == 'text' else 'jsonl'}")
 
+    @property
+    def arithmetic(self) -> bool:
+        """data=modular: rows of an equation, each row's answer alone scored (it is trained alone)."""
+        return self.sources[0].kind == "modular"
+
     def _apply_shortcuts(self) -> None:
         for key in ("path", "text_field", "translation"):
             value = getattr(self, key)
@@ -577,16 +582,19 @@ class RunConfig(Section):
         has always seen it grown); lab.settle grows an init_from model's the same way."""
         grown = grown_context(self)
         if grown:
-            log.info("model.max_seq_len raised from %d to data.seq_len=%d (model=%s; RoPE tables grow freely)",
-                     self.model.max_seq_len, grown, self.model.name)
-            self.model.max_seq_len = grown
+            log.info(grown[1])
+            self.model.max_seq_len = grown[0]
 
 
-def grown_context(cfg: RunConfig) -> Optional[int]:
-    """data.seq_len, where the model's context is shorter; else None. Every model runs with every data
-    option's defaults: RoPE has no learned positions, so a shorter context is only the size of a table,
-    and it grows. (A stage that reads no data, such as export, keeps the model as it is.)"""
-    return cfg.data.seq_len if cfg.stage.declared.reads and cfg.data.seq_len > cfg.model.max_seq_len else None
+def grown_context(cfg: RunConfig) -> Optional[tuple[int, str]]:
+    """(data.seq_len, the line that says so), where the model's context is shorter; else None. Every
+    model runs with every data option's defaults: RoPE has no learned positions, so a shorter context
+    is only the size of a table, and it grows. (A stage that reads no data, such as export, keeps the
+    model as it is.)"""
+    if not (cfg.stage.declared.reads and cfg.data.seq_len > cfg.model.max_seq_len):
+        return None
+    return cfg.data.seq_len, (f"model.max_seq_len raised from {cfg.model.max_seq_len} to data.seq_len={cfg.data.seq_len} "
+                              f"(model={cfg.model.name}; RoPE tables grow freely)")
 
 
 def require_kinds(cfg: DataConfig, reader: str) -> None:

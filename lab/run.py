@@ -96,7 +96,7 @@ class Run:
         from lab.objectives import ObjectiveInputs
 
         cfg = self.cfg
-        return ObjectiveInputs(cfg.train, cfg.dpo, cfg.adapter, arithmetic=cfg.data.sources[0].kind == "modular", **parts)
+        return ObjectiveInputs(cfg.train, cfg.dpo, cfg.adapter, arithmetic=cfg.data.arithmetic, **parts)
 
     def log_dataset(self, data: Any) -> None:
         """The run's data as MLflow dataset inputs, the cache's content hash as the digest, one input

@@ -87,10 +87,7 @@ def _model(cfg: RunConfig, pretrained: Optional[Pretrained]) -> Optional[Decisio
 
 def _context(cfg: RunConfig) -> Optional[Decision]:
     grown = grown_context(cfg)
-    if grown is None:
-        return None
-    return Decision({"model.max_seq_len": grown}, f"model.max_seq_len raised from {cfg.model.max_seq_len} to "
-                    f"data.seq_len={grown} (model={cfg.model.name}; RoPE tables grow freely)", shown="info")
+    return None if grown is None else Decision({"model.max_seq_len": grown[0]}, grown[1], shown="info")
 
 
 def _precision(cfg: RunConfig, mixed_precision: str) -> Optional[Decision]:
@@ -133,7 +130,7 @@ def _full_batch(cfg: RunConfig, world_size: int) -> Optional[Decision]:
     """Grokking's full batch: every step sees the whole train split."""
     from lab.data.modular import train_rows
 
-    if not (cfg.stage.name == "pretrain" and cfg.data.sources[0].kind == "modular" and cfg.data.modular.full_batch):
+    if not (cfg.stage.name == "pretrain" and cfg.data.arithmetic and cfg.data.modular.full_batch):
         return None
     micro = max(1, train_rows(cfg.data.modular) // world_size)
     return Decision({"hardware.micro_batch": micro, "hardware.grad_accum": 1},

@@ -20,7 +20,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lab.config import AdapterConfig, DPOConfig, HardwareConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+from lab.config import (AdapterConfig, DPOConfig, HardwareConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig,
+                        declaration)
 from lab.hardware import AutocastForward
 from lab.memory import LiveMemory
 
@@ -47,11 +48,12 @@ class Job:
         """The job a run config describes (the model and vocabulary of `init_from`, where given);
         `stage` names the training planned, stage.name by default."""
         stage = stage or cfg.stage.name
-        stage = stage if stage in ("sft", "dpo") else "pretrain"  # every other stage steps as pretraining does
+        stage = stage if declaration(stage).planned else "pretrain"  # every other stage steps as pretraining does
         model = model or cfg.model
         model = replace(model, max_seq_len=max(model.max_seq_len, cfg.data.seq_len))  # RoPE tables grow, as in a run
         return cls(model=model, vocab_size=vocab_size or planned_vocab(cfg), seq_len=cfg.data.seq_len,
-                   stage=stage, arithmetic=cfg.data.sources[0].kind == "modular", adapter=cfg.adapter, optimizer=cfg.optimizer, train=cfg.train, dpo=cfg.dpo,
+                   stage=stage, arithmetic=cfg.data.arithmetic, adapter=cfg.adapter, optimizer=cfg.optimizer,
+                   train=cfg.train, dpo=cfg.dpo,
                    precision=effective_precision(cfg.hardware), grad_checkpointing=cfg.hardware.grad_checkpointing)
 
 

@@ -11,17 +11,21 @@ from typing import Any, Callable, Optional
 from lab.run import Run
 
 
+def _module(name: str) -> Any:
+    """lab/stages/<name>.py, and only it: a pretraining run never loads the server's libraries."""
+    return importlib.import_module(f"lab.stages.{name}")
+
+
 def stage_function(name: str) -> Callable[[Run], float]:
-    """The function that runs stage `name` (only its module is imported: a pretraining run never
-    loads the server's libraries)."""
-    return importlib.import_module(f"lab.stages.{name}").STAGE
+    """The function that runs stage `name`."""
+    return _module(name).STAGE
 
 
 def stage_run_name(name: str) -> Optional[Callable[[Any], str]]:
     """How stage `name` names its runs (`RUN_NAME(cfg)`), or None for the usual `<stage>-<model>`."""
-    return getattr(importlib.import_module(f"lab.stages.{name}"), "RUN_NAME", None)
+    return getattr(_module(name), "RUN_NAME", None)
 
 
 def stage_objective(name: str) -> Callable[[Any], Callable]:
     """The objective builder of stage `name`: what it trains on, and what the planner traces."""
-    return importlib.import_module(f"lab.stages.{name}").OBJECTIVE
+    return _module(name).OBJECTIVE

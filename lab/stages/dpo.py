@@ -111,9 +111,13 @@ def dpo(run: Run) -> float:
 def objective(inputs: ObjectiveInputs):
     """The preference loss against the reference `reference_kind` picks: the model with its adapter
     off, cached log-probs carried in the batch, a frozen copy, or none (SimPO)."""
-    kind = reference_kind(inputs.dpo, inputs.adapter)
-    reference = {"adapter disabled": lambda: adapter_reference(inputs.adapter_set), "cached": lambda: cached_reference,
-                 "copy": lambda: copy_reference(inputs.frozen)}.get(kind, lambda: None)()
+    kind, reference = reference_kind(inputs.dpo, inputs.adapter), None
+    if kind == "adapter disabled":
+        reference = adapter_reference(inputs.adapter_set)
+    elif kind == "cached":
+        reference = cached_reference
+    elif kind == "copy":
+        reference = copy_reference(inputs.frozen)
     return dpo_objective(inputs.dpo, reference)
 
 

@@ -26,7 +26,7 @@ def pretrain(run: Run) -> float:
     cfg = run.cfg
     start = run.pretrained  # continued pretraining: the earlier run's weights and tokenizer
     kind = cfg.data.sources[0].kind
-    arithmetic = kind == "modular"
+    arithmetic = cfg.data.arithmetic
     data, callbacks = {"modular": _modular, "random": _random}.get(kind, _corpus)(run)
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
     loss = objective(run.objective_inputs())
