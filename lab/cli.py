@@ -13,19 +13,13 @@ import hydra
 from omegaconf import DictConfig
 
 from lab.config import REPO_ROOT, register_schemas, to_run_config, version_base
+from lab import signals
 from lab.console import held_stderr
 from lab.errors import LabError
+from lab.signals import Terminated
 
 CONF_DIR = str(REPO_ROOT / "conf")
 log = logging.getLogger("lab")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, `kill`): ended like Ctrl-C, so the run is marked KILLED."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated(f"signal {signum}")
 
 
 def job(cfg: DictConfig) -> float | None:
@@ -71,7 +65,7 @@ def main() -> None:
     from lab.sweeps import end_open_parent
 
     register_schemas()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.install()
     # `kill -USR1 <pid>` prints every thread's stack: how to see where a run that will not stop is stuck
     faulthandler.register(signal.SIGUSR1, all_threads=True, file=sys.__stderr__)
     try:

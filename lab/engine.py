@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from lab import checkpoint as ckpt
-from lab import fsdp
+from lab import fsdp, signals
 from lab.config import HardwareConfig, OptimizerConfig, TrainConfig
 from lab.data.batch import Batch
 from lab.data.mixture import TaskMixture
@@ -333,6 +333,7 @@ class Trainer:
         val_loss, evaluated = float("nan"), None
         try:
             while self.state.step < stop and self.stop_reason is None:
+                signals.raise_if_interrupted()  # a Ctrl-C that landed in a finalizer and was swallowed there
                 self.step_and_log()
                 step = self.state.step
                 if tc.eval_every and step % tc.eval_every == 0 and step < stop:
