@@ -163,20 +163,30 @@ def weights_of(model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]] 
     return {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Copy the checkpoint's weights into `model` one tensor at a time (never a second full copy)."""
-    expected, params, path = set(weights_of(model)), model.state_dict(), ckpt / WEIGHTS
+def load_weights(model: torch.nn.Module, ckpt: Path, targets: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Copy the checkpoint's weights into `model` one tensor at a time (never a second full copy).
+
+    `targets`: the model's tensors the checkpoint fills, by name (default: all its weights, a tied
+    head once; an adapter run's `AdapterSet.checkpoint_weights`)."""
+    path = ckpt / WEIGHTS
+    if targets is None:
+        state = model.state_dict()
+        targets = {k: state[k] for k in weights_of(model, state)}
     seen = set()
     with torch.no_grad():
         for name, tensor in stream_safetensors(path, f"weights of checkpoint {ckpt}"):
-            if name not in expected:
+            if name not in targets:
                 raise _misfit(path, model, f"unexpected tensor {name}")
-            if params[name].shape != tensor.shape:
-                raise _misfit(path, model, f"{name} is {tuple(tensor.shape)}, the model's {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            if targets[name].shape != tensor.shape:
+                raise _misfit(path, model, f"{name} is {tuple(tensor.shape)}, the model's {tuple(targets[name].shape)}")
+            targets[name].copy_(tensor)
             seen.add(name)
-    if seen != expected:
-        raise _misfit(path, model, f"missing {sorted(expected - seen)[:3]}")
+    if seen != set(targets):
+        missing = sorted(set(targets) - seen)[:3]
+        if read_meta(ckpt).get("adapter", {}).get("base_quant", "none") != "none":
+            raise CheckpointError(f"{ckpt} is a step of a run on a quantized base: it holds the adapter, not the "
+                                  f"frozen weights (missing {missing}); start from the run itself (its id or folder)")
+        raise _misfit(path, model, f"missing {missing}")
 
 
 def _misfit(path: Path, model: torch.nn.Module, what: str) -> CheckpointError:

@@ -301,12 +301,17 @@ class AdapterConfig(Section):
     # whether what no adapter wraps (embeddings, norms, an untied head, biases) trains in full;
     # None: settled by the stage (`trains_rest_by_default`): on for relora and under pretraining, off otherwise
     train_rest: Optional[bool] = None
+    # the frozen projections under the adapters held quantized (lab.adapters.quantized): QLoRA's nf4, or int8
+    base_quant: str = chosen("none", ("none", "int8", "nf4"))
 
     def __post_init__(self) -> None:
         check_ranges(self, "adapter")
         kinds = ("none", "lora", "dora", "relora", "rank1")
         if self.kind not in kinds:
             raise ConfigError(f"adapter.kind={self.kind!r} is unknown; use one of {', '.join(kinds)}")
+        if self.kind == "none" and self.base_quant != "none":
+            raise ConfigError(f"adapter.base_quant={self.base_quant} quantizes the frozen base under an adapter, and "
+                              "adapter=none trains every weight; add adapter=lora (or dora, relora, rank1)")
         if self.kind in ("relora", "rank1") and self.merge_every < 1:
             raise ConfigError(f"adapter={self.name} merges periodically: set adapter.merge_every to a positive step count")
 
@@ -320,6 +325,10 @@ class AdapterConfig(Section):
         """With the adapter switched off the model is exactly the one training started from (DPO's
         free reference): true unless the base changes too, by merges or by `train_rest`."""
         return self.kind != "none" and not self.merges and not self.train_rest
+
+
+# the formats each device can hold a frozen base in (torchao's quantized tensors run on CPU and CUDA)
+BASE_QUANT_DEVICES = {"cpu": ("int8", "nf4"), "cuda": ("int8", "nf4"), "mps": ()}
 
 
 def trains_rest_by_default(kind: str, stage: str) -> bool:
@@ -536,6 +545,22 @@ class RunConfig(Section):
         if self.adapter.train_rest is None:
             trained = self.plan.stage if self.stage.name == "plan" else self.stage.name
             self.adapter.train_rest = trains_rest_by_default(self.adapter.kind, trained)
+        self.check_base_quant()
+
+    def check_base_quant(self) -> None:
+        """A quantized base runs where the device holds its format, and never beside a second,
+        full-precision model (DPO's frozen copy)."""
+        quant, device = self.adapter.base_quant, self.hardware.device
+        if quant == "none":
+            return
+        if quant not in BASE_QUANT_DEVICES[device]:
+            can = ", ".join(BASE_QUANT_DEVICES[device]) or "none but full precision"
+            raise ConfigError(f"adapter.base_quant={quant} does not run on hardware.device={device} (it runs: {can}); "
+                              f"set adapter.base_quant=none there, or train on a CPU or CUDA device")
+        if (self.stage.name == "dpo" and self.dpo.loss != "simpo" and not self.adapter.off_is_starting_model
+                and self.dpo.reference == "copy"):
+            raise ConfigError(f"dpo.reference=copy keeps a full-precision copy of the model beside the quantized base "
+                              f"(adapter={self.adapter.name}, adapter.base_quant={quant}); use dpo.reference=cached")
 
     def check_fsdp(self) -> None:
         """What `hardware.fsdp=true` trains: full pretraining or SFT with AdamW, eager, in bf16 or fp32."""
@@ -610,12 +635,16 @@ def require_kinds(cfg: DataConfig, reader: str) -> None:
 # of the config hash that identifies a run.
 RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipeline.force", "train.resume", "train.stop_at_step",
                        "train.save_every", "train.keep_checkpoints", "train.progress")
+# Keys added after runs were recorded, with the value that keeps a run's behaviour as it was: at that
+# value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
+ADDED_KEYS = {"adapter.base_quant": "none"}
 
 
 def config_hash(cfg: RunConfig) -> str:
     """SHA-256 (16 hex digits) of the resolved config, less the keys that do not change results."""
     flat = flatten(dataclasses.asdict(cfg))
-    kept = {hashed_name(k): v for k, v in flat.items() if not k.startswith(RESULT_NEUTRAL_KEYS)}
+    kept = {hashed_name(k): v for k, v in flat.items()
+            if not k.startswith(RESULT_NEUTRAL_KEYS) and not (k in ADDED_KEYS and ADDED_KEYS[k] == v)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

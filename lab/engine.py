@@ -418,7 +418,7 @@ class Trainer:
     def _write(self, step: int, run_dir: Path, event: Optional[str]) -> None:
         acc = self.acc
         ckpt.write_rank_rng(run_dir, step, acc.process_index)
-        weights = None
+        weights = None if self.sharded else self._checkpointed()
         if self.sharded:  # each rank its optimizer shard; the weights gathered for rank 0 to write whole
             fsdp.save_optimizer_shard(self.optimizer, ckpt.tmp_dir(run_dir, step), acc.process_index)
             weights = fsdp.full_weights(self.raw_model)
@@ -439,6 +439,10 @@ class Trainer:
                                   weights=weights)
         acc.wait_for_everyone()
 
+    def _checkpointed(self) -> dict[str, torch.Tensor]:
+        """The model's tensors a checkpoint holds: its weights, or what an adapter run stores of them."""
+        return self.adapter.checkpoint_weights() if self.adapter is not None else ckpt.weights_of(self.raw_model)
+
     def restore(self, path: Path) -> None:
         """Load weights, optimizer, scheduler, data positions, task draws, filter, watchers and RNG:
         the run continues bit for bit."""
@@ -449,7 +453,7 @@ class Trainer:
         if self.sharded:
             fsdp.load_full_weights(self.raw_model, path)
         else:
-            ckpt.load_weights(self.raw_model, path)
+            ckpt.load_weights(self.raw_model, path, self._checkpointed())
         state, rng = ckpt.load_trainer_state(path, self.acc.process_index)
         if self.sharded:
             fsdp.load_optimizer_shard(self.optimizer, path, self.acc.process_index)

@@ -68,6 +68,11 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def starting_point(self) -> Optional[str]:
+        """The checkpoint (or Hugging Face folder) the run's weights were loaded from; None from scratch."""
+        return str(self.pretrained.path) if self.pretrained else None
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """What every checkpoint of this run records beside its weights. An adapter run also records
         its adapter and the weights it started from, so the update can be measured later

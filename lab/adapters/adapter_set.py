@@ -22,7 +22,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ import torch.nn as nn
 from lab import checkpoint as ckpt
 from lab.adapters import peft_format as pf
 from lab.adapters.lora import LoRALinear
+from lab.adapters.quantized import quantize_frozen, quantized_layers, stored_tensors
 from lab.config import AdapterConfig
 from lab.errors import CheckpointError, ConfigError
 from lab.optim import inner_optimizers
@@ -45,11 +46,14 @@ class AdapterSet:
         model: the (wrapped) model.
         cfg: the adapter config it was built from.
         modules: module path (e.g. "layers.0.attn.q_proj") -> its LoRALinear, in model order.
+        reference: where the frozen weights can be read again (the run's init_from checkpoint); None
+            when they cannot (pretraining from scratch): then a checkpoint stores them all.
     """
 
     model: nn.Module
     cfg: AdapterConfig
     modules: dict[str, LoRALinear] = field(default_factory=dict)
+    reference: Optional[str] = None
 
     # ---- parameters --------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -126,6 +130,25 @@ class AdapterSet:
         """The wrapped layers' current base weights, under the plain model's names (`<path>.weight`)."""
         return {f"{path}.weight": m.base.weight for path, m in self.modules.items()}
 
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the model (and what resuming fills, in place: the tensors are
+        the model's own). The full weights, except on a quantized base (`adapter.base_quant`): then
+        what trains, plus the quantized base's codes and scales where the base changes (ReLoRA's and
+        rank-1's merges) or cannot be read again; the frozen rest comes from the run's init_from, so
+        no checkpoint holds a second copy of a large base."""
+        layers = quantized_layers(self.model)
+        if not layers:
+            return ckpt.weights_of(self.model)
+        if self.reference is None:
+            weights = ckpt.weights_of(self.model)
+        else:
+            weights = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.cfg.merges or self.reference is None:
+            for path, layer in layers.items():
+                weights |= {f"{path}.qweight.{k}": v for k, v in stored_tensors(layer.qweight).items()}
+        return weights
+
     # ---- export ------------------------------------------------------------------------------
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`, ...)."""
@@ -160,6 +183,8 @@ class AdapterSet:
         once), so it loads into a fresh `build_model(...)` and can go straight to `save_file`.
         """
         weights = ckpt.weights_of(self.model)
+        for path, layer in quantized_layers(self.model).items():  # unwrapped frozen layers, dequantized
+            weights[f"{path}.weight"] = layer.weight
         for path, m in self.modules.items():
             for key in [k for k in weights if k.startswith(path + ".")]:
                 del weights[key]
@@ -201,15 +226,18 @@ def prune_smallest_(t: torch.Tensor, share: float) -> None:
     flat[smallest] = 0
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, reference: Optional[str] = None) -> AdapterSet:
     """Freeze the model and wrap its target linear layers in adapters.
 
     With `cfg.train_rest` what no adapter wraps (`rest_parameters`: the embeddings, norms, an untied
     head and any bias) trains in full beside the adapters (ReLoRA's reference code; pretraining).
+    With `cfg.base_quant` every block projection, adapted or not, is then held quantized
+    (`lab.adapters.quantized`).
 
     Args:
         model: a decoder (or any module whose linear layers are named like `q_proj`).
         cfg: the adapter config; kind none changes nothing and every parameter stays trainable.
+        reference: the checkpoint the model's weights were loaded from, if any (see AdapterSet).
 
     Returns:
         The AdapterSet; the model is modified in place.
@@ -241,7 +269,9 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> AdapterSet:
     if cfg.train_rest:
         for p in rest_parameters(model):
             p.requires_grad_(True)
-    return AdapterSet(model, cfg, modules)
+    if cfg.base_quant != "none":
+        quantize_frozen(model, cfg.base_quant, set(pf.TARGET_MODULES.values()))
+    return AdapterSet(model, cfg, modules, reference)
 
 
 def rest_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -100,7 +100,11 @@ class LoRALinear(nn.Module):
         The output is unchanged (up to rounding). For DoRA the magnitude is reset to the new
         rows' norms, which makes the fresh adapter's ratio m / ||W|| exactly 1 again.
         """
-        self.base.weight.copy_(self.merged_weight())
+        merged = self.merged_weight()
+        if hasattr(self.base, "requantize_"):  # a quantized base (adapter.base_quant): merged, then quantized again
+            self.base.requantize_(merged)
+        else:
+            self.base.weight.copy_(merged)
         if self.use_dora:
             self.lora_magnitude_vector.copy_(row_norm(self.base.weight))
         self.reset_adapter()

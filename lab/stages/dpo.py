@@ -90,10 +90,10 @@ def dpo(run: Run) -> float:
     frozen, trained, kind = None, data, reference_kind(cfg.dpo, cfg.adapter)
     if kind == "copy":
         frozen = copy.deepcopy(model).to(run.accelerator.device).eval().requires_grad_(False)
-    elif kind == "cached":
+    adapter = apply_adapter(model, cfg.adapter, run.starting_point)
+    if kind == "cached":  # the model as training starts (a fresh adapter changes no output), on its quantized base if any
         train_ref, val_ref = reference_logps(run, model.to(run.accelerator.device), data)
         trained = WithReference(data, train_ref, val_ref)
-    adapter = apply_adapter(model, cfg.adapter)
     loss = objective(run.objective_inputs(adapter_set=adapter, frozen=frozen))
     trainer = Trainer(run.engine_parts(), model, [Task("", trained.stream, loss)],
                       {"": EvalSet(trained.val_batches, loss, perplexity=False)}, tokenizer, adapter=adapter)

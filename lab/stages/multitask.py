@@ -46,7 +46,7 @@ def multitask(run: Run) -> float:
     model = start.build() if start else build_model(cfg.model, lm.tokenizer.vocab_size)
     trunk_params = model.num_parameters()
     model.task_heads = heads = TaskHeads(model.config.dim, mt.tasks, mt.pooling)
-    adapter = apply_adapter(model, cfg.adapter)
+    adapter = apply_adapter(model, cfg.adapter, run.starting_point)
     heads.requires_grad_(True)  # an adapter freezes the trunk; the heads always train
     objectives = VerseObjectives(mt.temperature, mt.recall_k, lm.tokenizer.pad_id)
     weights = mt.task_weights()

@@ -31,7 +31,7 @@ def pretrain(run: Run) -> float:
     model = start.build() if start else build_model(cfg.model, data.tokenizer.vocab_size)
     loss = objective(run.objective_inputs())
     learn = with_sbd(loss, cfg.train, data.tokenizer)
-    adapter = apply_adapter(model, cfg.adapter)  # none by default; ReLoRA and rank-1 merging pretrain too
+    adapter = apply_adapter(model, cfg.adapter, run.starting_point)  # none by default; ReLoRA and rank-1 merging pretrain too
     if adapter.modules and not start and run.is_main:  # what analysis=adapter_rank measures the update against
         ckpt.write_start_weights(run.ckpt_dir, adapter.wrapped_weights())
     trainer = Trainer(run.engine_parts(), model, [Task("", data.stream, learn)],

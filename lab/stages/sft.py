@@ -25,7 +25,7 @@ def sft(run: Run) -> float:
     tokenizer = run.pretrained.tokenizer()
     data = run.prepare(prepare_sft_data, cfg.data, tokenizer)
     model = run.pretrained.build()
-    adapter = apply_adapter(model, cfg.adapter)
+    adapter = apply_adapter(model, cfg.adapter, run.starting_point)
     prompts = [prompt_text(p, cfg.data.template) for p in SAMPLE_PROMPTS]
     samples = SampleWriter(tokenizer, prompts, cfg.train.sample_tokens, run.info.output_dir / "samples.txt",
                            run.tracker, seed=cfg.train.seed, stop_id=stop_token_id(cfg.data.template, tokenizer))
