@@ -59,13 +59,16 @@ def test_resumed_dpo_run_replays_the_same_losses(start):
 
 
 @pytest.mark.parametrize("extra,reference", [(["adapter=lora"], "adapter disabled"), (["dpo.reference=copy"], "copy"),
-                                             ([], "cached"), (["dpo.loss=simpo", "dpo.beta=2.0"], "none (simpo)")])
+                                             ([], "cached"), (["dpo.loss=simpo", "dpo.beta=2.0"], "none (simpo)"),
+                                             # on a quantized base: the same model, adapter off; cached from the quantized base
+                                             (["adapter=lora", "adapter.base_quant=nf4"], "adapter disabled"),
+                                             (["adapter=relora", "adapter.merge_every=2", "adapter.base_quant=int8"], "cached")])
 def test_each_reference_is_the_frozen_starting_model(start, extra, reference):
     """The implicit reward is beta (pi - ref), so ref = logps - rewards / beta can be read back from the
     metrics: a reference that is really the starting model gives rewards of 0 at the first step (policy
     == reference) and stays the same at every evaluation while the policy moves; SimPO has none."""
     cwd, _, _ = start
-    experiment = f"dpo_{reference.split()[0]}"
+    experiment = "_".join(["dpo", reference.split()[0], *(e.split("=")[-1] for e in extra)])
     dpo(start, f"tracking.experiment={experiment}", "train.max_steps=3", "train.eval_every=1", *extra)
     run = only_run(cwd, experiment)
     assert run.info.status == "FINISHED" and run.data.params["dpo.reference_used"] == reference

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from labtest import FAST, all_runs, mlflow_client, run_lab, save_hf_tokenizer
 
@@ -49,14 +50,19 @@ def test_continued_pretraining_from_a_hugging_face_folder_uses_its_tokenizer(hf_
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A FAST pretraining run, then a LoRA SFT run from it: (cwd, pretrain run id, sft run id)."""
+    """A FAST pretraining run, then LoRA SFT runs from it on its weights and on its weights in nf4:
+    (cwd, pretrain run id, {base_quant: sft run id})."""
     cwd = tmp_path_factory.mktemp("export")
     run_lab(*FAST, "tracking.experiment=pre", cwd=cwd)
     (pre,) = all_runs(cwd)
-    run_lab(*FAST, "stage=sft", f"init_from={pre.info.run_id}", "adapter=lora", "adapter.targets=[q,v,down]",
-            "train.lr=2e-2", "train.max_steps=4", "tracking.experiment=sft", cwd=cwd)
-    sft = next(r for r in all_runs(cwd) if r.info.run_id != pre.info.run_id)
-    return cwd, pre.info.run_id, sft.info.run_id
+    sft = {}
+    for quant in ("none", "nf4"):
+        run_lab(*FAST, "stage=sft", f"init_from={pre.info.run_id}", "adapter=lora", "adapter.targets=[q,v,down]",
+                "train.lr=2e-2", "train.max_steps=4", f"adapter.base_quant={quant}", f"tracking.experiment=sft_{quant}",
+                cwd=cwd)
+        (sft[quant],) = [r.info.run_id for r in all_runs(cwd) if r.data.params.get("adapter.base_quant") == quant
+                         and r.data.tags.get("lab.stage") == "sft"]
+    return cwd, pre.info.run_id, sft
 
 
 def export_run(cwd, *args, check=True):
@@ -93,28 +99,34 @@ def lineage_model(cwd, run_id):
     return resolve(run_id, None, Path(cwd) / "outputs/checkpoints", Path(cwd) / "outputs/cache").build().eval()
 
 
-def test_export_peft_loads_onto_the_exported_base_with_labs_logits(trained):
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_export_peft_loads_onto_the_exported_base_with_labs_logits(trained, quant):
+    """On a quantized base too: the adapter goes out for the original, full-precision base (the run's
+    init_from), which is what `transformers` loads and PEFT applies it to."""
     peft = pytest.importorskip("peft")
     from lab import checkpoint as ckpt
     from lab.errors import ConfigError
     from lab.lineage import resolve
     from lab.stages.export import peft_parts
     from lab.adapters import load_adapter
-    from lab.models import build_model
 
-    cwd, _, sft_id = trained
-    target = cwd / "peft_export"
+    cwd, pre_id, sft = trained
+    sft_id, target = sft[quant], cwd / f"peft_export_{quant}"
     export_run(cwd, f"init_from={sft_id}", "export.format=peft", f"export.dir={target}")
     with pytest.raises(ConfigError, match="export.format=peft needs a run trained with an adapter"):
-        peft_parts(resolve(trained[1], None, cwd / "outputs/checkpoints", cwd))  # the pretraining run has none
+        peft_parts(resolve(pre_id, None, cwd / "outputs/checkpoints", cwd), None)  # the pretraining run has none
     tuned = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(target / "base"),
                                            target / "adapter").eval()
     run_dir = cwd / "outputs/checkpoints" / sft_id
-    pre = lineage_model(cwd, sft_id)  # the merged export, only for its config
-    model = build_model(pre.config, pre.vocab_size)
-    model.load_state_dict(ckpt.base_weights(ckpt.latest_checkpoint(run_dir)), strict=False)
+    last = ckpt.latest_checkpoint(run_dir)
+    if quant == "none":
+        model = lineage_model(cwd, sft_id)  # the merged export, for its config; then the base it trained on
+        model.load_state_dict(ckpt.base_weights(last), strict=False)
+    else:  # the step holds the adapter alone, no base
+        assert {k.split(".")[-2] for k in load_file(last / "model.safetensors")} == {"lora_A", "lora_B"}
+        model = lineage_model(cwd, pre_id)
     load_adapter(model, run_dir / "export" / "adapter")
-    ids = torch.randint(0, pre.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (tuned(ids).logits - model.eval()(ids)).abs().max() < 1e-4
 

@@ -73,6 +73,29 @@ def test_resumed_sft_lora_run_replays_the_same_losses(pretrained):
     assert loss_history(cwd, parts.info.run_id) == loss_history(cwd, whole.info.run_id)
 
 
+@pytest.mark.parametrize("adapter", [["adapter.base_quant=nf4"], ["adapter=relora", "adapter.merge_every=4", "adapter.base_quant=int8"]])
+def test_a_run_on_a_quantized_base_resumes_bit_for_bit_from_steps_that_hold_no_frozen_weight(pretrained, adapter):
+    """LoRA on nf4: a step holds the adapter, the base is read again from init_from. ReLoRA on int8,
+    stopped after its merge at step 4: the step also holds the requantized base (codes and scales)
+    and the embeddings and norms that train."""
+    cwd, _, pre_id = pretrained
+    name = adapter[-1].split("=")[1]
+    args = [f"init_from={pre_id}", "train.max_steps=8", *adapter]
+    sft(pretrained, *args, f"tracking.experiment=q_whole_{name}")
+    sft(pretrained, *args, f"tracking.experiment=q_parts_{name}", "train.stop_at_step=5")
+    sft(pretrained, *args, f"tracking.experiment=q_parts_{name}", "train.resume=auto")
+    (whole,), (parts,) = runs_of(cwd, f"q_whole_{name}"), runs_of(cwd, f"q_parts_{name}")
+    assert loss_history(cwd, parts.info.run_id) == loss_history(cwd, whole.info.run_id)
+    steps = cwd / "outputs/checkpoints"
+    a, b = (load_file(steps / r.info.run_id / "step_0000008/model.safetensors") for r in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if name == "nf4":
+        assert {k.split(".")[-2] for k in a} == {"lora_A", "lora_B"}
+    else:
+        assert "layers.0.mlp.up_proj.base.qweight.qdata" in a and "tok_emb.weight" in a
+        assert not any(k.endswith("up_proj.weight") for k in a)
+
+
 def test_init_from_a_run_without_checkpoint(pretrained):
     cwd, _, _ = pretrained
     client = mlflow_client(cwd)

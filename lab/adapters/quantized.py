@@ -36,8 +36,10 @@ BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * N
 
 
 def _torchao():
-    """torchao, imported quietly: it tries to load CUDA kernels it ships, and says so, on every CPU."""
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    """torchao, imported quietly: on a CPU it says it cannot load the CUDA kernels it ships, and torch
+    warns about an enum torchao registers; neither concerns lab."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import torchao.quantization as q
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor

@@ -10,6 +10,7 @@ The run is recorded in MLflow with `lab.lineage.parent_run`, and the folder is l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from lab import checkpoint as ckpt
 from lab.config import ExportConfig
@@ -34,7 +35,7 @@ def export(run: Run) -> None:
             write_gguf(tmp / f"{pre.model.name}.gguf", pre.build().state_dict(), pre.model, pre.vocab_size, tokenizer,
                        cfg.dtype)
         else:
-            base, adapter = peft_parts(pre)
+            base, adapter = peft_parts(pre, run.resolve)
             write_hf_model(tmp / "base", base, pre.model, pre.vocab_size, tokenizer, shard, cfg.dtype)
             write_peft_adapter(tmp / "adapter", adapter, pre.model, str(target / "base"))
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
@@ -53,8 +54,10 @@ def target_dir(cfg: ExportConfig, output_dir: Path) -> Path:
     return target
 
 
-def peft_parts(pre: Pretrained) -> tuple[dict, Path]:
-    """The base weights an adapter run trained on (from its last checkpoint) and its adapter folder."""
+def peft_parts(pre: Pretrained, resolve: Callable[..., Pretrained]) -> tuple[dict, Path]:
+    """The base weights an adapter run trained on and its adapter folder. The base comes from the
+    run's last checkpoint, or on a quantized base (which no checkpoint holds) from the run's own
+    init_from: the original, full-precision model PEFT loads the adapter onto."""
     adapter = pre.path / "adapter"
     if pre.hf or not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"export.format=peft needs a run trained with an adapter (adapter=lora or dora), and "
@@ -63,6 +66,9 @@ def peft_parts(pre: Pretrained) -> tuple[dict, Path]:
     if last is None:
         raise CheckpointError(f"export.format=peft reads the base weights from the run's last checkpoint, and "
                               f"{pre.path.parent} has none; export.format=hf writes the merged model instead")
+    meta = ckpt.read_meta(last)
+    if meta["adapter"].get("base_quant", "none") != "none":
+        return resolve(meta["init_from"], key=f"{last}: init_from").build().state_dict(), adapter
     return ckpt.base_weights(last), adapter
 
 
