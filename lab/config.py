@@ -146,6 +146,9 @@ class ModelConfig(Section):
     norm: str = chosen("rms", NORMS)  # rms (RMSNorm, Llama) | layer (LayerNorm with a bias, GPT-2)
     positions: str = chosen("rope", POSITIONS)  # rope (rotary) | learned (a trained table of max_seq_len positions added to the token embeddings)
     bias: bool = False  # a bias on every linear layer but the output head
+    # the vocabulary of the released model whose shape this is (gemma2_9b: 256000); stage=plan plans with it
+    # where no init_from gives one (a run trains with its tokenizer's)
+    released_vocab: Optional[int] = ranged(None, "[1, inf)")
     init: str = chosen("scaled", INITS)  # scaled (normal(init_std), residual writes / sqrt(2 n_layers)) | torch (each torch.nn module's own default: embeddings N(0, 1), linear layers kaiming-uniform)
 
     def __post_init__(self) -> None:
@@ -637,7 +640,7 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
                        "train.save_every", "train.keep_checkpoints", "train.progress")
 # Keys added after runs were recorded, with the value that keeps a run's behaviour as it was: at that
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
-ADDED_KEYS = {"adapter.base_quant": "none"}
+ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None}
 
 
 def config_hash(cfg: RunConfig) -> str:

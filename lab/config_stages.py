@@ -16,6 +16,8 @@ from lab.sections import Section
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 EXPORT_FORMATS = ("hf", "peft", "gguf")
+# GGUF tensor types the gguf package writes (llama.cpp's names, lower case): float, and its 8-, 5- and 4-bit blocks
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 @dataclass
@@ -72,9 +74,21 @@ class ExportConfig(Section):
     dir: Optional[str] = None  # where to write (absent or empty); None: export/ in the run's output folder
     max_shard_mb: float = ranged(5000.0, "(0, inf)")  # weight files above this size are split into shards with an index
     dtype: str = chosen("float32", ("float32", "bfloat16", "float16"))  # of the written weights
+    # export.format=gguf: the tensor type of its weight matrices (GGUF_TYPES); None: export.dtype's (f32, bf16, f16)
+    gguf_type: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_ranges(self, "export")
+        if self.gguf_type is None:
+            return
+        if self.format != "gguf":
+            raise ConfigError(f"export.gguf_type={self.gguf_type} is the tensor type of a GGUF file, and export.format="
+                              f"{self.format}; add export.format=gguf, or drop export.gguf_type (export.dtype sets hf's)")
+        if self.gguf_type not in GGUF_TYPES:
+            k_quant = "_k" in self.gguf_type.lower() or self.gguf_type.lower().startswith("iq")
+            hint = ("the gguf package writes no k-quants nor i-quants: write f16 and run llama.cpp's llama-quantize on it, "
+                    "or pick one it writes" if k_quant else "pick one the gguf package writes")
+            raise ConfigError(f"export.gguf_type={self.gguf_type!r}: {hint}: {', '.join(GGUF_TYPES)}")
 
 
 

@@ -85,14 +85,14 @@ class Plan:
     def summary(self) -> str:
         """`12.3 GiB = weights 2.0 + gradients ... + runtime 0.6 (est.)`: the breakdown in one line."""
         b = self.trace.at_peak
-        parts = [("weights", b.weights), ("DPO reference", b.reference), ("gradients", b.gradients),
+        parts = [("weights", b.weights), ("quantized base", b.base), ("DPO reference", b.reference), ("gradients", b.gradients),
                  ("optimizer", b.optimizer), ("activations", b.activations), ("runtime (est.)", self.runtime)]
         return f"{gib(self.total)} GiB = " + " + ".join(f"{name} {gib(n)}" for name, n in parts if n)
 
     def metrics(self) -> dict[str, float]:
         b = self.trace.at_peak
         return {"plan/total_gib": self.total / GiB, "plan/peak_tensors_gib": self.trace.peak / GiB,
-                "plan/weights_gib": b.weights / GiB, "plan/gradients_gib": b.gradients / GiB,
+                "plan/weights_gib": b.weights / GiB, "plan/base_gib": b.base / GiB, "plan/gradients_gib": b.gradients / GiB,
                 "plan/optimizer_gib": b.optimizer / GiB, "plan/activations_gib": b.activations / GiB,
                 "plan/reference_gib": b.reference / GiB, "plan/runtime_gib": self.runtime / GiB,
                 "plan/memory_gib": self.memory / GiB, "plan/fits": float(self.fits),

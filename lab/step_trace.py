@@ -68,7 +68,10 @@ def effective_precision(hw: HardwareConfig) -> str:
 
 
 def planned_vocab(cfg: RunConfig) -> int:
-    """The vocabulary a run will train with: the byte tokenizer's, or the configured SentencePiece size."""
+    """The vocabulary a run will train with: the byte tokenizer's, or the configured SentencePiece size;
+    stage=plan of a released model's shape plans with its vocabulary (model.released_vocab)."""
+    if cfg.stage.name == "plan" and cfg.model.released_vocab:
+        return cfg.model.released_vocab
     if cfg.tokenizer.kind == "byte":
         from lab.tokenizers import ByteTokenizer
 
@@ -81,6 +84,7 @@ class Breakdown:
     """Bytes of tensor memory by what holds them, at one moment."""
 
     weights: int = 0  # every parameter (a frozen base and its adapter alike)
+    base: int = 0  # a quantized frozen base (adapter.base_quant): its codes and scales
     reference: int = 0  # DPO's frozen copy of the starting model (full fine-tuning, dpo.reference=copy)
     gradients: int = 0  # the trainable parameters' gradients alive at that moment
     optimizer: int = 0  # the optimizer's state
@@ -88,7 +92,7 @@ class Breakdown:
 
     @property
     def total(self) -> int:
-        return self.weights + self.reference + self.gradients + self.optimizer + self.activations
+        return self.weights + self.base + self.reference + self.gradients + self.optimizer + self.activations
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Trace:
     micro_batch: int
     backward: Breakdown  # at the forward-backward peak
     step: Breakdown  # during the optimizer step: all gradients, the state and its scratch
+    workspace: int = 0  # of the activations: one quantized weight dequantized (to its dtype, then the compute dtype)
 
     @property
     def peak(self) -> int:
@@ -179,6 +184,7 @@ def trace(job: Job, micro_batch: int) -> Trace:
 
 def _trace(job: Job, micro_batch: int) -> Trace:
     from lab.adapters import apply_adapter
+    from lab.adapters.quantized import quantized_layers, stored_tensors
     from lab.dpo import reference_kind
     from lab.models import build_model
     from lab.optim import state_bytes
@@ -193,6 +199,10 @@ def _trace(job: Job, micro_batch: int) -> Trace:
         model.gradient_checkpointing = job.grad_checkpointing
         model.train()
         weights = sum(p.nbytes for p in model.parameters())
+        quantized = quantized_layers(model).values()
+        base = sum(t.nbytes for layer in quantized for t in stored_tensors(layer.qweight).values())
+        compute_bytes = torch.finfo(dtype).bits // 8 if dtype is not None else 0
+        workspace = max((layer.in_features * layer.out_features * (4 + compute_bytes) for layer in quantized), default=0)
         reference = sum(p.nbytes for p in frozen.parameters()) if frozen is not None else 0
         optimizer = state_bytes(model, job.optimizer)
         state = torch.empty(optimizer, dtype=torch.uint8)  # counted while it is alive, as the optimizer's is
@@ -207,9 +217,9 @@ def _trace(job: Job, micro_batch: int) -> Trace:
         peak, grads_at_peak = mem.peak, mem.at_peak or 0
         del state, loss, batch
         scratch = _step_scratch(model, job.optimizer)
-    fixed = dict(weights=weights, reference=reference, optimizer=optimizer)
-    backward = Breakdown(**fixed, gradients=grads_at_peak, activations=peak - weights - reference - optimizer - grads_at_peak)
-    return Trace(micro_batch, backward, Breakdown(**fixed, gradients=grads, activations=scratch))
+    fixed = dict(weights=weights, base=base, reference=reference, optimizer=optimizer)
+    backward = Breakdown(**fixed, gradients=grads_at_peak, activations=peak - sum(fixed.values()) - grads_at_peak)
+    return Trace(micro_batch, backward, Breakdown(**fixed, gradients=grads, activations=scratch), workspace)
 
 
 def estimate(job: Job, micro_batch: int) -> Trace:
@@ -226,4 +236,4 @@ def estimate(job: Job, micro_batch: int) -> Trace:
     def line(a: Breakdown, b: Breakdown) -> Breakdown:
         return Breakdown(**{k: getattr(b, k) + (layers - 3) * (getattr(b, k) - getattr(a, k)) for k in b.__dict__})
 
-    return Trace(micro_batch, line(two.backward, three.backward), line(two.step, three.step))
+    return Trace(micro_batch, line(two.backward, three.backward), line(two.step, three.step), three.workspace)

@@ -35,6 +35,27 @@ def test_predicted_peak_is_the_engines_measured_peak(model, grad_checkpointing, 
     assert abs(predicted / measured - 1) < 0.15
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_predicted_peak_on_a_quantized_base_is_the_measured_peak(quant):
+    """The codes and scales, and one weight dequantized at a time, as the engine trains on them."""
+    predicted, measured = predicted_and_measured(Case("tiny", False, "lora", micro_batch=4, seq_len=128, base_quant=quant))
+    assert abs(predicted / measured - 1) < 0.15
+
+
+def test_a_quantized_base_is_counted_as_its_codes_and_scales():
+    import math
+
+    from lab.models.decoder import ffn_width
+
+    full, nf4 = (trace(job(adapter=AdapterConfig(name="lora", kind="lora", base_quant=q)), 4) for q in ("none", "nf4"))
+    hidden = ffn_width(micro())
+    sizes = 2 * [64 * 64, 32 * 64, 32 * 64, 64 * 64, 64 * hidden, 64 * hidden, hidden * 64]  # q k v o gate up down, 2 layers
+    assert full.backward.weights - nf4.backward.weights == 4 * sum(sizes)  # fp32 projections leave the parameters...
+    # ...for half a byte each, an int8 absmax per 64, an fp32 scale per group of absmaxes, their mean, the 16 levels
+    assert nf4.backward.base == sum(n // 2 + n // 64 + 4 * (n // 64 // math.gcd(n // 64, 256)) + 4 + 64 for n in sizes)
+    assert nf4.workspace == 64 * hidden * 4  # fp32 is the compute dtype here: the largest weight, dequantized once
+
+
 def test_live_memory_counts_what_the_allocator_holds():
     def work():
         a = torch.ones(1000)  # 4,000 bytes

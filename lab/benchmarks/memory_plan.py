@@ -3,7 +3,8 @@
     python -m lab.benchmarks.memory_plan                       # micro, nano, tiny; batch 8 x 256
     python -m lab.benchmarks.memory_plan --models tiny --batch 4 --seq 512
 
-For each model, with and without gradient checkpointing, full fine-tuning and LoRA: `lab.planner`
+For each model, with and without gradient checkpointing, full fine-tuning and LoRA (on the base as it
+is, and on an int8 and an nf4 base, `adapter.base_quant`): `lab.planner`
 traces one step on fake tensors; then `lab.engine.Trainer` is built and trains three real steps
 while the CPU allocator's own events are recorded (`lab.memory.measured_peak`). The data are random
 tokens (memory does not depend on their values); precision is bf16 where the CPU has it, else fp32.
@@ -30,6 +31,7 @@ class Case:
     seq_len: int = 256
     vocab_size: int = 8192
     optimizer: str = "adamw"
+    base_quant: str = "none"  # the frozen base under a LoRA adapter: none | int8 | nf4
 
 
 @contextmanager
@@ -56,7 +58,7 @@ def _job(case: Case, precision: str):
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                                 OmegaConf.load(REPO_ROOT / "conf" / "model" / f"{case.model}.yaml")))
     model.max_seq_len = max(model.max_seq_len, case.seq_len)
-    return Job(model, case.vocab_size, case.seq_len, adapter=AdapterConfig(name=case.adapter, kind=case.adapter),
+    return Job(model, case.vocab_size, case.seq_len, adapter=AdapterConfig(name=case.adapter, kind=case.adapter, base_quant=case.base_quant),
                optimizer=OptimizerConfig(name=case.optimizer, kind=case.optimizer), precision=precision,
                grad_checkpointing=case.grad_checkpointing)
 
@@ -108,13 +110,14 @@ def main() -> None:
     p.add_argument("--optimizer", default="adamw")
     args = p.parse_args()
     print(f"batch {args.batch} x {args.seq}, vocab 8192, optimizer {args.optimizer}; peak tensor memory in MiB")
-    print(f"{'model':<6} {'checkpointing':<14} {'adapter':<8} {'predicted':>10} {'measured':>10} {'ratio':>7}")
+    print(f"{'model':<6} {'checkpointing':<14} {'adapter':<10} {'predicted':>10} {'measured':>10} {'ratio':>7}")
     for model in args.models:
         for ckpt in (False, True):
-            for adapter in ("none", "lora"):
-                case = Case(model, ckpt, adapter, args.batch, args.seq, optimizer=args.optimizer)
+            for adapter, quant in (("none", "none"), ("lora", "none"), ("lora", "int8"), ("lora", "nf4")):
+                case = Case(model, ckpt, adapter, args.batch, args.seq, optimizer=args.optimizer, base_quant=quant)
                 predicted, measured = predicted_and_measured(case)
-                print(f"{model:<6} {'on' if ckpt else 'off':<14} {adapter:<8} {predicted / 2**20:>10.1f} "
+                name = adapter + (f"/{quant}" if quant != "none" else "")
+                print(f"{model:<6} {'on' if ckpt else 'off':<14} {name:<10} {predicted / 2**20:>10.1f} "
                       f"{measured / 2**20:>10.1f} {predicted / measured:>7.3f}")
 
 

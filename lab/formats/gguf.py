@@ -1,6 +1,6 @@
 """GGUF, llama.cpp's single-file format, written with the `gguf` package.
 
-    write_gguf(path, weights, cfg, vocab_size, tokenizer, dtype)
+    write_gguf(path, weights, cfg, vocab_size, tokenizer, tensor_type)   # f32 | f16 | bf16 | q8_0 | ... | q4_0
 
 The architecture is the one `hf_config` picks (llama, gemma, gemma2, gemma3), and the tensors take
 llama.cpp's names through `gguf`'s own map from Hugging Face names, so `lab.formats.hf` stays the
@@ -8,7 +8,14 @@ one place lab's names are mapped. Two changes llama.cpp's converter makes are ma
 - Llama's q_proj and k_proj rows are permuted from the rotate-half RoPE layout to llama.cpp's
   interleaved one (`permute_qk`);
 - Gemma's (1 + w) norm weights are stored as 1 + w, since llama.cpp's RMSNorm multiplies by w.
-Everything else is stored as lab holds it. Norms stay fp32 whatever `dtype` is, as llama.cpp keeps them.
+Everything else is stored as lab holds it. Norms stay fp32 whatever the type, as llama.cpp keeps them.
+
+The quantized types (`export.gguf_type=q8_0 | q5_1 | q5_0 | q4_1 | q4_0`, blocks of 32 along a row)
+are written as llama.cpp's own tools write them: every weight matrix in the type (its converter's
+`--outtype q8_0`, its `llama-quantize` for the others), a matrix whose rows are not a whole number of
+blocks in f16 instead (the converter's fallback), and below 8 bits the token embedding (which is
+also the output head when tied) and an untied head in q8_0: `llama-quantize` keeps them in q6_k,
+which the gguf package cannot write, so lab keeps them a little finer.
 """
 from __future__ import annotations
 
@@ -27,23 +34,30 @@ ARCHS = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": 
 
 
 def write_gguf(path: Path, weights: dict[str, torch.Tensor], cfg: ModelConfig, vocab_size: int,
-               tokenizer: Tokenizer, dtype: str = "float32") -> Path:
-    """Write one .gguf file holding the model, its hyperparameters and its tokenizer."""
+               tokenizer: Tokenizer, tensor_type: str = "f32") -> Path:
+    """Write one .gguf file holding the model, its hyperparameters and its tokenizer.
+
+    Raises:
+        ConfigError: a quantized type no weight matrix of this model can take (no row a whole number of blocks).
+    """
     import gguf
 
     hf = hf_config(cfg, vocab_size)  # refuses options no transformers (so no llama.cpp) architecture has
     arch = ARCHS[hf["model_type"]]
-    writer = gguf.GGUFWriter(str(path), arch)
-    _hyperparameters(writer, cfg, hf, dtype)
-    _tokenizer(writer, tokenizer)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layers)
-    for name, tensor in weights.items():
-        if cfg.tie_embeddings and name == "lm_head.weight":
-            continue
-        target = names.get_name(hf_name(name, cfg), try_suffixes=(".weight",))
-        _add(writer, target, to_gguf(name, tensor, cfg), dtype)
+    tensors = {names.get_name(hf_name(name, cfg), try_suffixes=(".weight",)): to_gguf(name, tensor, cfg)
+               for name, tensor in weights.items() if not (cfg.tie_embeddings and name == "lm_head.weight")}
+    types = {name: stored_type(name, t, tensor_type) for name, t in tensors.items()}
+    if tensor_type not in FLOAT_TYPES and tensor_type not in types.values():
+        raise ConfigError(f"export.gguf_type={tensor_type}: no weight matrix of model={cfg.name} has rows a whole number "
+                          f"of its blocks of {BLOCK}; use export.gguf_type=f16 (or a model of wider layers)")
+    writer = gguf.GGUFWriter(str(path), arch)
+    _hyperparameters(writer, cfg, hf, tensor_type)
+    _tokenizer(writer, tokenizer)
+    for name, tensor in tensors.items():
+        _add(writer, name, tensor, types[name])
     if cfg.rope_scaling == "llama3":
-        _add(writer, "rope_freqs.weight", llama3_factors(cfg), "float32")
+        _add(writer, "rope_freqs.weight", llama3_factors(cfg), "f32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -77,25 +91,40 @@ def llama3_factors(cfg: ModelConfig) -> torch.Tensor:
     return base / scaled_frequencies(base, cfg)
 
 
-def _add(writer: Any, name: str, tensor: torch.Tensor, dtype: str) -> None:
+FLOAT_TYPES = ("f32", "f16", "bf16")
+BLOCK = 32  # weights per block of every quantized type lab writes
+EMBEDDING = ("token_embd.weight", "output.weight")  # kept at 8 bits when the rest goes below
+
+
+def stored_type(name: str, tensor: torch.Tensor, tensor_type: str) -> str:
+    """The type one tensor is written in, for a file of `tensor_type` (see the module docstring)."""
+    if tensor.dim() == 1:
+        return "f32"
+    if tensor_type in FLOAT_TYPES:
+        return tensor_type
+    if tensor.shape[-1] % BLOCK:
+        return "f16"
+    return "q8_0" if name in EMBEDDING else tensor_type
+
+
+def _add(writer: Any, name: str, tensor: torch.Tensor, tensor_type: str) -> None:
     import gguf
 
     data = tensor.contiguous().numpy()
-    if tensor.dim() == 1 or dtype == "float32":
+    if tensor_type == "f32":
         writer.add_tensor(name, data.astype(np.float32))
-    elif dtype == "float16":
+    elif tensor_type == "f16":
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        # quantize gives the bf16 bytes (uint8, last dimension doubled); gguf derives the shape from them
-        writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                          raw_dtype=gguf.GGMLQuantizationType.BF16)
+        # quantize gives the blocks' bytes (uint8, rows of whole blocks); gguf derives the shape from them
+        qtype = gguf.GGMLQuantizationType[tensor_type.upper()]
+        writer.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
 
 
-def _hyperparameters(writer: Any, cfg: ModelConfig, hf: dict[str, Any], dtype: str) -> None:
+def _hyperparameters(writer: Any, cfg: ModelConfig, hf: dict[str, Any], tensor_type: str) -> None:
     import gguf
 
-    file_type = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    file_type = gguf.LlamaFileType.ALL_F32 if tensor_type == "f32" else gguf.LlamaFileType[f"MOSTLY_{tensor_type.upper()}"]
     writer.add_name(cfg.name)
     writer.add_file_type(file_type)
     writer.add_context_length(cfg.max_seq_len)

@@ -33,7 +33,7 @@ def export(run: Run) -> None:
             write_hf_model(tmp, pre.build().state_dict(), pre.model, pre.vocab_size, tokenizer, shard, cfg.dtype)
         elif cfg.format == "gguf":
             write_gguf(tmp / f"{pre.model.name}.gguf", pre.build().state_dict(), pre.model, pre.vocab_size, tokenizer,
-                       cfg.dtype)
+                       cfg.gguf_type or {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[cfg.dtype])
         else:
             base, adapter = peft_parts(pre, run.resolve)
             write_hf_model(tmp / "base", base, pre.model, pre.vocab_size, tokenizer, shard, cfg.dtype)

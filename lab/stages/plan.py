@@ -50,13 +50,17 @@ def report(p: Plan, stage: str, model_name: str) -> str:
     lines = [
         f"plan for stage={stage}: model={model_name} ({_n_params(j.model, j.vocab_size) / 1e6:.1f}M parameters, "
         f"vocab {j.vocab_size}), data.seq_len={j.seq_len}, micro-batch {p.micro_batch}, {j.precision}, "
-        f"adapter={j.adapter.kind}, optimizer={j.optimizer.kind}, "
+        f"adapter={j.adapter.kind}{_on_base(j.adapter.base_quant)}, optimizer={j.optimizer.kind}, "
         f"grad checkpointing {'on' if j.grad_checkpointing else 'off'}",
-        f"  weights          {gib(b.weights):>8} GiB",
+        f"  weights          {gib(b.weights):>8} GiB" + ("   (what is not quantized, and the adapter)" if b.base else ""),
+        *([f"  quantized base   {gib(b.base):>8} GiB   (adapter.base_quant={j.adapter.base_quant}: codes and scales)"]
+          if b.base else []),
         f"  gradients        {gib(b.gradients):>8} GiB   (alive at the peak)",
         f"  optimizer state  {gib(b.optimizer):>8} GiB",
         f"  activations      {gib(b.activations):>8} GiB   (hardware.grad_checkpointing={other}: {gib(p.other_activations)} GiB)",
     ]
+    if p.trace.workspace:
+        lines[-1] += f"; of them {gib(p.trace.workspace)} GiB dequantize one weight at a time"
     if b.reference:
         lines.append(f"  DPO reference    {gib(b.reference):>8} GiB   (dpo.reference=copy)")
     lines += [
@@ -69,6 +73,10 @@ def report(p: Plan, stage: str, model_name: str) -> str:
     if p.adapter_savings:
         lines.append(f"  adapter={j.adapter.kind} saves {gib(p.adapter_savings)} GiB of gradients and optimizer state")
     return "\n".join(lines)
+
+
+def _on_base(quant: str) -> str:
+    return f" on an {quant} base" if quant != "none" else ""
 
 
 def _option(group: str, name: str, schema: type) -> Any:

@@ -78,7 +78,7 @@ def test_sentencepiece_vocabulary_and_bf16_weights(tmp_path):
     tok = train_sentencepiece(TokenizerConfig(kind="bpe", vocab_size=600), read_kjv()[:20])
     cfg = ModelConfig(n_kv_heads=2)
     model = build_model(cfg, tok.vocab_size)
-    write_gguf(tmp_path / "m.gguf", model.state_dict(), cfg, tok.vocab_size, tok, dtype="bfloat16")
+    write_gguf(tmp_path / "m.gguf", model.state_dict(), cfg, tok.vocab_size, tok, "bf16")
     tensors, fields = read(tmp_path / "m.gguf")
     assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.tokens"][:4] == ["<unk>", "<s>", "</s>", "<pad>"]
     assert fields["tokenizer.ggml.add_space_prefix"] is False and fields["tokenizer.ggml.bos_token_id"] == tok.bos_id
