@@ -89,9 +89,16 @@ def test_a_run_on_a_quantized_base_resumes_bit_for_bit_from_steps_that_hold_no_f
     steps = cwd / "outputs/checkpoints"
     a, b = (load_file(steps / r.info.run_id / "step_0000008/model.safetensors") for r in (whole, parts))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from lab.analysis.adapter_rank import updates
+    from lab.lineage import resolve
+
+    base = resolve(pre_id, None, steps, cwd / "outputs/cache").build().state_dict()
+    deltas = updates(steps / whole.info.run_id / "step_0000008", base)  # analysis=adapter_rank, on the base as held
     if name == "nf4":
         assert {k.split(".")[-2] for k in a} == {"lora_A", "lora_B"}
+        assert max(int(torch.linalg.matrix_rank(d, rtol=1e-9)) for d in deltas.values()) <= 8  # B A, nothing else
     else:
+        assert len(deltas) == 14 and all(d.abs().max() > 0 for d in deltas.values())
         assert "layers.0.mlp.up_proj.base.qweight.qdata" in a and "tok_emb.weight" in a
         assert not any(k.endswith("up_proj.weight") for k in a)
 

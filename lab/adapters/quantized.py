@@ -81,6 +81,15 @@ def stored_tensors(qweight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: getattr(qweight, n) for n in names if isinstance(getattr(qweight, n), torch.Tensor)}
 
 
+def held_weight(start: torch.Tensor, fmt: str, stored: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """The weight a quantized base holds, dequantized: `start` quantized (what a run on it starts
+    from), or with a checkpoint's `stored_tensors` in place of its codes and scales (after merges)."""
+    qweight = quantize(start, fmt)
+    for name, tensor in (stored or {}).items():
+        getattr(qweight, name).copy_(tensor)
+    return dequantize(qweight)
+
+
 class _DequantizedMatmul(torch.autograd.Function):
     """x @ W.T with W dequantized in the forward and again in the backward, never saved."""
 

@@ -5,7 +5,9 @@ The total update of a module is its merged weight minus the weight the run start
 checkpoint's base is the starting one, so the update is B A alpha / r, of rank at most r. Under
 ReLoRA the earlier cycles were merged into the checkpoint's base, so the update can reach k r
 after k cycles: the ReLoRA paper's claim, measured here. Everything is computed in float64, so
-that fp32 rounding of the weights is not counted as rank.
+that fp32 rounding of the weights is not counted as rank. On a quantized base (`adapter.base_quant`)
+both sides are the base as the run held it, dequantized: the starting weights quantized, and at the
+checkpoint its stored codes after merges (a merge's re-quantization then counts as update, which it is).
 
 Per module and checkpoint: the singular values, the rank (singular values above
 `analysis.adapter_rank.rtol` x the largest) and the entropy effective rank exp(H(s / sum s))
@@ -21,6 +23,7 @@ import torch
 
 from lab import checkpoint as ckpt
 from lab.adapters.lora import merge_weight
+from lab.adapters.quantized import held_weight
 from lab.analysis.inputs import Report, Source, need, pyplot
 from lab.errors import CheckpointError
 from lab.files import load_safetensors
@@ -50,14 +53,18 @@ def updates(step: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     if not paths or "adapter" not in meta:
         raise CheckpointError(f"{step} holds no adapter (no lora_A tensors, or none in meta.json); "
                               "analysis=adapter_rank reads runs trained with adapter=lora, dora, relora or rank1")
-    alpha = float(meta["adapter"]["alpha"])
+    alpha, quant = float(meta["adapter"]["alpha"]), meta["adapter"].get("base_quant", "none")
     out = {}
     for path in paths:
         a, b = tensors[path + _A].double(), tensors[path + ".lora_B.weight"].double()
         m = tensors.get(path + ".lora_magnitude_vector")
-        merged = merge_weight(tensors[path + ".base.weight"].double(), a, b, alpha / a.shape[0],
-                              None if m is None else m.double())
-        out[path] = merged - base[path + ".weight"].double()
+        start, held = base[path + ".weight"], tensors.get(path + ".base.weight")
+        if quant != "none":  # the base as the run held it: quantized, with the checkpoint's codes after merges
+            prefix = f"{path}.base.qweight."
+            held = held_weight(start, quant, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            start = held_weight(start, quant)
+        merged = merge_weight(held.double(), a, b, alpha / a.shape[0], None if m is None else m.double())
+        out[path] = merged - start.double()
     return out
 
 

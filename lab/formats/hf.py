@@ -186,7 +186,8 @@ def _rope(hf: dict[str, Any], kind: str) -> tuple[dict[str, Any], Optional[float
 
 CLASSES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
            "gemma3_text": "Gemma3ForCausalLM"}
-_NOT_COMPARED = ("name", "init_std", "init", "multiple_of", "dropout")  # how training starts, not what the model computes
+_NOT_COMPARED = ("name", "init_std", "init", "multiple_of", "dropout",  # how training starts, not what the model computes
+                 "released_vocab")  # for planning; the vocabulary written is the weights'
 _GPT2 = (("norm", "rms"), ("positions", "rope"), ("bias", False))  # lab's GPT-2 options, and the Llama setting of each
 
 

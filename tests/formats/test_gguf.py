@@ -99,3 +99,45 @@ def test_an_imported_byte_level_bpe_tokenizer_keeps_its_merges(tmp_path):
     assert len(tokens) == size and tokens[tok.bos_id] == "<bos>" and fields["tokenizer.ggml.eos_token_id"] == tok.eos_id
     assert len(fields["tokenizer.ggml.merges"]) == size - 3 - 256  # every learned token is one merge
     assert fields["tokenizer.ggml.token_type"][tok.eos_id] == gguf.TokenType.CONTROL
+
+
+def test_quantized_types_hold_matrices_in_blocks_and_keep_norms_the_embedding_and_odd_rows_finer(tmp_path):
+    """q4_0: every matrix whose rows are whole blocks of 32 in q4_0, reading back on its block's grid
+    of 16 steps of absmax / 8 (within half a step, a whole one at the far end the grid stops short of); the tied embedding in q8_0 (llama-quantize's q6_k is not writable); a
+    matrix of 172-wide rows in f16 (the converter's fallback); norms in f32. The file type says q4_0."""
+    from lab.formats.gguf import stored_type
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=172)
+    model = build_model(cfg, 259)
+    path = write_gguf(tmp_path / "m.gguf", model.state_dict(), cfg, 259, ByteTokenizer(), "q4_0")
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    back = torch.from_numpy(gguf.quants.dequantize(up.data, up.tensor_type)).reshape(172, 64)
+    w = model.layers[0].mlp.up_proj.weight.detach()
+    step = w.reshape(-1, 32).abs().amax(1, keepdim=True) / 8  # q4_0: 16 levels over [-absmax, absmax]
+    err = (back - w).reshape(-1, 32).abs()
+    assert (err <= step * 1.001).all() and err.mean() < step.mean() / 3
+    assert stored_type("blk.0.attn_q.weight", w, "f16") == "f16"
+    sizes = {}
+    for kind in ("f32", "q8_0", "q4_0"):
+        sizes[kind] = write_gguf(tmp_path / f"{kind}.gguf", model.state_dict(), cfg, 259, ByteTokenizer(), kind).stat().st_size
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"] / 2
+
+
+def test_gguf_types_it_cannot_write_are_refused_in_one_line(tmp_path, compose_cfg):
+    from lab.config import to_run_config
+    from lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"export.gguf_type='q4_k_m': the gguf package writes no k-quants .* llama-quantize"):
+        to_run_config(compose_cfg("stage=export", "init_from=x", "export.format=gguf", "export.gguf_type=q4_k_m"))
+    with pytest.raises(ConfigError, match=r"export.gguf_type=q8_0 is the tensor type of a GGUF file, and export.format=hf"):
+        to_run_config(compose_cfg("stage=export", "init_from=x", "export.gguf_type=q8_0"))
+    cfg = ModelConfig(dim=48, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=80)  # no row a whole number of 32s
+    with pytest.raises(ConfigError, match=r"export.gguf_type=q4_0: no weight matrix of model=.* has rows a whole number"):
+        write_gguf(tmp_path / "m.gguf", build_model(cfg, 259).state_dict(), cfg, 259, ByteTokenizer(), "q4_0")
