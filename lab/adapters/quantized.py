@@ -69,7 +69,8 @@ def quantize(weight: torch.Tensor, fmt: str, where: str = "weight") -> torch.Ten
 
 def dequantize(qweight: torch.Tensor) -> torch.Tensor:
     """The weight a quantized tensor stands for, in the dtype it was quantized from."""
-    if hasattr(qweight, "get_original_weight"):  # NF4Tensor
+    _, nf4 = _torchao()
+    if isinstance(qweight, nf4.NF4Tensor):  # its dequantize() is a classmethod of another meaning
         return qweight.get_original_weight()
     return qweight.dequantize()
 

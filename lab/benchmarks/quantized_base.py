@@ -1,6 +1,7 @@
 """A LoRA step on a full-precision, an int8 and an nf4 base (`adapter.base_quant`): peak memory and time.
 
     python -m lab.benchmarks.quantized_base                     # a 503M-parameter decoder, batch 1 x 256, bf16
+    python -m lab.benchmarks.quantized_base --grad-checkpointing   # activations recomputed: QLoRA's setting
     python -m lab.benchmarks.quantized_base --layers 4 --steps 2   # a quick look
 
 Random weights and tokens (memory and time do not depend on their values), LoRA r=8 on q, k, v, o,
@@ -36,6 +37,7 @@ def child(args: argparse.Namespace) -> dict:
     cfg = ModelConfig(name="bench500m", dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, ffn_dim=4 * args.dim,
                       max_seq_len=args.seq)
     model = build_model(cfg, args.vocab).train()
+    model.gradient_checkpointing = args.grad_checkpointing
     adapters = apply_adapter(model, AdapterConfig(name="lora", kind="lora", rank=8, alpha=16.0, base_quant=args.child))
     resident = sum(p.nbytes for p in model.parameters()) + sum(
         t.nbytes for layer in quantized_layers(model).values() for t in stored_tensors(layer.qweight).values())
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first (median)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)  # internal: one base, print JSON
     args = p.parse_args(argv)
     if args.child:
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     first = rows[0]
     print(f"{first['params'] / 1e6:.0f}M parameters (dim {args.dim}, {args.layers} layers, vocab {args.vocab}), "
           f"batch {args.batch} x {args.seq}, LoRA r=8 on q,k,v,o, {first['precision']} autocast, "
+          f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'}, "
           f"median of {args.steps} steps")
     print(f"{'base':<6} {'resident MiB':>13} {'step peak MiB':>14} {'of none':>8} {'step s':>8} {'of none':>8}")
     for r in rows:
