@@ -182,14 +182,14 @@ def load_weights(model: torch.nn.Module, ckpt: Path, targets: Optional[dict[str,
             targets[name].copy_(tensor)
             seen.add(name)
     if seen != set(targets):
-        missing = sorted(set(targets) - seen)[:3]
-        if read_meta(ckpt).get("adapter", {}).get("base_quant", "none") != "none":
-            raise CheckpointError(f"{ckpt} is a step of a run on a quantized base: it holds the adapter, not the "
-                                  f"frozen weights (missing {missing}); start from the run itself (its id or folder)")
-        raise _misfit(path, model, f"missing {missing}")
+        raise _misfit(path, model, f"missing {sorted(set(targets) - seen)[:3]}")
 
 
 def _misfit(path: Path, model: torch.nn.Module, what: str) -> CheckpointError:
+    meta = read_json(path.parent / "meta.json", "checkpoint meta") if (path.parent / "meta.json").exists() else {}
+    if meta.get("adapter", {}).get("base_quant", "none") != "none" and path.parent.name != "export":
+        return CheckpointError(f"{path.parent} is a step of a run on a quantized base: it holds the adapter, not the "
+                               "frozen weights; start from the run itself (its id or folder), whose export has them all")
     return CheckpointError(f"{path} does not fit model={model.config.name}: {what}; "
                            "use the model config the checkpoint was made with")
 
