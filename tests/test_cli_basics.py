@@ -1,6 +1,8 @@
 """The CLI surface: help, printing the config, other tokenizers, DeepNorm, and mixtures end to end."""
 from __future__ import annotations
 
+import pytest
+
 from labtest import FAST, all_runs, loss_history
 
 
@@ -41,8 +43,6 @@ def test_weighted_mixture_trains_on_kjv_and_local_text(lab_cli, tmp_path, small_
 def test_sigterm_ends_a_run_like_ctrl_c():
     import signal
 
-    import pytest
-
     from lab import signals
 
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
@@ -56,13 +56,12 @@ def test_sigterm_ends_a_run_like_ctrl_c():
         signal.signal(signal.SIGINT, previous[1])
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing is the point
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_training_at_the_next_step():
     """Ctrl-C landing in a `__del__` is printed as "Exception ignored" and dropped by Python; a
     run in CI trained on for 300 s after one. The training loop asks at every step."""
     import gc
     import signal
-
-    import pytest
 
     from lab import signals
 

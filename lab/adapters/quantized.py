@@ -30,9 +30,6 @@ from lab.errors import ConfigError
 FORMATS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per absmax, QLoRA's
 NF4_SCALER_BLOCK = 256  # absmaxes per second-level scale, QLoRA's (smaller where a weight has fewer blocks)
-# bytes per weight, counting the scales: int8's per-row fp32 scale is negligible at these widths;
-# nf4 is half a byte plus one int8 absmax per 64 weights and one fp32 scale per 64 * 256
-BYTES_PER_WEIGHT = {"int8": 1.0, "nf4": 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_SCALER_BLOCK)}
 
 
 def _torchao():
