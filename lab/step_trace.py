@@ -201,8 +201,9 @@ def _trace(job: Job, micro_batch: int) -> Trace:
         weights = sum(p.nbytes for p in model.parameters())
         quantized = quantized_layers(model).values()
         base = sum(t.nbytes for layer in quantized for t in stored_tensors(layer.qweight).values())
-        compute_bytes = torch.finfo(dtype).bits // 8 if dtype is not None else 0
-        workspace = max((layer.in_features * layer.out_features * (4 + compute_bytes) for layer in quantized), default=0)
+        cast = dtype.itemsize if dtype is not None else 0  # dequantized to the weight's own dtype, then cast for autocast
+        workspace = max((layer.in_features * layer.out_features * (layer.qweight.dtype.itemsize + cast)
+                         for layer in quantized), default=0)
         reference = sum(p.nbytes for p in frozen.parameters()) if frozen is not None else 0
         optimizer = state_bytes(model, job.optimizer)
         state = torch.empty(optimizer, dtype=torch.uint8)  # counted while it is alive, as the optimizer's is
