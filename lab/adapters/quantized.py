@@ -127,6 +127,9 @@ class QuantizedLinear(nn.Module):
         """Hold `weight` instead (quantized again): ReLoRA's and rank-1's merge."""
         self.qweight = quantize(weight.to(dequantize(self.qweight).dtype), self.fmt)
 
+    # Eager under torch.compile: traced, torchao's tensors cannot be hashed for the compiled graphs'
+    # cache (inductor prints a traceback per graph); the layers between still compile.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         if torch.is_autocast_enabled(device):  # the adapter math and this matmul in the compute dtype

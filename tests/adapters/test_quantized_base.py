@@ -172,3 +172,24 @@ def test_base_quant_needs_an_adapter_and_a_device_that_holds_it(compose_cfg):
                                   "dpo.reference=copy"))
     with pytest.raises(ConfigError, match=r"adapter.base_quant=nf4 needs weights of a multiple of 64 values, and w has 60"):
         quantize(torch.randn(6, 10), "nf4", where="w")
+
+
+def test_under_torch_compile_the_quantized_matmul_runs_eager_quietly_and_gives_the_same_step():
+    """Traced, torchao's tensors cannot be hashed for inductor's graph cache, which printed a
+    traceback for every graph (46 lines in a README run); the layers run eager, the rest compiles."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._inductor.codecache")
+    logger.addHandler(handler)
+    try:
+        model = make(0).train()
+        apply_adapter(model, AdapterConfig(name="lora", kind="lora", rank=4, alpha=8.0, base_quant="nf4"))
+        x = sequences(2)
+        compiled = torch.compile(lambda: lm_loss(model, x))().item()
+    finally:
+        logger.removeHandler(handler)
+    assert [r for r in records if r.levelno >= logging.WARNING] == []
+    assert compiled == pytest.approx(lm_loss(model, x).item(), rel=1e-6)
