@@ -380,6 +380,8 @@ class Decoder(nn.Module):
                 that same table, so it goes too; an untied head stays counted).
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        # a quantized frozen base (lab.adapters.quantized) holds its weights as buffers: still the model's parameters
+        n += sum(m.in_features * m.out_features for m in self.modules() if getattr(m, "qweight", None) is not None)
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
     def flops_per_token(self, seq_len: int) -> float:

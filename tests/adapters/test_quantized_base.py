@@ -90,6 +90,7 @@ def test_a_lora_step_on_a_quantized_base_matches_full_precision_and_trains_only_
             assert not p.requires_grad and torch.equal(p, before[name]), name
     layers = quantized_layers(model)
     assert len(layers) == 2 * 7  # every projection of both blocks, and nothing else
+    assert model.num_parameters() == trained.num_parameters() + adapters.num_trainable()  # the base still counts
     fresh = quantize(trained.layers[1].mlp.down_proj.weight, fmt)
     assert all(torch.equal(a, b) for a, b in zip(stored_tensors(fresh).values(),
                                                   stored_tensors(layers["layers.1.mlp.down_proj.base"].qweight).values()))
