@@ -22,7 +22,7 @@ from lab.models import build_model
 from lab.tokenizers import train_sentencepiece
 
 NODE_DIR = Path(__file__).parents[1] / "llama_cpp"
-if not (NODE_DIR / "node_modules" / "node-llama-cpp").exists() or shutil.which("node") is None:
+if not (NODE_DIR / "node_modules" / ".installed").exists() or shutil.which("node") is None:  # make test's marker
     pytest.skip("llama.cpp is not installed here: `make test` installs it (tests/llama_cpp) where npm is, "
                 "on Linux x86-64", allow_module_level=True)
 
