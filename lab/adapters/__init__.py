@@ -1,6 +1,7 @@
 """LoRA and its family: each adapter can be disabled, merged, and saved on its own.
 
     adapters = apply_adapter(model, cfg.adapter)      # freezes the base, wraps q_proj, ... in LoRALinear
+                                                      # (adapter.base_quant: the frozen projections held quantized)
     optimizer = AdamW(adapters.trainable_parameters())
     ... adapters.after_step(step, optimizer)          # relora / rank1: periodic merge and restart
     with adapters.disabled(): ref_logits = model(x)    # the base model, at no extra memory
