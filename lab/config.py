@@ -289,6 +289,9 @@ class DataConfig(Section):
             setattr(self.sources[0], key, value)
 
 
+BASE_QUANTS = ("none", "int8", "nf4")  # adapter.base_quant: how a frozen base under an adapter is held (lab.adapters.quantized)
+
+
 @dataclass
 class AdapterConfig(Section):
     name: str = "none"
@@ -305,7 +308,7 @@ class AdapterConfig(Section):
     # None: settled by the stage (`trains_rest_by_default`): on for relora and under pretraining, off otherwise
     train_rest: Optional[bool] = None
     # the frozen projections under the adapters held quantized (lab.adapters.quantized): QLoRA's nf4, or int8
-    base_quant: str = chosen("none", ("none", "int8", "nf4"))
+    base_quant: str = chosen("none", BASE_QUANTS)
 
     def __post_init__(self) -> None:
         check_ranges(self, "adapter")

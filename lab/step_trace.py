@@ -184,7 +184,7 @@ def trace(job: Job, micro_batch: int) -> Trace:
 
 def _trace(job: Job, micro_batch: int) -> Trace:
     from lab.adapters import apply_adapter
-    from lab.adapters.quantized import quantized_layers, stored_tensors
+    from lab.adapters.quantized import quantized_bytes, quantized_layers
     from lab.dpo import reference_kind
     from lab.models import build_model
     from lab.optim import state_bytes
@@ -200,7 +200,7 @@ def _trace(job: Job, micro_batch: int) -> Trace:
         model.train()
         weights = sum(p.nbytes for p in model.parameters())
         quantized = quantized_layers(model).values()
-        base = sum(t.nbytes for layer in quantized for t in stored_tensors(layer.qweight).values())
+        base = quantized_bytes(model)
         cast = dtype.itemsize if dtype is not None else 0  # dequantized to the weight's own dtype, then cast for autocast
         workspace = max((layer.in_features * layer.out_features * (layer.qweight.dtype.itemsize + cast)
                          for layer in quantized), default=0)

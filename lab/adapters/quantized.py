@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lab.config import BASE_QUANTS
 from lab.errors import ConfigError
 
-FORMATS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per absmax, QLoRA's
 NF4_SCALER_BLOCK = 256  # absmaxes per second-level scale, QLoRA's (smaller where a weight has fewer blocks)
 
@@ -61,7 +61,7 @@ def quantize(weight: torch.Tensor, fmt: str, where: str = "weight") -> torch.Ten
             raise ConfigError(f"adapter.base_quant=nf4 needs weights of a multiple of {NF4_BLOCK} values, and {where} "
                               f"has {weight.numel()}; use adapter.base_quant=int8")
         return nf4.to_nf4(weight, NF4_BLOCK, math.gcd(blocks, NF4_SCALER_BLOCK))
-    raise ConfigError(f"adapter.base_quant={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    raise ConfigError(f"adapter.base_quant={fmt!r} is unknown; use one of {', '.join(BASE_QUANTS)}")
 
 
 def dequantize(qweight: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Hold `weight` instead (quantized again): ReLoRA's and rank-1's merge."""
-        self.qweight = quantize(weight.to(dequantize(self.qweight).dtype), self.fmt)
+        self.qweight = quantize(weight.to(self.qweight.dtype), self.fmt)  # a torchao tensor's dtype is its original's
 
     # Eager under torch.compile: traced, torchao's tensors cannot be hashed for the compiled graphs'
     # cache (inductor prints a traceback per graph); the layers between still compile.
@@ -141,18 +141,21 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, base_quant={self.fmt}"
 
 
-def quantize_frozen(model: nn.Module, fmt: str, projections: set[str]) -> list[str]:
+def quantize_frozen(model: nn.Module, fmt: str, projections: set[str]) -> None:
     """Swap every linear layer named in `projections` (bare or inside an adapter as `.base`) for a
-    QuantizedLinear holding its weight in `fmt`. Returns their paths."""
+    QuantizedLinear holding its weight in `fmt`."""
     found = [(path, m) for path, m in model.named_modules()
              if isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in projections | {"base"}
              and (not path.endswith(".base") or path.rsplit(".", 2)[-2] in projections)]
     for path, linear in found:
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, QuantizedLinear(linear, fmt, where=f"{path}.weight"))
-        del linear  # the full-precision weight goes with the last reference to it
-    return [path for path, _ in found]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """What a model's quantized base holds: its codes and scales, in bytes."""
+    return sum(t.nbytes for layer in quantized_layers(model).values() for t in stored_tensors(layer.qweight).values())

@@ -27,7 +27,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from lab.adapters import apply_adapter
-    from lab.adapters.quantized import quantized_layers, stored_tensors
+    from lab.adapters.quantized import quantized_bytes
     from lab.config import AdapterConfig, HardwareConfig, ModelConfig
     from lab.hardware import autocast_dtype, resolve_precision
     from lab.memory import measured_peak
@@ -39,8 +39,7 @@ def child(args: argparse.Namespace) -> dict:
     model = build_model(cfg, args.vocab).train()
     model.gradient_checkpointing = args.grad_checkpointing
     adapters = apply_adapter(model, AdapterConfig(name="lora", kind="lora", rank=8, alpha=16.0, base_quant=args.child))
-    resident = sum(p.nbytes for p in model.parameters()) + sum(
-        t.nbytes for layer in quantized_layers(model).values() for t in stored_tensors(layer.qweight).values())
+    resident = sum(p.nbytes for p in model.parameters()) + quantized_bytes(model)
     opt = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-4)
     dtype = autocast_dtype(resolve_precision(HardwareConfig(device="cpu")))
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
