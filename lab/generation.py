@@ -1,12 +1,13 @@
 """Generation: sampling from a decoder, the one place every caller goes through (eval-time samples,
 the generate, chat and serve stages, stage=eval, the generation benchmark).
 
-    prompts (token ids, different lengths) -> left-padded batch -> prefill -> one forward pass per
+    prompts (token ids, different lengths) -> each prefilled into its row -> one forward pass per
     new token -> sampled ids -> text, cut at stop ids and stop strings
 
-With `use_cache` (the default) the prompts are run once into a `KVCache` and each new token is the
-only input of its forward pass. Without it every step re-runs the whole sequence; the padding is
-then a segment of its own (`segment_ids`), so each row still sees only itself from position 0.
+With `use_cache` (the default) each prompt is prefilled into a row of its own and each new token is
+the only input of its forward pass (`lab.decoding`: eager, or a compiled step replayed). Without
+it every step re-runs the whole left-padded sequence; the padding is then a segment of its own
+(`segment_ids`), so each row still sees only itself from position 0.
 Both give the same tokens, which the tests check. With `sampling.sbd_gamma` set, Set Block Decoding
 (`lab.sbd`) takes several tokens per forward pass, one prompt at a time.
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from lab import sbd
 from lab.config_stages import Sampling
+from lab.decoding import Decoding
 from lab.models.kv_cache import KVCache
 
 OnText = Callable[[int, str], None]  # (row, new text): streaming output
@@ -57,7 +59,7 @@ class Result:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
              decode: Optional[Callable[[list[int]], str]] = None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, use_cache: bool = True, on_text: Optional[OnText] = None) -> Result:
+             pad_id: int = 0, use_cache: bool = True, on_text: Optional[OnText] = None, compile: bool = False) -> Result:
     """Continue each prompt (token ids, bos included) until a stop id, a stop string, max_new_tokens or the context.
 
     Args:
@@ -71,6 +73,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
             Block Decoding's mask token (`lab.sbd.mask_token`).
         use_cache: keep keys and values in a KVCache (one token per forward pass after the prefill).
         on_text: called with (row, new text) as text becomes final: streaming.
+        compile: decode with the compiled step (`lab.decoding`); the same tokens, faster once compiled.
 
     Raises:
         ValueError: an empty prompt, or a prompt that fills the model's context.
@@ -85,28 +88,24 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     new = min(sampling.max_new_tokens, context - width)  # the context bounds the longest row
     if sampling.sbd_gamma is not None:
         return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text)
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=model.tok_emb.weight.device)
-    for b, p in enumerate(prompts):
-        idx[b, width - len(p):] = torch.tensor(list(p))
-    pad = torch.tensor([width - len(p) for p in prompts], device=idx.device)
+    device = model.tok_emb.weight.device
     rows = [_Row(list(p)) for p in prompts]
-    generator = _generator(sampling, idx.device)
-    step = _cached_steps(model, idx, pad, width + new) if use_cache else _uncached_steps(model, idx, pad)
+    generator = _generator(sampling, device)
     was_training = model.training
     model.eval()
     passes = 0
     try:
+        step = _cached_steps(model, prompts, width + new, compile) if use_cache else _uncached_steps(model, prompts, pad_id)
         nxt = None
         for _ in range(new):
-            logits = step(nxt)  # (B, T or 1, V)
+            logits = step(nxt)  # (B, V)
             passes += 1
-            nxt = sample(logits[:, -1].float(), sampling, generator, _seen(rows, logits.size(-1), sampling))
-            for b, row in enumerate(rows):
+            nxt = sample(logits.float(), sampling, generator, _seen(rows, logits.size(-1), sampling))
+            for b, (row, token) in enumerate(zip(rows, nxt.tolist())):  # the one host sync of a step
                 if row.finish_reason is None:
-                    _advance(row, int(nxt[b]), sampling, decode, stop_ids, b, on_text)
+                    _advance(row, token, sampling, decode, stop_ids, b, on_text)
             if all(r.finish_reason is not None for r in rows):
                 break
-            nxt = nxt[:, None]  # (B, 1): the next step's input
     finally:
         model.train(was_training)
     return _finish(rows, passes, on_text)
@@ -133,10 +132,19 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def _cached_steps(model, idx: torch.Tensor, pad: torch.Tensor, capacity: int):
-    """step(None) prefills the prompts; step(next ids (B, 1)) feeds one token per row."""
-    cache = KVCache(model, idx.size(0), capacity, pad, _autocast_dtype(idx.device))
-    return lambda nxt: model(idx if nxt is None else nxt, cache=cache)  # (B, 1, V)
+def _cached_steps(model, prompts: Sequence[Sequence[int]], capacity: int, compile: bool):
+    """step(None) prefills each prompt into its row; step(next ids (B,)) feeds one token per row: (B, V)."""
+    device = model.tok_emb.weight.device
+    decoding = Decoding(model, len(prompts), _bucket(capacity, model.config.max_seq_len), compile,
+                        dtype=_autocast_dtype(device))
+    return lambda nxt: (torch.stack([decoding.admit(b, p) for b, p in enumerate(prompts)]) if nxt is None
+                        else decoding.step(nxt))
+
+
+def _bucket(tokens: int, context: int) -> int:
+    """Rows as long as the next power of two (64 at least, the context at most): jobs of nearby lengths
+    share one compiled shape."""
+    return min(context, max(64, 1 << (tokens - 1).bit_length()))
 
 
 def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, new: int, decode, stop_ids: Sequence[int],
@@ -191,17 +199,23 @@ def _sbd_row(model, row: _Row, b: int, sampling: Sampling, end: int, decode, sto
     return passes
 
 
-def _uncached_steps(model, idx: torch.Tensor, pad: torch.Tensor):
-    """step(next ids) re-runs the whole sequence; the padding is segment 0, each prompt segment 1."""
+def _uncached_steps(model, prompts: Sequence[Sequence[int]], pad_id: int):
+    """step(next ids (B,)) re-runs the whole left-padded sequence: (B, V). The padding is segment 0,
+    each prompt segment 1, so each row sees only itself from position 0."""
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=model.tok_emb.weight.device)
+    for b, p in enumerate(prompts):
+        idx[b, width - len(p):] = torch.tensor(list(p))
+    pad = torch.tensor([width - len(p) for p in prompts], device=idx.device)
     seq = [idx]
-    segments = (torch.arange(idx.size(1), device=idx.device)[None] >= pad[:, None]).long()  # (B, T)
+    segments = (torch.arange(width, device=idx.device)[None] >= pad[:, None]).long()  # (B, T)
 
     def step(nxt):
         if nxt is not None:
-            seq[0] = torch.cat([seq[0], nxt], dim=1)
+            seq[0] = torch.cat([seq[0], nxt[:, None]], dim=1)
         ids = seq[0]
         seg = torch.cat([segments, segments.new_ones(ids.size(0), ids.size(1) - segments.size(1))], dim=1)
-        return model(ids, segment_ids=seg)  # (B, T, V)
+        return model(ids, segment_ids=seg)[:, -1]  # (B, V)
     return step
 
 

@@ -20,6 +20,7 @@ from lab.config_stages import Sampling
 from lab.data.chat import Message
 from lab.data.templates import TEMPLATES, encode_conversation, stop_token_id
 from lab.errors import ConfigError
+from lab.decoding import choose_compile
 from lab.generation import OnText, Result, generate
 from lab.lineage import Pretrained
 from lab.sbd import mask_token
@@ -41,6 +42,7 @@ class TextModel:
     name: str  # what /v1/models lists and results are labelled with
     autocast: Optional[torch.dtype] = None  # the hardware profile's precision on an accelerator
     sbd_block: Optional[int] = None  # train.sbd_block of its fine-tuning: it can decode blocks (lab.sbd)
+    compile: bool = False  # decode with the compiled step (lab.decoding; a stage decides, `choose_compile`)
 
     @property
     def context(self) -> int:
@@ -84,7 +86,13 @@ class TextModel:
         cpu = self.model.tok_emb.weight.device.type == "cpu"
         with contextlib.nullcontext() if cpu else self.autocast_context():
             return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
-                            pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text)
+                            pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text, compile=self.compile)
+
+    def choose_compile(self, setting: Any, tokens: Optional[int]) -> str:
+        """Compile the decode step or not for a job of about `tokens` tokens (None: a server), under
+        hardware.compile=`setting`; returns the line that says why (`lab.decoding.choose_compile`)."""
+        self.compile, why = choose_compile(setting, tokens, self.model.tok_emb.weight.device)
+        return why
 
     def resolved(self, sampling: Sampling) -> Sampling:
         """`sampling` as this model decodes it (SBD's block from its fine-tuning), or ConfigError for

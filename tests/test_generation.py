@@ -131,3 +131,41 @@ def test_extreme_sampling_settings_give_tokens_never_nan():
     picked = sample(logits, Sampling(temperature=1.0, repetition_penalty=1e-300, top_k=0), gen, seen)
     favoured = torch.where(seen & (logits > 0), 1.0, 0.0)  # positive seen logits became the largest there is
     assert all(favoured[b, picked[b]] == 1 for b in range(3))
+
+
+@pytest.mark.parametrize("options", [WINDOWED, pytest.param({}, marks=pytest.mark.slow)])
+def test_the_compiled_decode_step_gives_the_tokens_of_the_eager_and_uncached_paths(options):
+    """Greedy and seeded sampling, prompts longer than the window (the ring wraps while decoding). The
+    windowed model has a global layer too; compiling the plain one as well costs CI 15 s more."""
+    model = make(**options)
+    prompts = [prompt(3, 1), prompt(9, 2), prompt(17, 3)]
+    for sampling in (GREEDY, Sampling(max_new_tokens=24, temperature=1.0, top_k=20, seed=3)):
+        plain = generate(model, prompts, sampling, use_cache=False).completions
+        eager = generate(model, prompts, sampling).completions
+        compiled = generate(model, prompts, sampling, compile=True).completions
+        assert [c.ids for c in compiled] == [c.ids for c in eager] == [c.ids for c in plain]
+
+
+def test_rows_decode_alone_or_together_and_a_moved_row_carries_on():
+    """The server's batch: rows joining at different lengths, compacted when one leaves (lab.decoding)."""
+    from lab.decoding import Decoding
+
+    model = make(**WINDOWED)
+    prompts = [prompt(5, 1), prompt(12, 2), prompt(2, 3)]
+    alone = [generate(model, [p], GREEDY).completions[0].ids for p in prompts]
+    for compiled in (False, True):
+        decoding = Decoding(model, 4, 64, compiled=compiled, dynamic=True)
+        tokens = [int(decoding.admit(b, p).argmax()) for b, p in enumerate(prompts[:2])]
+        out = [[t] for t in tokens]
+        for i in range(23):
+            if i == 5:  # a third row joins late, and later the first leaves: the last row moves into its place
+                tokens.append(int(decoding.admit(2, prompts[2]).argmax()))
+                out.append([tokens[-1]])
+            if i == 12:
+                decoding.cache.move(2, 0)
+                tokens, out, done = [tokens[2], tokens[1]], [out[2], out[1]], out[0]
+            logits = decoding.step(torch.tensor(tokens), span=None if i % 2 else 32)
+            tokens = logits.argmax(-1).tolist()
+            for row, t in zip(out, tokens):
+                row.append(t)
+        assert done == alone[0][:13] and out[1] == alone[1] and out[0] == alone[2][:len(out[0])]

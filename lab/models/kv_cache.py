@@ -123,3 +123,92 @@ class KVCache:
     def advance(self, T: int) -> None:
         """Mark the T new tokens' stored part filled (the model calls this after every layer has extended)."""
         self.length += T - self.transient
+
+
+class RowCache:
+    """Key/value buffers for rows that each keep their own timeline and decode one token per step:
+    row b's next token is position lengths[b], stored at that slot (sliding-window layers: at
+    lengths[b] % window, a ring). No row is padded, rows join and leave independently (the server's
+    continuous batching), and the shapes a step sees do not change from step to step, so a
+    compiled step is captured once and replayed (`lab.decoding`).
+
+    Attributes:
+        capacity: tokens a row holds at most (its prompt and what it generates).
+        lengths: (R,) tokens each row holds.
+    """
+
+    def __init__(self, model: torch.nn.Module, rows: int, capacity: int, dtype: Optional[torch.dtype] = None,
+                 spare: bool = False) -> None:
+        cfg = model.config
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"{capacity} tokens exceed model.max_seq_len={cfg.max_seq_len} (the context)")
+        weight = model.tok_emb.weight
+        self.capacity, self.local = capacity, [block.local for block in model.layers]
+        self.dtype = dtype or weight.dtype
+        nkv = cfg.n_kv_heads or cfg.n_heads
+        # with `spare`, global layers get a slot never used, so that no view is ever the whole buffer:
+        # a contiguous view would recompile a step compiled for cut ones (its strides differ)
+        size = {False: capacity + spare, True: min(capacity, cfg.sliding_window or capacity)}
+        self.keys = [torch.zeros(rows, nkv, size[local], cfg.head_size, dtype=self.dtype, device=weight.device)
+                     for local in self.local]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=weight.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def admit(self, row: int, prefilled: KVCache) -> None:
+        """Take into `row` a prompt prefilled alone (a KVCache of batch 1, unpadded, as long as the prompt):
+        its ring layers already hold position p at p % window, as this cache's do."""
+        n = prefilled.length
+        if n >= self.capacity:
+            raise ValueError(f"a prompt of {n} tokens leaves no room in rows of {self.capacity}")
+        for mine, theirs in zip(self.keys + self.values, prefilled.keys + prefilled.values):
+            m = min(n, mine.size(2))
+            mine[row, :, :m] = theirs[0, :, :m]
+        self.lengths[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (a server keeps its live rows first)."""
+        for t in self.keys + self.values:
+            t[dst] = t[src]
+        self.lengths[dst] = self.lengths[src]
+
+    def view(self, rows: int, span: Optional[int] = None) -> "RowView":
+        """The first `rows` rows, their global layers cut to the first `span` slots (None: the capacity),
+        for one step. Every view shares this cache's memory: the step writes into it."""
+        span = span or self.capacity
+        cut = [k[:rows] if local else k[:rows, :, :span] for k, local in zip(self.keys, self.local)]
+        cutv = [v[:rows] if local else v[:rows, :, :span] for v, local in zip(self.values, self.local)]
+        return RowView(cut, cutv, self.lengths[:rows], self.local)
+
+
+class RowView:
+    """What a decode step reads and writes of a RowCache: the `forward(cache=...)` protocol of KVCache,
+    for one new token per row. Slots at or beyond a row's length are masked."""
+
+    transient = 0  # nothing of a step is held back
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor,
+                 local: list[bool]) -> None:
+        self.keys, self.values, self.lengths, self.local = keys, values, lengths, local
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.lengths[:, None]  # (B, 1)
+
+    def mask(self, T: int, local: bool) -> torch.Tensor:
+        """(B, 1, 1, S): every slot written so far and the new token's own. A ring holds only the last
+        `window` positions, all of them seen once it is full."""
+        size = self.keys[self.local.index(local)].size(2)
+        return (torch.arange(size, device=self.lengths.device)[None] <= self.lengths[:, None])[:, None, None]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new key and value (B, nkv, 1, hs) at its slot; return the whole buffers."""
+        kbuf, vbuf = self.keys[layer], self.values[layer]
+        rows, slots = torch.arange(k.size(0), device=k.device), self.lengths % kbuf.size(2)
+        kbuf[rows, :, slots] = k[:, :, 0].to(kbuf.dtype)
+        vbuf[rows, :, slots] = v[:, :, 0].to(vbuf.dtype)
+        return kbuf, vbuf
+
+    def advance(self, T: int) -> None:
+        self.lengths += T

@@ -32,6 +32,8 @@ def chat(run: Run) -> float:
     transcript.parent.mkdir(parents=True, exist_ok=True)
     interactive = sys.stdin.isatty()
     run.say(f"chat with {tm.name} (template {tm.template}); /reset starts over, /exit or Ctrl-D ends")
+    if g.cache:  # judged per answer: a session may end after one
+        run.say(tm.choose_compile(run.cfg.hardware.compile, g.max_new_tokens))
     answers = 0
     with transcript.open("w", encoding="utf-8") as log:
         while True:

@@ -64,6 +64,7 @@ def _scores(run: Run, tm: inference.TextModel, label: str, references, choices) 
         with tm.autocast_context():
             scores |= evaluation.perplexity(tm.model, ((i.to(device), t.to(device)) for i, t in batches), tm.tokenizer)
     if references:
+        run.say(tm.choose_compile(cfg.hardware.compile, len(references) * cfg.generate.max_new_tokens))
         outputs = []
         for start in range(0, len(references), cfg.generate.batch):
             part = references[start:start + cfg.generate.batch]

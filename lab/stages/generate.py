@@ -32,6 +32,8 @@ def generate(run: Run) -> float:
     out = Path(g.output) if g.output else run.info.output_dir / "completions.jsonl"
     ensure_dir(out.parent, "generate.output")
     run.say(f"generate: {len(named)} prompt(s) from {run.pretrained.path} (template {tm.template or 'none: plain text'})")
+    if g.cache:
+        run.say(tm.choose_compile(cfg.hardware.compile, len(named) * g.max_new_tokens))
     tokens, passes, t0 = 0, 0, time.perf_counter()
     with out.open("w", encoding="utf-8") as f:
         for start in range(0, len(named), g.batch):
