@@ -643,7 +643,8 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
                        "train.save_every", "train.keep_checkpoints", "train.progress")
 # Keys added after runs were recorded, with the value that keeps a run's behaviour as it was: at that
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
-ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None}
+ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
+              "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None}
 
 
 def config_hash(cfg: RunConfig) -> str:

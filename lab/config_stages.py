@@ -290,6 +290,9 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"  # 0.0.0.0 exposes it to the network: there is no authentication
     port: int = ranged(8000, "[0, 65535]")  # 0: any free port (printed at start)
     model_name: Optional[str] = None  # the id /v1/models lists and requests name; null: the run id or folder name
+    max_batch: int = ranged(16, "[1, inf)")  # requests' prompts decoded together at most (continuous batching)
+    max_queue: int = ranged(64, "[0, inf)")  # prompts waiting for a row at most; more get 429
+    kv_cache_gb: Optional[float] = ranged(None, "(0, inf)")  # the KV cache's memory: max_batch rows share it; null: each row holds the whole context
 
     def __post_init__(self) -> None:
         check_ranges(self, "serve")

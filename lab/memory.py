@@ -4,7 +4,7 @@
 freed tensor leaves the count the moment Python drops it. Under `FakeTensorMode` it counts what a
 step *would* allocate, without computing anything: the memory planner's (`lab.planner`) trace.
 `measured_peak` is the independent check: the CPU allocator's own allocation and free events, read
-back from the profiler (on CUDA, the allocator's high-water mark).
+back from the profiler (on CUDA, the allocator's high-water mark). `free_memory` is what a device has left.
 """
 from __future__ import annotations
 
@@ -81,3 +81,15 @@ def measured_peak(fn: Callable[[], Any], device: torch.device) -> int:
             live += e.nbytes()  # negative for a free
             peak = max(peak, live)
     return peak
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on the device: CUDA's own figure, or the OS's MemAvailable on the CPU (Linux); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

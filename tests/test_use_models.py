@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 import pytest
 import sacrebleu
@@ -156,11 +157,15 @@ def test_serve_answers_the_openai_client_and_stops_cleanly(runs):
 
     cwd, cache, ids = runs
     proc = subprocess.Popen([sys.executable, "-m", "lab", "stage=serve", f"init_from={ids['sft']}", f"paths.cache={cache}",
-                             "serve.port=0", "serve.model_name=micro-sft", "tracking.experiment=serve"],
+                             "serve.port=0", "serve.model_name=micro-sft", "tracking.experiment=serve",
+                             "hardware.compile=false"],  # the compiled step: tests/test_generation.py
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
-        url = _wait_for_url(proc)
+        start: list[str] = []
+        url = _wait_for_url(proc, start)
+        assert "decode step: eager <hardware.compile=false>\n" in start and any(
+            line.startswith("KV cache: 16 rows of 128 tokens") for line in start)
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["micro-sft"]
         done = client.completions.create(model="micro-sft", prompt="In the beginning", max_tokens=8, temperature=0)
@@ -218,6 +223,7 @@ def test_no_request_gets_a_500(runs, stream):
 
     from lab import inference
     from lab.config_stages import Sampling
+    from lab.errors import LabError
     from lab.lineage import resolve
     from lab.serving import Stats, build_app
 
@@ -238,16 +244,18 @@ def test_no_request_gets_a_500(runs, stream):
             assert answer.text.endswith("data: [DONE]\n\n") and '"error"' not in answer.text, case
         elif case == "temperature 1e-300":
             assert answer.json()["choices"][0]["text"] == greedy_text["choices"][0]["text"]
-    # a setting the model cannot honour (SBD on a model never fine-tuned for it) is lab's own 400, streaming or not
-    client = TestClient(build_app(tm, Sampling(max_new_tokens=4, sbd_gamma=0.3), Stats()), raise_server_exceptions=False)
-    answer = client.post("/v1/completions", json={"model": "m", "prompt": "In the", "stream": stream})
-    assert answer.status_code == 400 and "generate.sbd_gamma decodes blocks" in answer.json()["error"]["message"]
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+    # Set Block Decoding decodes one prompt at a time: a server, which decodes requests together, refuses it at start
+    with pytest.raises(LabError, match="generate.sbd_gamma: stage=serve decodes its requests together"):
+        build_app(tm, Sampling(max_new_tokens=4, sbd_gamma=0.3), Stats())
 
 
-def _wait_for_url(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+def _wait_for_url(proc: subprocess.Popen, seen: Optional[list[str]] = None, timeout: float = 120.0) -> str:
+    """The url the server says it listens at; the lines before it go to `seen`."""
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
+        if seen is not None:
+            seen.append(line)
         found = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
         if found:
             return found.group(1)

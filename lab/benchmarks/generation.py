@@ -31,6 +31,7 @@ import torch
 from lab.config_stages import Sampling
 from lab.errors import ConfigError
 from lab.generation import generate
+from lab.memory import free_memory
 from lab.models.kv_cache import KVCache
 from lab.sbd import mask_token
 from lab.run import Run
@@ -68,7 +69,7 @@ def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, f
                                                          / metrics[f"bench/gen_{context}/tokens_per_sec_nocache"])
     per_token = KVCache(model, 1, 1).nbytes()
     metrics["bench/kv_bytes_per_token"] = per_token
-    free = _free_memory(device)
+    free = free_memory(device)
     if free is not None:
         metrics["bench/kv_tokens_in_free_memory"] = free // per_token
     if bc.clients:
@@ -87,18 +88,6 @@ def _timed(model, prompt: list[int], new: int, use_cache: bool, device: torch.de
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _free_memory(device: torch.device) -> Optional[int]:
-    """Bytes free on the device: CUDA's own figure, or the OS's MemAvailable on the CPU (Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 
 from lab import inference
+from lab.batching import Batcher
 from lab.errors import ConfigError
+from lab.memory import free_memory
+from lab.models.kv_cache import RowCache
 from lab.run import Run
 from lab.serving import Stats, build_app
 
@@ -23,11 +27,18 @@ def serve(run: Run) -> float:
 
     cfg = run.cfg
     tm = inference.load_for(run, name=cfg.serve.model_name)
-    tm.resolved(cfg.generate)  # settings this model cannot honour stop here, not in every request
+    batcher = Batcher(tm, cfg.serve.max_batch, cfg.serve.max_queue, row_capacity(tm, cfg.serve, run.say))
+    stats = Stats()
+    app = build_app(tm, cfg.generate, stats, batcher)  # settings this server cannot honour stop here
+    run.say(tm.choose_compile(cfg.hardware.compile, None))
+    if tm.compile:  # compiled before the first request, not during it
+        t0 = time.perf_counter()
+        batcher.warm_up()
+        run.say(f"decode step compiled in {time.perf_counter() - t0:.1f} s")
+    batcher.start()
     sock = listen(cfg.serve.host, cfg.serve.port)
     host, port = sock.getsockname()[:2]
-    stats = Stats()
-    server = uvicorn.Server(uvicorn.Config(build_app(tm, cfg.generate, stats), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     run.tracker.set_tags({"lab.serve.url": f"http://{host}:{port}/v1", "lab.serve.model": tm.name})
     run.say(f"serving {tm.name!r} (template {tm.template or 'none'}, context {tm.context}) at http://{host}:{port}/v1; "
             "Ctrl-C stops")
@@ -41,6 +52,25 @@ def serve(run: Run) -> float:
                              "serve/completion_tokens": stats.completion_tokens}, step=0)
     run.say(f"stopped after {stats.requests} request(s)")
     return stats.requests
+
+
+def row_capacity(tm: inference.TextModel, sc, say) -> int:
+    """Tokens each of serve.max_batch rows holds: the model's context, or what serve.kv_cache_gb leaves
+    each; one line when the cache does not fit the device's free memory."""
+    per_token = RowCache(tm.model, 1, 1, tm.autocast if tm.model.tok_emb.weight.device.type != "cpu" else None).nbytes()
+    rows = sc.max_batch
+    capacity = tm.context if sc.kv_cache_gb is None else min(tm.context, int(sc.kv_cache_gb * 2**30) // (rows * per_token))
+    if capacity < 2:
+        raise ConfigError(f"serve.kv_cache_gb={sc.kv_cache_gb} holds {int(sc.kv_cache_gb * 2**30) // per_token} tokens "
+                          f"({per_token:,} bytes each), too few for serve.max_batch={rows} rows; raise it or lower max_batch")
+    need, free = rows * capacity * per_token, free_memory(tm.model.tok_emb.weight.device)
+    if free is not None and need > free:
+        raise ConfigError(f"the KV cache of serve.max_batch={rows} rows of {capacity} tokens needs {need / 2**30:.2f} GiB, "
+                          f"more than the {free / 2**30:.2f} GiB free; lower serve.max_batch, or set serve.kv_cache_gb "
+                          "to shorten the rows")
+    say(f"KV cache: {rows} rows of {capacity} tokens, {need / 2**20:,.0f} MiB ({per_token:,} bytes a token) "
+        f"<serve.max_batch={rows}, serve.kv_cache_gb={sc.kv_cache_gb}>")
+    return capacity
 
 
 def listen(host: str, port: int) -> socket.socket:
