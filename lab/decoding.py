@@ -45,6 +45,17 @@ def choose_compile(setting: Any, tokens: Optional[int], device: torch.device) ->
                 f"{'more' if on else 'fewer'} than the {COMPILE_PAYS_AFTER_TOKENS} that repay compiling it {key}")
 
 
+def lay_out_for_decoding(model: torch.nn.Module) -> None:
+    """Store every Linear weight of a CPU inference model transposed: the same (out, in) tensor, its
+    memory (in, out). A decoded token is one matrix-vector product per weight, and MKL's reads a weight
+    laid out (in, out) at 22 GB/s against 13.6 GB/s for (out, in) on these 2-core AMD EPYC machines
+    (one thread; `tiny` decoded 401 tokens/s compiled against 214). Nothing else changes: a tied head
+    shares the embedding's new layout, and a bigger batch's matrix product is as fast either way."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
 def _step(model: torch.nn.Module, tokens: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
           lengths: torch.Tensor) -> torch.Tensor:
     """Logits (B, V) after each row's token (B,); writes the rows' keys and values and advances `lengths`."""

@@ -20,7 +20,7 @@ from lab.config_stages import Sampling
 from lab.data.chat import Message
 from lab.data.templates import TEMPLATES, encode_conversation, stop_token_id
 from lab.errors import ConfigError
-from lab.decoding import choose_compile
+from lab.decoding import choose_compile, lay_out_for_decoding
 from lab.generation import OnText, Result, generate
 from lab.lineage import Pretrained
 from lab.sbd import mask_token
@@ -126,6 +126,8 @@ def load(pretrained: Pretrained, template: Optional[str], device: torch.device, 
         template: `generate.template`: None takes the model's own, "none" is plain text.
     """
     model = pretrained.build().to(device).eval()
+    if device.type == "cpu":
+        lay_out_for_decoding(model)
     tokenizer = pretrained.tokenizer()
     label = name or pretrained.run_id or Path(pretrained.path).name
     meta = {} if pretrained.hf else ckpt.read_meta(pretrained.path)  # a Hugging Face folder records neither

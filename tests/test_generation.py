@@ -169,3 +169,19 @@ def test_rows_decode_alone_or_together_and_a_moved_row_carries_on():
             for row, t in zip(out, tokens):
                 row.append(t)
         assert done == alone[0][:13] and out[1] == alone[1] and out[0] == alone[2][:len(out[0])]
+
+
+def test_weights_laid_out_for_decoding_change_no_token():
+    """lab.inference stores a CPU model's Linear weights transposed (faster matrix-vector products);
+    a tied head shares the embedding's layout."""
+    from lab.decoding import lay_out_for_decoding
+
+    model = make(tie_embeddings=True)
+    prompts = [prompt(3, 1), prompt(9, 2)]
+    ids = torch.tensor([prompt(20)])
+    before, tokens = model(ids), [c.ids for c in generate(model, prompts, GREEDY).completions]
+    lay_out_for_decoding(model)
+    up = model.layers[0].mlp.up_proj.weight  # (out, in) as ever, its memory (in, out)
+    assert up.stride() == (1, up.size(0)) and model.tok_emb.weight.stride() == (1, V)
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-5)
+    assert [c.ids for c in generate(model, prompts, GREEDY).completions] == tokens
