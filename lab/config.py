@@ -454,6 +454,8 @@ class TrainConfig(Section):
     stop_at_step: Optional[int] = ranged(None, "[1, inf)")  # stop after this step with a checkpoint, schedule unchanged
     sample_prompt: str = "In the beginning"
     sample_tokens: int = ranged(48, "[0, inf)")
+    eval_choices: Optional[str] = None  # JSONL of {"prompt", "choices", "answer"}: val/choice_acc at every evaluation
+    eval_references: Optional[str] = None  # JSONL of {"prompt", "reference"}: greedy outputs' val/bleu, val/chrf, ... at every evaluation
     progress: bool = True  # live progress bar on rank 0
     log_every: int = ranged(1, "[1, inf)")  # steps between train/* metrics (and the loss check); long runs log less
     grokfast: GrokfastConfig = field(default_factory=GrokfastConfig)
@@ -644,7 +646,8 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 # Keys added after runs were recorded, with the value that keeps a run's behaviour as it was: at that
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
 ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
-              "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None}
+              "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None,
+              "train.eval_choices": None, "train.eval_references": None}
 
 
 def config_hash(cfg: RunConfig) -> str:

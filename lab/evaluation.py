@@ -64,15 +64,17 @@ def reference_scores(outputs: Sequence[str], references: Sequence[str], compress
 
 
 @torch.no_grad()
-def choice_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[Choice], device: torch.device) -> dict[str, float]:
-    """Accuracy (summed log-probability of each choice's tokens) and acc_norm (per byte of the choice)."""
+def choice_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[Choice], device: torch.device,
+                    key: str = "eval.choices") -> dict[str, float]:
+    """Accuracy (summed log-probability of each choice's tokens) and acc_norm (per byte of the choice);
+    `key` names the file in errors."""
     right = right_norm = 0
     for n, item in enumerate(items, 1):
         context = [tokenizer.bos_id] + tokenizer.encode(item.prompt)
         choices = [tokenizer.encode(c) for c in item.choices]
         longest = len(context) + max(map(len, choices))
         if longest > model.config.max_seq_len:
-            raise DataError(f"eval.choices, item {n}: prompt and choice are {longest} tokens, beyond the model's context "
+            raise DataError(f"{key}, item {n}: prompt and choice are {longest} tokens, beyond the model's context "
                             f"(model.max_seq_len={model.config.max_seq_len}); shorten the item")
         scores = continuation_logprobs(model, context, choices, device)
         per_byte = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, item.choices)]
