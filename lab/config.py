@@ -647,7 +647,9 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
 ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
               "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None,
-              "train.eval_choices": None, "train.eval_references": None}
+              "train.eval_choices": None, "train.eval_references": None, "eval.harness.tasks": [],
+              "eval.harness.include": None, "eval.harness.num_fewshot": None, "eval.harness.limit": None,
+              "eval.harness.batch": 8, "eval.harness.chat": None}
 
 
 def config_hash(cfg: RunConfig) -> str:

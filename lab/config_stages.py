@@ -333,6 +333,22 @@ class BenchConfig(Section):
 
 
 @dataclass
+class HarnessConfig(Section):
+    """eval.harness: tasks of EleutherAI's lm-evaluation-harness (`pip install lab[harness]`), run on lab's
+    models (lab.harness), their data read from local files or the local datasets cache only."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task or group names, its own or the YAMLs in include
+    include: Optional[str] = None  # a folder of your own task YAMLs (dataset_path: json, data_files: local files)
+    num_fewshot: Optional[int] = ranged(None, "[0, inf)")  # examples shown before each question; null: each task's own
+    limit: Optional[float] = ranged(None, "(0, inf)")  # examples scored per task (below 1: a share of them); null: all
+    batch: int = ranged(8, "[1, inf)")  # sequences per forward pass
+    chat: Optional[bool] = None  # render prompts with the model's chat template; null: when it has one (SFT, DPO)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "eval.harness")
+
+
+@dataclass
 class EvalConfig(Section):
     """stage=eval: scores for init_from and eval.runs, on held-out text and local task files."""
 
@@ -343,11 +359,12 @@ class EvalConfig(Section):
     compression: bool = False  # references: GREMLIN's compression ratio, characters of output over characters of reference
     forbidden: list[str] = field(default_factory=list)  # references: words whose use in an output counts as leakage
     choices: Optional[str] = None  # JSONL of {"prompt", "choices": [...], "answer": index}: accuracy by log-likelihood
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # lm-evaluation-harness tasks: eval/harness/<task>/<metric>
 
     def __post_init__(self) -> None:
         check_ranges(self, "eval")
-        if not (self.perplexity or self.references or self.choices):
-            raise ConfigError("stage=eval has nothing to score: keep eval.perplexity=true, or set eval.references=<jsonl> "
-                              "or eval.choices=<jsonl>")
+        if not (self.perplexity or self.references or self.choices or self.harness.tasks):
+            raise ConfigError("stage=eval has nothing to score: keep eval.perplexity=true, or set eval.references=<jsonl>, "
+                              "eval.choices=<jsonl> or eval.harness.tasks=[<task>, ...]")
         if (self.compression or self.forbidden) and not self.references:
             raise ConfigError("eval.compression and eval.forbidden score generated outputs: set eval.references=<jsonl> too")

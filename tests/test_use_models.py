@@ -315,6 +315,87 @@ def test_eval_of_two_runs_writes_one_table(runs, compose_cfg):
     assert {f"eval/{ids[k][:8]}/bits_per_byte" for k in ("pre", "sft")} <= set(run.data.metrics)
 
 
+MC_TASK = """task: lab_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_TASK = """task: lab_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{reference}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_harness_tasks_from_local_files_score_what_is_computed_by_hand(runs, compose_cfg, tmp_path):
+    """A multiple-choice and a generation task of lm-eval, their data in local JSONL files: the accuracy
+    and exact match lab logs equal the ones computed here from the model's own log-probabilities and
+    greedy answers."""
+    import torch
+
+    from lab import inference
+    from lab.config_stages import Sampling
+    from lab.evaluation import continuation_logprobs
+    from lab.lineage import resolve
+
+    cwd, cache, ids = runs
+    pre = resolve(str(cwd / "outputs" / "checkpoints" / ids["pre"]), None, cwd / "outputs" / "checkpoints", cache)
+    tm = inference.load(pre, None, torch.device("cpu"))
+    tok = tm.tokenizer
+    items = [("In the beginning God created the", ["heaven", "sea", "bread"], 0), ("And God said, Let there be", ["light", "cattle"], 0),
+             ("The LORD is my", ["stone", "shepherd"], 1), ("And Noah begat", ["Shem", "waters"], 0)]
+    right = 0
+    for prompt, choices, answer in items:  # lm-eval's split: the whole text's tokens after the context's
+        context = tok.encode(prompt)
+        conts = [tok.encode(prompt + " " + c)[len(context):] for c in choices]
+        scores = continuation_logprobs(tm.model, [tok.bos_id, *context], conts, torch.device("cpu"))
+        right += max(range(len(choices)), key=scores.__getitem__) == answer
+    prompts = ["In the beginning", "And God said", "And the earth was", "Noah"]
+    greedy = [c.text for c in tm.complete([[tok.bos_id, *tok.encode(p)] for p in prompts],
+                                          Sampling(max_new_tokens=6, temperature=0.0, stop=["."])).completions]
+    references = [greedy[0], greedy[1], "not this", "nor this"]  # two of four answered exactly
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"prompt": p, "choices": c, "answer": a}) + "\n" for p, c, a in items))
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references)))
+    (tasks / "lab_mc.yaml").write_text(MC_TASK.format(data=tmp_path / "mc.jsonl"))
+    (tasks / "lab_gen.yaml").write_text(GEN_TASK.format(data=tmp_path / "gen.jsonl"))
+    outcome = in_process(runs, compose_cfg, "stage=eval", f"init_from={ids['pre']}", "eval.perplexity=false",
+                         f"eval.harness.include={tasks}", "eval.harness.tasks=[lab_mc,lab_gen]", "tracking.experiment=harness")
+    run = mlflow_client(cwd).get_run(outcome.run_id)
+    m = run.data.metrics
+    assert m["eval/harness/lab_mc/acc"] == right / 4 and m["eval/harness/lab_gen/exact_match"] == 0.5
+    assert m["eval/harness/lab_mc/acc_stderr"] > 0
+    logged = json.loads(next((cwd / "outputs" / "runs").glob(f"*/harness_{ids['pre'][:8]}.json")).read_text())
+    assert logged["results"]["lab_mc"]["acc,none"] == right / 4
+    (tasks / "lab_gone.yaml").write_text(MC_TASK.replace("lab_mc", "lab_gone").format(data=tmp_path / "gone.jsonl"))
+    from lab.errors import LabError
+
+    with pytest.raises(LabError, match="task 'lab_gone' cannot load its data .*lab downloads nothing at run time") as e:
+        in_process(runs, compose_cfg, "stage=eval", f"init_from={ids['pre']}", "eval.perplexity=false",
+                   f"eval.harness.include={tasks}", "eval.harness.tasks=[lab_gone]", "tracking.experiment=harness_gone")
+    assert "\n" not in str(e.value)
+
+
 # ---- the generation benchmark -------------------------------------------------------------------
 
 def test_bench_generate_grows_a_fresh_models_context_on_its_own_copy(runs, compose_cfg):

@@ -4,6 +4,7 @@
     lab stage=eval init_from=<run> eval.runs=[<run>,<run>]          several models, one table
     lab stage=eval init_from=<run> eval.references=refs.jsonl       BLEU, chrF, exact match
     lab stage=eval init_from=<run> eval.choices=tasks.jsonl         multiple-choice accuracy
+    lab stage=eval init_from=<run> eval.harness.tasks=[arc_easy]    lm-evaluation-harness tasks (lab.harness)
 
 The measures are `lab.evaluation`. One model's scores are logged as `eval/<name>`; several models'
 as `eval/<label>/<name>` (label: the run id's first 8 characters), with every score in results.csv.
@@ -13,11 +14,12 @@ are in outputs_<label>.jsonl beside results.csv.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from lab import evaluation, inference
+from lab import evaluation, harness, inference
 from lab.data import prepare_data
 from lab.data.prompts import prompt_json, read_choices, read_references
 from lab.run import Run
@@ -77,7 +79,24 @@ def _scores(run: Run, tm: inference.TextModel, label: str, references, choices) 
     if choices:
         with tm.autocast_context():
             scores |= evaluation.choice_accuracy(tm.model, tm.tokenizer, choices, run.accelerator.device)
+    if cfg.eval.harness.tasks:
+        scores |= _harness(run, tm, label)
     return scores
+
+
+def _harness(run: Run, tm: inference.TextModel, label: str) -> dict[str, float]:
+    """lm-eval's tasks: its table printed, its results JSON logged (harness_<label>.json), its numbers as
+    harness/<task>/<metric>."""
+    from lm_eval.utils import make_table
+
+    t0 = time.perf_counter()
+    results = harness.evaluate(tm, run.cfg.eval.harness)
+    path = run.info.output_dir / f"harness_{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    run.tracker.log_artifact(path)
+    run.say(make_table(results) + f"lm-eval: {', '.join(run.cfg.eval.harness.tasks)} in {time.perf_counter() - t0:.1f} s")
+    return {f"harness/{k}": v for k, v in harness.metrics(results).items()}
 
 
 def _write_outputs(run: Run, label: str, references, outputs: list[str]) -> None:
