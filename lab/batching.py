@@ -135,7 +135,7 @@ class Batcher:
                     self._admit()
                     if self.live:
                         self._step()
-            except Exception as e:  # noqa: BLE001: every job in flight hears of it; the server carries on
+            except Exception as e:  # noqa: BLE001 -- every job in flight hears of it; the server carries on
                 with self.wake:
                     failed = self.live + list(self.waiting)
                     self.live.clear()

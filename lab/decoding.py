@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from lab import hardware
 from lab.models.kv_cache import KVCache, RowCache
 
 # Compiling the step takes about 3 s (nano) to 8 s (tiny) on 2 cores and then saves 1 to 3 ms a
@@ -27,14 +28,12 @@ COMPILE_PAYS_AFTER_TOKENS = 4096
 def choose_compile(setting: Any, tokens: Optional[int], device: torch.device) -> tuple[bool, str]:
     """Whether a job decoding about `tokens` tokens (None: a server, long-lived) compiles its decode
     step under hardware.compile=`setting` (true, false or auto), and the line that says why."""
-    from lab.planner import _cpp_compiler
-
     key = f"<hardware.compile={str(setting).lower()}>"
     if setting is False:
         return False, f"decode step: eager {key}"
     if device.type == "mps":
         return False, f"decode step: eager: torch.compile's MPS backend is still experimental {key}"
-    if device.type == "cpu" and _cpp_compiler() is None:
+    if device.type == "cpu" and hardware.cpp_compiler() is None:
         return False, f"decode step: eager: no C++ compiler found to build its CPU kernels (install g++, or set CXX) {key}"
     if setting is True:
         return True, f"decode step: compiled {key}"

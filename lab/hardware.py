@@ -152,3 +152,13 @@ def fresh_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)
+
+
+def cpp_compiler() -> Optional[str]:
+    """The C++ compiler torch.compile builds CPU kernels with, or None where there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler, or fails to find one at all
+        return None

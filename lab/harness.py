@@ -56,7 +56,7 @@ def evaluate(tm: "TextModel", hc: HarnessConfig) -> dict[str, Any]:
     for name in hc.tasks:  # one at a time: a task whose data is missing is named
         try:
             tasks |= get_task_dict([name], manager)
-        except Exception as e:  # noqa: BLE001: the datasets library's many ways of saying "not here"
+        except Exception as e:  # noqa: BLE001 -- the datasets library's many ways of saying "not here"
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"eval.harness.tasks: task {name!r} cannot load its data ({reason[:300]}); lab downloads "
                               "nothing at run time: point a task YAML at local files (eval.harness.include), or put the "

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -25,9 +25,6 @@ from lab.generation import OnText, Result, generate
 from lab.lineage import Pretrained
 from lab.sbd import mask_token
 from lab.tracking import Tracker, TrackingError
-
-if TYPE_CHECKING:
-    from lab.run import Run
 
 Prompt = Union[str, Sequence[Message]]  # text, or a conversation ending in a user turn
 
@@ -133,14 +130,6 @@ def load(pretrained: Pretrained, template: Optional[str], device: torch.device, 
     meta = {} if pretrained.hf else ckpt.read_meta(pretrained.path)  # a Hugging Face folder records neither
     return TextModel(model, tokenizer, chat_template(meta, pretrained.run_id, template, tracker), label, autocast,
                      meta.get("sbd_block"))
-
-
-def load_for(run: "Run", pretrained: Optional[Pretrained] = None, name: Optional[str] = None) -> TextModel:
-    """`load` with a run's settings: generate.template, its device and tracker, its profile's precision."""
-    from lab.hardware import autocast_dtype
-
-    return load(pretrained or run.pretrained, run.cfg.generate.template, run.accelerator.device, run.tracker, name,
-                autocast_dtype(run.accelerator.mixed_precision))
 
 
 def chat_template(meta: dict, run_id: Optional[str], override: Optional[str], tracker: Optional[Tracker]) -> Optional[str]:

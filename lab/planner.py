@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from lab import hardware
 from lab.config import AdapterConfig, HardwareConfig, OptimizerConfig, RunConfig, trains_rest_by_default
 from lab.errors import ConfigError
 from lab.step_trace import Job, Trace, estimate, trace
@@ -244,16 +245,6 @@ def eager_seconds(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = N
     return flops, flops / (tflops * 1e12 * world_size)
 
 
-def _cpp_compiler() -> Optional[str]:
-    """The C++ compiler torch.compile builds CPU kernels with, or None where there is none."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return get_cpp_compiler()
-    except Exception:  # inductor raises its own InvalidCxxCompiler, or fails to find one at all
-        return None
-
-
 def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[tuple[bool, str]]:
     """Whether hardware.compile=auto compiles, and the line that says why; None: as configured.
     Reads the settled batch (hardware.micro_batch and grad_accum)."""
@@ -268,6 +259,6 @@ def choose_compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = 
     on = seconds >= COMPILE_PAYS_AFTER_S
     why = (f"this run is about {seconds / 60:.1f} min of eager compute at nominal speed ({flops:.2g} FLOPs), "
            f"{'more' if on else 'less'} than the {COMPILE_PAYS_AFTER_S / 60:.0f} min compiling takes to pay back")
-    if on and hw.device == "cpu" and _cpp_compiler() is None:
+    if on and hw.device == "cpu" and hardware.cpp_compiler() is None:
         on, why = False, "no C++ compiler found to build its CPU kernels (install g++, or set CXX)"
     return on, f"torch.compile: {'on' if on else 'off'}: {why} <hardware.compile=auto>"

@@ -17,6 +17,7 @@ from lab.tracking import Tracker
 
 if TYPE_CHECKING:
     from lab.engine import Parts
+    from lab.inference import TextModel
     from lab.objectives import ObjectiveInputs
 
 
@@ -126,6 +127,15 @@ class Run:
         """The model `spec` names, as init_from takes it (a run id, a path, runs:/, models:/, hf:);
         errors name `key`."""
         return lineage.resolve(spec, self.tracker, Path(self.cfg.paths.checkpoints), Path(self.cfg.paths.cache), key=key)
+
+    def text_model(self, pretrained: Optional[Pretrained] = None, name: Optional[str] = None) -> "TextModel":
+        """The model `pretrained` (default: init_from's) ready to use, with this run's settings:
+        generate.template, its device and tracker, its profile's precision (`lab.inference.load`)."""
+        from lab import inference
+        from lab.hardware import autocast_dtype
+
+        return inference.load(pretrained or self.pretrained, self.cfg.generate.template, self.accelerator.device,
+                              self.tracker, name, autocast_dtype(self.accelerator.mixed_precision))
 
     def say(self, message: str) -> None:
         """Print on rank 0 only."""

@@ -13,7 +13,7 @@ from lab.errors import ConfigError
 from lab.memory import LiveMemory, measured_peak
 from lab.models import build_model
 from lab.optim import state_bytes
-from lab import planner
+from lab import hardware, planner
 from lab.planner import GiB, choose_batch, choose_compile, device_memory, largest_micro_batch, make_plan, runtime_bytes
 from lab.step_trace import Job, trace
 from labtest import micro
@@ -193,7 +193,7 @@ def test_the_planned_vocabulary_is_the_tokenizers(compose_cfg):
 
 
 def test_auto_compile_turns_on_when_the_run_repays_it(compose_cfg, monkeypatch):
-    monkeypatch.setattr(planner, "_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: "g++")
 
     tiny = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto"))  # 400 steps of 8 x 256
     flops, seconds = planner.eager_seconds(tiny, 1, 8192)
@@ -215,7 +215,7 @@ def test_auto_compile_turns_on_when_the_run_repays_it(compose_cfg, monkeypatch):
     mps = to_run_config(compose_cfg("model=tiny", "hardware=mps", "hardware.compile=auto"))
     assert choose_compile(mps, 1, 8192) == (False, "torch.compile: off: its MPS backend is still experimental "
                                                    "<hardware.compile=auto>")
-    monkeypatch.setattr(planner, "_cpp_compiler", lambda: None)
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: None)
     tiny = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto"))
     on, why = choose_compile(tiny, 1, 8192)
     assert not on and "no C++ compiler" in why

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lab import planner
+from lab import hardware
 from lab.config import config_hash, to_run_config
 from lab.data.modular import prepare_modular
 from lab.sections import SettledConfigError
@@ -14,7 +14,7 @@ from labtest import micro
 
 
 def test_settle_decides_batch_and_compile_on_a_copy_and_freezes_it(compose_cfg, monkeypatch):
-    monkeypatch.setattr(planner, "_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: "g++")
     cfg = to_run_config(compose_cfg("model=tiny", "hardware.compile=auto", "hardware.precision=fp32",
                                     "hardware.micro_batch=4", "train.global_batch=16"))
     before = config_hash(cfg)

@@ -24,7 +24,6 @@ import statistics
 import threading
 import time
 import urllib.request
-from typing import Optional
 
 import torch
 

@@ -36,7 +36,7 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
                                                  {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=3600) as response:
                     tokens.append(json.load(response)["usage"]["completion_tokens"])
-        except BaseException as e:  # noqa: BLE001: reported once all clients are done
+        except BaseException as e:  # noqa: BLE001 -- reported once all clients are done
             failures.append(e)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]

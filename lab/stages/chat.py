@@ -22,7 +22,7 @@ from lab.run import Run
 def chat(run: Run) -> float:
     """Read turns from stdin until /exit or end of input; returns the number of answers given."""
     g = run.cfg.generate
-    tm = inference.load_for(run)
+    tm = run.text_model()
     if tm.template is None:
         raise ConfigError("stage=chat needs a model fine-tuned on chats (stage=sft or dpo) to know its chat template; "
                           "for a pretrained model use stage=generate, or set generate.template=<chatml | chat | ...>")

@@ -36,7 +36,7 @@ def evaluate(run: Run) -> float:
     run.tracker.set_tags({"lab.eval.runs": ",".join(pre.run_id or spec for _, spec, pre in named)})
     rows = []
     for key, spec, pre in named:
-        tm = inference.load_for(run, pre)
+        tm = run.text_model(pre)
         label = pre.run_id[:8] if pre.run_id else Path(spec).name
         run.say(f"eval {key}={spec} ({label})")
         rows.append({"model": label, "run_id": pre.run_id or "", **_scores(run, tm, label, references, choices)})

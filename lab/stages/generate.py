@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-from lab import inference
 from lab.data.prompts import prompt_json, read_prompts
 from lab.errors import ConfigError
 from lab.files import ensure_dir
@@ -27,7 +26,7 @@ def generate(run: Run) -> float:
         named += [(f"generate.prompts={g.prompts} (prompt {i + 1})", p) for i, p in enumerate(read_prompts(g.prompts, "generate.prompts"))]
     if not named:
         raise ConfigError("stage=generate has no prompt: give prompt=\"In the beginning\" or generate.prompts=<.txt or .jsonl file>")
-    tm = inference.load_for(run)
+    tm = run.text_model()
     encoded = [tm.prompt_ids(p, g.system, key) for key, p in named]
     out = Path(g.output) if g.output else run.info.output_dir / "completions.jsonl"
     ensure_dir(out.parent, "generate.output")

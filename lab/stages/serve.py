@@ -26,7 +26,7 @@ def serve(run: Run) -> float:
     import uvicorn
 
     cfg = run.cfg
-    tm = inference.load_for(run, name=cfg.serve.model_name)
+    tm = run.text_model(name=cfg.serve.model_name)
     batcher = Batcher(tm, cfg.serve.max_batch, cfg.serve.max_queue, row_capacity(tm, cfg.serve, run.say))
     stats = Stats()
     app = build_app(tm, cfg.generate, stats, batcher)  # settings this server cannot honour stop here
