@@ -149,7 +149,7 @@ class Batcher:
         while len(self.live) < self.max_batch:
             with self.wake:
                 if not self.waiting:
-                    return
+                    break
                 job = self.waiting.popleft()
             if job.cancelled:
                 job.finish()

@@ -14,6 +14,7 @@ already in the local cache, and a task whose data is not there stops the run in 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -38,6 +39,7 @@ def _lm_eval():
         import lm_eval
     except ImportError:
         raise ConfigError(f"eval.harness.tasks needs lm-evaluation-harness: {INSTALL}") from None
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its progress lines; lab prints its table
     return lm_eval
 
 

@@ -126,4 +126,10 @@ def test_greedy_rows_decoded_together_equal_generate():
     for job in jobs:
         assert job.done.wait(30)
     assert [job.completion().ids for job in jobs] == [c.ids for c in tm.complete(prompts, greedy).completions]
+    first = Job(prompts[0], Sampling(max_new_tokens=1, temperature=0))  # done as it is admitted: never stepped
+    stopped = Job(prompts[1], Sampling(max_new_tokens=5, temperature=0, stop=[Chars().decode(jobs[1].row.ids[:1])]))
+    batcher.submit([first, stopped])
+    assert first.done.wait(30) and stopped.done.wait(30)
+    assert first.completion().ids == jobs[0].row.ids[:1] and first.completion().finish_reason == "length"
+    assert stopped.completion().ids == jobs[1].row.ids[:1] and stopped.completion().text == ""
     assert batcher.load() == {"running": 0, "waiting": 0} and batcher.steps < 5 * 19  # 5 prompts in 3 rows

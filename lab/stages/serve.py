@@ -27,10 +27,10 @@ def serve(run: Run) -> float:
 
     cfg = run.cfg
     tm = run.text_model(name=cfg.serve.model_name)
+    run.say(tm.choose_compile(cfg.hardware.compile, None))  # before the batcher, which builds its step from it
     batcher = Batcher(tm, cfg.serve.max_batch, cfg.serve.max_queue, row_capacity(tm, cfg.serve, run.say))
     stats = Stats()
     app = build_app(tm, cfg.generate, stats, batcher)  # settings this server cannot honour stop here
-    run.say(tm.choose_compile(cfg.hardware.compile, None))
     if tm.compile:  # compiled before the first request, not during it
         t0 = time.perf_counter()
         batcher.warm_up()
