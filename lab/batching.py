@@ -12,17 +12,17 @@ greedy or seeded answer is the one the same request gets alone.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-import contextlib
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from lab.config_stages import Sampling
 from lab.decoding import Decoding
-from lab.generation import Completion, _advance, _flush, _generator, _Row, _seen, sample
+from lab.generation import Completion, Row, advance, flush, sample, sampler, seen_ids
 
 if TYPE_CHECKING:
     from lab.inference import TextModel
@@ -44,7 +44,7 @@ class Job:
     sampling: Sampling
     on_text: Optional[Callable[[str], None]] = None  # streaming: each piece of final text
     on_done: Optional[Callable[[], None]] = None  # called once it has left (finished, abandoned or failed)
-    row: _Row = field(init=False)
+    row: Row = field(init=False)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False  # its client went away: it leaves at the next step
     error: Optional[BaseException] = None
@@ -52,7 +52,7 @@ class Job:
     last: int = 0  # its latest token, the next step's input
 
     def __post_init__(self) -> None:
-        self.row = _Row(list(self.prompt))
+        self.row = Row(list(self.prompt))
 
     def finish(self) -> None:
         self.done.set()
@@ -155,11 +155,11 @@ class Batcher:
                 job.finish()
                 continue
             row = len(self.live)
-            job.generator = _generator(job.sampling, self.device)  # sampling where the logits are
+            job.generator = sampler(job.sampling, self.device)  # sampling where the logits are
             logits = self.decoding.admit(row, job.prompt)[None].float()  # (1, V)
             self.live.append(job)
             job.length = len(job.prompt)
-            self._take(row, job, sample(logits, job.sampling, job.generator, _seen([job.row], logits.size(-1), job.sampling)))
+            self._take(row, job, sample(logits, job.sampling, job.generator, seen_ids([job.row], logits.size(-1), job.sampling)))
         self._retire()
 
     def _step(self) -> None:
@@ -176,7 +176,7 @@ class Batcher:
             if job.greedy:
                 self._take(i, job, greedy[i])
             else:
-                seen = _seen([job.row], logits.size(-1), job.sampling)
+                seen = seen_ids([job.row], logits.size(-1), job.sampling)
                 self._take(i, job, sample(logits[i:i + 1], job.sampling, job.generator, seen))
         self._retire()
 
@@ -185,10 +185,10 @@ class Batcher:
         token = int(token)
         job.last = token
         if not job.cancelled:
-            _advance(job.row, token, job.sampling, self.decode, self.stop_ids, row, self._streamer(job))
+            advance(job.row, token, job.sampling, self.decode, self.stop_ids, row, self._streamer(job))
         if job.row.finish_reason is None and len(job.row.ids) >= job.sampling.max_new_tokens:
             job.row.finish_reason = "length"
-            _flush(job.row, row, self._streamer(job), len(job.row.text))
+            flush(job.row, row, self._streamer(job), len(job.row.text))
 
     @staticmethod
     def _streamer(job: Job):

@@ -40,7 +40,7 @@ class Completion:
 
 
 @dataclass
-class _Row:
+class Row:
     """A row's progress: its ids and how much of its text the caller has been given."""
 
     prompt: list[int]
@@ -89,8 +89,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     if sampling.sbd_gamma is not None:
         return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text)
     device = model.tok_emb.weight.device
-    rows = [_Row(list(p)) for p in prompts]
-    generator = _generator(sampling, device)
+    rows = [Row(list(p)) for p in prompts]
+    generator = sampler(sampling, device)
     was_training = model.training
     model.eval()
     passes = 0
@@ -100,10 +100,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
         for _ in range(new):
             logits = step(nxt)  # (B, V)
             passes += 1
-            nxt = sample(logits.float(), sampling, generator, _seen(rows, logits.size(-1), sampling))
+            nxt = sample(logits.float(), sampling, generator, seen_ids(rows, logits.size(-1), sampling))
             for b, (row, token) in enumerate(zip(rows, nxt.tolist())):  # the one host sync of a step
                 if row.finish_reason is None:
-                    _advance(row, token, sampling, decode, stop_ids, b, on_text)
+                    advance(row, token, sampling, decode, stop_ids, b, on_text)
             if all(r.finish_reason is not None for r in rows):
                 break
     finally:
@@ -111,19 +111,19 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     return _finish(rows, passes, on_text)
 
 
-def _generator(sampling: Sampling, device: torch.device) -> torch.Generator:
+def sampler(sampling: Sampling, device: torch.device) -> torch.Generator:
     """The sampler's own generator: seeded by sampling.seed, or from the OS; never the global RNG."""
     generator = torch.Generator(device=device)
     generator.manual_seed(sampling.seed) if sampling.seed is not None else generator.seed()
     return generator
 
 
-def _finish(rows: list[_Row], passes: int, on_text: Optional[OnText]) -> Result:
+def _finish(rows: list[Row], passes: int, on_text: Optional[OnText]) -> Result:
     """Rows still open ran out of tokens: "length"; their held-back text is final now."""
     for b, row in enumerate(rows):
         if row.finish_reason is None:
             row.finish_reason = "length"
-            _flush(row, b, on_text, len(row.text))
+            flush(row, b, on_text, len(row.text))
     return Result([Completion(r.ids, r.text, r.finish_reason, len(r.prompt)) for r in rows], passes)
 
 
@@ -152,10 +152,10 @@ def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, n
     """Set Block Decoding (`lab.sbd`), one prompt at a time: rows advance by different numbers of tokens per pass."""
     if not sampling.sbd_block:
         raise ValueError("Set Block Decoding needs a block size (sampling.sbd_block)")
-    generator = _generator(sampling, model.tok_emb.weight.device)
+    generator = sampler(sampling, model.tok_emb.weight.device)
     was_training = model.training
     model.eval()
-    rows, passes = [_Row(list(p)) for p in prompts], 0
+    rows, passes = [Row(list(p)) for p in prompts], 0
     try:
         for b, row in enumerate(rows):
             passes += _sbd_row(model, row, b, sampling, len(row.prompt) + new, decode, stop_ids, mask_id, use_cache,
@@ -165,7 +165,7 @@ def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, n
     return _finish(rows, passes, on_text)
 
 
-def _sbd_row(model, row: _Row, b: int, sampling: Sampling, end: int, decode, stop_ids, mask_id: int, use_cache: bool,
+def _sbd_row(model, row: Row, b: int, sampling: Sampling, end: int, decode, stop_ids, mask_id: int, use_cache: bool,
              on_text: Optional[OnText], generator: torch.Generator) -> int:
     """Decode one row up to `end` tokens, a block of sbd_block positions at a time; returns the forward passes."""
     device = model.tok_emb.weight.device
@@ -187,7 +187,7 @@ def _sbd_row(model, row: _Row, b: int, sampling: Sampling, end: int, decode, sto
         # the next place by next-token prediction (logits[0], from the last known token); the others by
         # their own masked-token prediction (logits[1 + j] at block place j)
         guesses = torch.stack([logits[0] if j == 0 else logits[1 + j] for j in masked]).float()  # (M, V)
-        seen = _seen([row], logits.size(-1), sampling)
+        seen = seen_ids([row], logits.size(-1), sampling)
         for i in sbd.entropy_bounded(sbd.entropy(guesses).tolist(), sampling.sbd_gamma, first=0):
             filled[t + masked[i]] = int(sample(guesses[i:i + 1], sampling, generator, seen)[0])
         pending = []
@@ -195,7 +195,7 @@ def _sbd_row(model, row: _Row, b: int, sampling: Sampling, end: int, decode, sto
             token = filled.pop(len(text))
             text.append(token)
             pending.append(token)
-            _advance(row, token, sampling, decode, stop_ids, b, on_text)
+            advance(row, token, sampling, decode, stop_ids, b, on_text)
     return passes
 
 
@@ -219,7 +219,7 @@ def _uncached_steps(model, prompts: Sequence[Sequence[int]], pad_id: int):
     return step
 
 
-def _seen(rows: list[_Row], vocab: int, sampling: Sampling) -> Optional[torch.Tensor]:
+def seen_ids(rows: list[Row], vocab: int, sampling: Sampling) -> Optional[torch.Tensor]:
     """(B, V) True at every id a row's prompt or output holds, for the repetition penalty."""
     if sampling.repetition_penalty == 1.0:
         return None
@@ -229,12 +229,12 @@ def _seen(rows: list[_Row], vocab: int, sampling: Sampling) -> Optional[torch.Te
     return seen
 
 
-def _advance(row: _Row, token: int, sampling: Sampling, decode, stop_ids: Sequence[int], b: int,
+def advance(row: Row, token: int, sampling: Sampling, decode, stop_ids: Sequence[int], b: int,
              on_text: Optional[OnText]) -> None:
     """Append a token to a row, and finish the row at a stop id or a stop string."""
     if token in stop_ids:
         row.finish_reason = "stop"
-        _flush(row, b, on_text, len(row.text))
+        flush(row, b, on_text, len(row.text))
         return
     row.ids.append(token)
     if decode is None:
@@ -244,9 +244,9 @@ def _advance(row: _Row, token: int, sampling: Sampling, decode, stop_ids: Sequen
         at = row.text.find(s, max(0, row.sent - len(s)))
         if at >= 0:
             row.text, row.finish_reason = row.text[:at], "stop"
-            _flush(row, b, on_text, at)
+            flush(row, b, on_text, at)
             return
-    _flush(row, b, on_text, len(row.text) - _held_back(row.text, sampling.stop))
+    flush(row, b, on_text, len(row.text) - _held_back(row.text, sampling.stop))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -261,7 +261,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return n
 
 
-def _flush(row: _Row, b: int, on_text: Optional[OnText], upto: int) -> None:
+def flush(row: Row, b: int, on_text: Optional[OnText], upto: int) -> None:
     if on_text is not None and upto > row.sent:
         on_text(b, row.text[row.sent:upto])
     row.sent = max(row.sent, upto)
