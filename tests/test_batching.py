@@ -96,6 +96,8 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row():
             client.completions.create(model="micro", prompt="Jacob", max_tokens=4)
         assert refused.value.code == "rate_limit_exceeded" and "serve.max_queue=1" in refused.value.message
         assert refused.value.response.headers["Retry-After"] == "1"
+        with pytest.raises(openai.BadRequestError, match="this request has 2 prompts, and this server queues at most 1"):
+            client.completions.create(model="micro", prompt=["Jacob", "Esau"], max_tokens=4)  # would never fit
         batcher.start()
         next(iter(first))  # decoding has begun ...
         first.close()  # ... and the client goes away
