@@ -264,7 +264,7 @@ def _wait_for_url(proc: subprocess.Popen, seen: Optional[list[str]] = None, time
     raise AssertionError("the server never said where it listens")
 
 
-def test_serve_on_a_port_in_use_says_so(runs, compose_cfg):
+def test_serve_on_a_port_in_use_says_so(runs, compose_cfg, capsys):
     from lab.errors import LabError
 
     _, _, ids = runs
@@ -274,6 +274,8 @@ def test_serve_on_a_port_in_use_says_so(runs, compose_cfg):
         port = held.getsockname()[1]
         with pytest.raises(LabError, match=f"serve.port={port} is already in use on 127.0.0.1; .* serve.port={port + 1}"):
             in_process(runs, compose_cfg, "stage=serve", f"init_from={ids['pre']}", f"serve.port={port}")
+    said = capsys.readouterr().out
+    assert "decode step: compiled" in said and "decode step compiled in" not in said  # refused before compiling
 
 
 # ---- eval ---------------------------------------------------------------------------------------

@@ -31,18 +31,18 @@ def serve(run: Run) -> float:
     batcher = Batcher(tm, cfg.serve.max_batch, cfg.serve.max_queue, row_capacity(tm, cfg.serve, run.say))
     stats = Stats()
     app = build_app(tm, cfg.generate, stats, batcher)  # settings this server cannot honour stop here
-    if tm.compile:  # compiled before the first request, not during it
-        t0 = time.perf_counter()
-        batcher.warm_up()
-        run.say(f"decode step compiled in {time.perf_counter() - t0:.1f} s")
-    batcher.start()
-    sock = listen(cfg.serve.host, cfg.serve.port)
-    host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    run.tracker.set_tags({"lab.serve.url": f"http://{host}:{port}/v1", "lab.serve.model": tm.name})
-    run.say(f"serving {tm.name!r} (template {tm.template or 'none'}, context {tm.context}) at http://{host}:{port}/v1; "
-            "Ctrl-C stops")
+    sock = listen(cfg.serve.host, cfg.serve.port)  # a port in use stops it now, not after a compile
     try:
+        if tm.compile:  # compiled before the first request, not during it
+            t0 = time.perf_counter()
+            batcher.warm_up()
+            run.say(f"decode step compiled in {time.perf_counter() - t0:.1f} s")
+        batcher.start()
+        host, port = sock.getsockname()[:2]
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        run.tracker.set_tags({"lab.serve.url": f"http://{host}:{port}/v1", "lab.serve.model": tm.name})
+        run.say(f"serving {tm.name!r} (template {tm.template or 'none'}, context {tm.context}) at http://{host}:{port}/v1; "
+                "Ctrl-C stops")
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed the signal on: stopping is how a server ends
         pass
