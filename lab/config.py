@@ -456,6 +456,7 @@ class TrainConfig(Section):
     sample_tokens: int = ranged(48, "[0, inf)")
     eval_choices: Optional[str] = None  # JSONL of {"prompt", "choices", "answer"}: val/choice_acc at every evaluation
     eval_references: Optional[str] = None  # JSONL of {"prompt", "reference"}: greedy outputs' val/bleu, val/chrf, ... at every evaluation
+    eval_harness: list[str] = field(default_factory=list)  # lm-eval tasks (eval.harness.* says how): val/harness/<task>/<metric> at every evaluation
     progress: bool = True  # live progress bar on rank 0
     log_every: int = ranged(1, "[1, inf)")  # steps between train/* metrics (and the loss check); long runs log less
     grokfast: GrokfastConfig = field(default_factory=GrokfastConfig)
@@ -647,7 +648,7 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
 ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
               "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None,
-              "train.eval_choices": None, "train.eval_references": None, "eval.harness.tasks": [],
+              "train.eval_choices": None, "train.eval_references": None, "train.eval_harness": [], "eval.harness.tasks": [],
               "eval.harness.include": None, "eval.harness.num_fewshot": None, "eval.harness.limit": None,
               "eval.harness.batch": 8, "eval.harness.chat": None}
 

@@ -32,7 +32,7 @@ from lab import checkpoint as ckpt
 from lab import fsdp, signals
 from lab.config import HardwareConfig, OptimizerConfig, TrainConfig
 from lab.data.batch import Batch
-from lab.config_stages import GenerateConfig
+from lab.config_stages import GenerateConfig, HarnessConfig
 from lab.data.mixture import TaskMixture
 from lab.downstream import DownstreamScores
 from lab.errors import CheckpointError, TrainingDiverged
@@ -64,6 +64,7 @@ class Parts:
     started_at: float = field(default_factory=time.time)  # when the job began (for train/job_to_first_step_s)
     label: str = "train"  # the progress bar's name
     generate: GenerateConfig = field(default_factory=GenerateConfig)  # how train.eval_references are generated
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # how train.eval_harness tasks are run
 
 
 @dataclass
@@ -180,9 +181,9 @@ class Trainer:
         self.parts, self.cfg, self.acc, self.tracker = parts, parts.train, parts.accelerator, parts.tracker
         self.tasks, self.evals, self.tokenizer = {t.name: t for t in tasks}, evals, tokenizer
         self.adapter, self.callbacks = adapter, list(callbacks)
-        if self.cfg.eval_choices or self.cfg.eval_references:  # downstream scores beside val/loss, which
-            self.callbacks.append(DownstreamScores(self.cfg.eval_choices, self.cfg.eval_references, tokenizer,
-                                                   parts.meta.get("template"), parts.generate))  # train.stop can watch
+        if self.cfg.eval_choices or self.cfg.eval_references or self.cfg.eval_harness:  # downstream scores beside
+            self.callbacks.append(DownstreamScores(self.cfg, tokenizer, parts.meta.get("template"), parts.generate,
+                                                   parts.harness))  # val/loss, which train.stop can watch
         if self.cfg.grokking.enabled:  # any stage can watch for grokking
             self.callbacks.append(GrokkingDetector(self.cfg.grokking))
         self.callbacks += stopping_callbacks(self.cfg.stop)

@@ -13,11 +13,14 @@ already in the local cache, and a task whose data is not there stops the run in 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import random
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,12 +46,20 @@ def _lm_eval():
     return lm_eval
 
 
-def evaluate(tm: "TextModel", hc: HarnessConfig) -> dict[str, Any]:
-    """lm-eval's results for `tm` on `hc.tasks` (its `results` dict: per task, "acc,none" and so on)."""
-    lm_eval = _lm_eval()
-    from lm_eval.tasks import TaskManager, get_task_dict
+@functools.lru_cache(maxsize=4)
+def _manager(include: Optional[str]):
+    """lm-eval's index of its tasks and those in `include` (indexing takes seconds: once per folder)."""
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=hc.include, verbosity="ERROR")
+    return TaskManager(include_path=include, verbosity="ERROR")
+
+
+def load_tasks(hc: HarnessConfig) -> dict[str, Any]:
+    """lm-eval's tasks `hc.tasks` with their data, or one line naming what is unknown or missing."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = _manager(hc.include)
     unknown = [t for t in hc.tasks if t not in manager.all_tasks]
     if unknown:
         where = f"its own tasks or the YAMLs in eval.harness.include={hc.include}" if hc.include else \
@@ -63,13 +74,29 @@ def evaluate(tm: "TextModel", hc: HarnessConfig) -> dict[str, Any]:
             raise ConfigError(f"eval.harness.tasks: task {name!r} cannot load its data ({reason[:300]}); lab downloads "
                               "nothing at run time: point a task YAML at local files (eval.harness.include), or put the "
                               "dataset in the local datasets cache first") from None
+    return tasks
+
+
+def evaluate(tm: "TextModel", hc: HarnessConfig, tasks: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """lm-eval's results for `tm` on `hc.tasks` (its `results` dict: per task, "acc,none" and so on);
+    `tasks` from `load_tasks`, loaded here when not given. The global RNGs, which lm-eval seeds, are
+    left as they were (a training run's randomness goes on undisturbed)."""
+    lm_eval = _lm_eval()
+    tasks = load_tasks(hc) if tasks is None else tasks
     chat = tm.template is not None if hc.chat is None else hc.chat
     if chat and tm.template is None:
         raise ConfigError("eval.harness.chat=true needs a model with a chat template (fine-tuned with stage=sft or dpo), "
                           "or generate.template=<chatml | ...>")
-    return lm_eval.simple_evaluate(model=_lab_lm()(tm, hc.batch), tasks=list(tasks.values()), num_fewshot=hc.num_fewshot,
-                                   limit=hc.limit, apply_chat_template=chat, bootstrap_iters=1000, log_samples=False,
-                                   task_manager=manager, verbosity="ERROR")
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        return lm_eval.simple_evaluate(model=_lab_lm()(tm, hc.batch), tasks=list(tasks.values()),
+                                       num_fewshot=hc.num_fewshot, limit=hc.limit, apply_chat_template=chat,
+                                       bootstrap_iters=1000, log_samples=False, task_manager=_manager(hc.include),
+                                       verbosity="ERROR")
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -94,7 +94,8 @@ class Run:
         return Parts(train=self.cfg.train, hardware=self.cfg.hardware, optimizer=self.cfg.optimizer, accelerator=self.accelerator,
                      tracker=self.tracker, ckpt_dir=self.ckpt_dir, meta=self.checkpoint_meta(),
                      resume_from=self.resume_from, flush_every=self.cfg.tracking.flush_every,
-                     started_at=self.started_at, label=self.cfg.stage.name, generate=self.cfg.generate)
+                     started_at=self.started_at, label=self.cfg.stage.name, generate=self.cfg.generate,
+                     harness=self.cfg.eval.harness)
 
     def objective_inputs(self, **parts: Any) -> "ObjectiveInputs":
         """What the stage's `OBJECTIVE` is built from, for this run; `parts`: the applied adapter
