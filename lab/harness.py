@@ -13,12 +13,11 @@ already in the local cache, and a task whose data is not there stops the run in 
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import random
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -46,20 +45,19 @@ def _lm_eval():
     return lm_eval
 
 
-@functools.lru_cache(maxsize=4)
-def _manager(include: Optional[str]):
-    """lm-eval's index of its tasks and those in `include` (indexing takes seconds: once per folder)."""
-    _lm_eval()
-    from lm_eval.tasks import TaskManager
+class Tasks(NamedTuple):
+    """lm-eval's index of tasks (its own and `include`'s; indexing takes seconds) and the tasks loaded."""
 
-    return TaskManager(include_path=include, verbosity="ERROR")
+    manager: Any
+    tasks: dict[str, Any]
 
 
-def load_tasks(hc: HarnessConfig) -> dict[str, Any]:
+def load_tasks(hc: HarnessConfig) -> Tasks:
     """lm-eval's tasks `hc.tasks` with their data, or one line naming what is unknown or missing."""
-    from lm_eval.tasks import get_task_dict
+    _lm_eval()
+    from lm_eval.tasks import TaskManager, get_task_dict
 
-    manager = _manager(hc.include)
+    manager = TaskManager(include_path=hc.include, verbosity="ERROR")
     unknown = [t for t in hc.tasks if t not in manager.all_tasks]
     if unknown:
         where = f"its own tasks or the YAMLs in eval.harness.include={hc.include}" if hc.include else \
@@ -74,10 +72,10 @@ def load_tasks(hc: HarnessConfig) -> dict[str, Any]:
             raise ConfigError(f"eval.harness.tasks: task {name!r} cannot load its data ({reason[:300]}); lab downloads "
                               "nothing at run time: point a task YAML at local files (eval.harness.include), or put the "
                               "dataset in the local datasets cache first") from None
-    return tasks
+    return Tasks(manager, tasks)
 
 
-def evaluate(tm: "TextModel", hc: HarnessConfig, tasks: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def evaluate(tm: "TextModel", hc: HarnessConfig, tasks: Optional[Tasks] = None) -> dict[str, Any]:
     """lm-eval's results for `tm` on `hc.tasks` (its `results` dict: per task, "acc,none" and so on);
     `tasks` from `load_tasks`, loaded here when not given. The global RNGs, which lm-eval seeds, are
     left as they were (a training run's randomness goes on undisturbed)."""
@@ -89,9 +87,9 @@ def evaluate(tm: "TextModel", hc: HarnessConfig, tasks: Optional[dict[str, Any]]
                           "or generate.template=<chatml | ...>")
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        return lm_eval.simple_evaluate(model=_lab_lm()(tm, hc.batch), tasks=list(tasks.values()),
+        return lm_eval.simple_evaluate(model=_lab_lm()(tm, hc.batch), tasks=list(tasks.tasks.values()),
                                        num_fewshot=hc.num_fewshot, limit=hc.limit, apply_chat_template=chat,
-                                       bootstrap_iters=1000, log_samples=False, task_manager=_manager(hc.include),
+                                       bootstrap_iters=1000, log_samples=False, task_manager=tasks.manager,
                                        verbosity="ERROR")
     finally:
         random.setstate(states[0])
@@ -146,6 +144,9 @@ def _lab_lm():
         def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
             messages = [Message(m["role"], m["content"]) for m in chat_history]
             return "".join(text for text, _ in render(messages, self.tm.template, add_generation_prompt))
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return super().loglikelihood(requests, disable_tqdm=True)  # lab prints the table, not a bar per request type
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
             """(sum of the continuation's log-probabilities, whether greedy decoding gives it) per request."""

@@ -226,3 +226,22 @@ def save_hf_tokenizer(directory: Path, vocab_size: int = 400) -> int:
     (directory / "tokenizer_config.json").write_text(
         '{"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}')
     return tok.get_vocab_size()
+
+
+def mc_task_yaml(name: str, data: Path, delimiter: str = " ") -> str:
+    """An lm-evaluation-harness multiple-choice task (accuracy) over a local JSONL file of
+    {"prompt", "choices", "answer"}; `delimiter` goes between the prompt and each choice."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+"""

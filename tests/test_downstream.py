@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import json
 
-from labtest import FAST, all_runs, loss_history
+from labtest import FAST, all_runs, loss_history, mc_task_yaml
 from test_errors_cli import assert_one_line_error
 
 CHOICES = [{"prompt": "In the beginning God created the", "choices": [" heaven", " banana"], "answer": 0},
            {"prompt": "And God said, Let there be", "choices": [" light", " spoons"], "answer": 0},
            {"prompt": "The LORD is my", "choices": [" umbrella", " shepherd"], "answer": 1}]
-MC_TASK = """task: mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
 REFERENCES = [{"prompt": "In the beginning", "reference": "God created the heaven and the earth."},
               {"prompt": "And God said", "reference": "Let there be light: and there was light."}]
 
@@ -38,7 +24,7 @@ def test_downstream_scores_are_curves_that_a_resume_continues(lab_cli, tmp_path)
     for name, rows in (("choices", CHOICES), ("refs", REFERENCES)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tasks").mkdir()  # the same choices as an lm-evaluation-harness task
-    (tmp_path / "tasks" / "mc.yaml").write_text(MC_TASK.format(data=tmp_path / "choices.jsonl"))
+    (tmp_path / "tasks" / "mc.yaml").write_text(mc_task_yaml("mc", tmp_path / "choices.jsonl", delimiter=""))
     common = [*FAST, "model.dropout=0.1", "train.eval_every=4", f"train.eval_choices={tmp_path / 'choices.jsonl'}",
               f"train.eval_references={tmp_path / 'refs.jsonl'}", "generate.max_new_tokens=6",
               "train.eval_harness=[mc]", f"eval.harness.include={tmp_path / 'tasks'}", "tracking.experiment=scored"]

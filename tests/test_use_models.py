@@ -19,7 +19,7 @@ from typing import Optional
 import pytest
 import sacrebleu
 
-from labtest import FAST, mlflow_client, run_lab
+from labtest import FAST, mc_task_yaml, mlflow_client, run_lab
 
 SFT = ["stage=sft", "data=kjv_sft", "adapter=lora", "train.lr=2e-2", "train.max_steps=6", "train.eval_every=0"]
 COMMON = [*FAST, "train.eval_every=12", "train.eval_batches=3"]  # the final evaluation: 3 val batches of 4 rows
@@ -317,19 +317,6 @@ def test_eval_of_two_runs_writes_one_table(runs, compose_cfg):
     assert {f"eval/{ids[k][:8]}/bits_per_byte" for k in ("pre", "sft")} <= set(run.data.metrics)
 
 
-MC_TASK = """task: lab_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
 GEN_TASK = """task: lab_gen
 dataset_path: json
 dataset_kwargs:
@@ -379,7 +366,7 @@ def test_harness_tasks_from_local_files_score_what_is_computed_by_hand(runs, com
     tasks.mkdir()
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps({"prompt": p, "choices": c, "answer": a}) + "\n" for p, c, a in items))
     (tmp_path / "gen.jsonl").write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references)))
-    (tasks / "lab_mc.yaml").write_text(MC_TASK.format(data=tmp_path / "mc.jsonl"))
+    (tasks / "lab_mc.yaml").write_text(mc_task_yaml("lab_mc", tmp_path / "mc.jsonl"))
     (tasks / "lab_gen.yaml").write_text(GEN_TASK.format(data=tmp_path / "gen.jsonl"))
     outcome = in_process(runs, compose_cfg, "stage=eval", f"init_from={ids['pre']}", "eval.perplexity=false",
                          f"eval.harness.include={tasks}", "eval.harness.tasks=[lab_mc,lab_gen]", "tracking.experiment=harness")
@@ -389,7 +376,7 @@ def test_harness_tasks_from_local_files_score_what_is_computed_by_hand(runs, com
     assert m["eval/harness/lab_mc/acc_stderr"] > 0
     logged = json.loads(next((cwd / "outputs" / "runs").glob(f"*/harness_{ids['pre'][:8]}.json")).read_text())
     assert logged["results"]["lab_mc"]["acc,none"] == right / 4
-    (tasks / "lab_gone.yaml").write_text(MC_TASK.replace("lab_mc", "lab_gone").format(data=tmp_path / "gone.jsonl"))
+    (tasks / "lab_gone.yaml").write_text(mc_task_yaml("lab_gone", tmp_path / "gone.jsonl"))
     from lab.errors import LabError
 
     with pytest.raises(LabError, match="task 'lab_gone' cannot load its data .*lab downloads nothing at run time") as e:
