@@ -385,6 +385,26 @@ def test_harness_tasks_from_local_files_score_what_is_computed_by_hand(runs, com
     assert "\n" not in str(e.value)
 
 
+def test_harness_renders_a_chat_as_the_model_learned_it(runs):
+    """lm-eval's chat path (eval.harness.chat, on for an SFT model): the text LabLM renders tokenizes into the
+    ids lab's own chat encoding gives, so a chat model sees its template exactly."""
+    import torch
+
+    from lab import inference
+    from lab.data.chat import Message
+    from lab.harness import _lab_lm
+    from lab.lineage import resolve
+
+    cwd, cache, ids = runs
+    sft = resolve(str(cwd / "outputs" / "checkpoints" / ids["sft"]), None, cwd / "outputs" / "checkpoints", cache)
+    tm = inference.load(sft, None, torch.device("cpu"))
+    lm = _lab_lm()(tm, 4)
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who was Noah?"}]
+    text = lm.apply_chat_template(chat)
+    assert tm.template == "chatml" and "<|im_start|>assistant" in text
+    assert [lm.prefix_token_id, *lm.tok_encode(text)] == tm.encode([Message(m["role"], m["content"]) for m in chat])
+
+
 # ---- the generation benchmark -------------------------------------------------------------------
 
 def test_bench_generate_grows_a_fresh_models_context_on_its_own_copy(runs, compose_cfg):
