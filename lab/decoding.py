@@ -5,8 +5,8 @@
 
 A step's shapes depend only on the rows and the span of slots attended, never on how far each row
 has got, so `torch.compile` captures the step once and replays it: on a CPU that removes most of
-the per-token cost of an eager forward pass (small operations and Python; nano decoded 2,150
-tokens/s compiled against 500 eager, one thread). Compiling costs seconds, so a short job decodes
+the per-token cost of an eager forward pass (small operations and Python; nano decoded 1,327
+tokens/s compiled against 543 eager, one thread: `lab.benchmarks.decode_speed`). Compiling costs seconds, so a short job decodes
 eager (`choose_compile`). Prefilling each prompt alone, rather than left-padded beside the others,
 makes a row's tokens independent of the rows decoded beside it: the server's answers equal what
 each request gets alone.
@@ -20,8 +20,9 @@ import torch
 from lab import hardware
 from lab.models.kv_cache import KVCache, RowCache
 
-# Compiling the step takes about 3 s (nano) to 8 s (tiny) on 2 cores and then saves 1 to 3 ms a
-# token, so a job of fewer tokens than this decodes eager (hardware.compile=auto).
+# Compiling the step takes about 3 s (nano) to 8 s (tiny) on 2 cores with inductor's cache warm (15 to
+# 25 s cold) and then saves 1 to 3 ms a token, so a job of fewer tokens than this decodes eager
+# (hardware.compile=auto).
 COMPILE_PAYS_AFTER_TOKENS = 4096
 
 
@@ -49,7 +50,8 @@ def lay_out_for_decoding(model: torch.nn.Module) -> None:
     memory (in, out). A decoded token is one matrix-vector product per weight, and MKL's reads a weight
     laid out (in, out) at 22 GB/s against 13.6 GB/s for (out, in) on these 2-core AMD EPYC machines
     (one thread; `tiny` decoded 401 tokens/s compiled against 214). Nothing else changes: a tied head
-    shares the embedding's new layout, and a bigger batch's matrix product is as fast either way."""
+    shares the embedding's new layout, and a product over many rows (a prefill, eval's scoring) took
+    within 10% of its time either way (64 and 512 rows)."""
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.weight.is_contiguous():
             module.weight.data = module.weight.data.t().contiguous().t()
