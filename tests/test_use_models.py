@@ -410,7 +410,7 @@ def test_harness_renders_a_chat_as_the_model_learned_it(runs):
 def test_bench_generate_grows_a_fresh_models_context_on_its_own_copy(runs, compose_cfg):
     cwd, _, _ = runs  # model=micro holds 128 tokens: a context of 160 grows the model's (the run's config is settled)
     outcome = in_process(runs, compose_cfg, "stage=bench", "bench=generate", "bench.contexts=[160]", "bench.new_tokens=8",
-                         "bench.rounds=1", "bench.clients=0", "tracking.experiment=bench_fresh")
+                         "bench.rounds=1", "bench.clients=0", "tracking.experiment=bench_fresh", "hardware.compile=false")
     m = mlflow_client(cwd).get_run(outcome.run_id).data.metrics
     assert m["bench/gen_160/kv_cache_mb"] == 160 * 512 / 2**20
 
@@ -419,9 +419,11 @@ def test_bench_generate_times_both_modes_and_the_server(runs, compose_cfg):
     cwd, _, ids = runs
     outcome = in_process(runs, compose_cfg, "stage=bench", "bench=generate", f"init_from={ids['pre']}",
                          "bench.contexts=[16,96]", "bench.new_tokens=8", "bench.rounds=1",
-                         "bench.clients=2", "bench.requests=1", "tracking.experiment=bench")
+                         "bench.clients=2", "bench.requests=1", "tracking.experiment=bench",
+                         "hardware.compile=false")  # the compiled step's tokens: tests/test_generation.py
     m = mlflow_client(cwd).get_run(outcome.run_id).data.metrics
     # micro: 2 layers x (keys, values) x 2 kv heads x 16-wide fp32 = 512 bytes per token of context
     assert m["bench/kv_bytes_per_token"] == 512 and m["bench/gen_96/kv_cache_mb"] == 96 * 512 / 2**20
     assert all(m[f"bench/gen_{c}/tokens_per_sec_{k}"] > 0 for c in (16, 96) for k in ("cache", "nocache"))
+    assert "bench/gen_96/tokens_per_sec_compiled" not in m  # hardware.compile=false: no compiled mode
     assert m["bench/server_requests_per_sec"] > 0

@@ -2,11 +2,12 @@
 
 For each context length C in `bench.contexts`, a seeded random prompt of C - N tokens is
 continued by N = `bench.new_tokens` greedy tokens, so the last token sees C. Per mode
-(cache, no cache), interleaved over `bench.rounds` rounds, medians of:
+(cache, no cache, and the compiled decode step where hardware.compile would compile a server's),
+interleaved over `bench.rounds` rounds, medians of:
 - tokens/s: N over the whole generation, prefill included;
 - time to first token: the prefill and one sampled token (`max_new_tokens=1`);
 and, once: the KV cache's bytes at C, and how many tokens of cache the free memory would hold.
-Both modes must produce the same tokens (greedy): the benchmark checks it as it goes.
+Every mode must produce the same tokens (greedy): the benchmark checks it as it goes.
 
 With `bench.clients` > 0, the OpenAI-compatible server (lab.serving) is started in this
 process and that many clients each send `bench.requests` completions at once: requests/s.
@@ -36,8 +37,9 @@ from lab.sbd import mask_token
 from lab.run import Run
 
 
-def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, float]:
-    """Time generation at each context length; returns the metrics (also logged and printed)."""
+def bench_generation(run: Run, model: torch.nn.Module, tokenizer, compiled: bool = False) -> dict[str, float]:
+    """Time generation at each context length (with the compiled decode step too, if `compiled`);
+    returns the metrics (also logged and printed)."""
     bc, device = run.cfg.bench, run.accelerator.device
     model = model.to(device).eval()
     new = bc.new_tokens
@@ -47,16 +49,18 @@ def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, f
             raise ConfigError(f"bench.contexts has {context}: it must exceed bench.new_tokens={new} and fit "
                              f"the model's context (model.max_seq_len={model.config.max_seq_len})")
         prompt = torch.randint(0, model.vocab_size, (context - new,), generator=torch.Generator().manual_seed(context)).tolist()
-        times: dict[str, list[float]] = {"cache": [], "nocache": [], "ttft_cache": [], "ttft_nocache": []}
+        modes = ("cache", "nocache", "compiled") if compiled else ("cache", "nocache")
+        times: dict[str, list[float]] = {k: [] for m in modes for k in (m, f"ttft_{m}")}
         outputs: dict[str, list[int]] = {}
-        for r in range(bc.rounds):  # interleaved: drift in machine speed hits both modes alike
-            for mode in (("cache", "nocache") if r % 2 == 0 else ("nocache", "cache")):
-                use = mode == "cache"
-                times[f"ttft_{mode}"].append(_timed(model, prompt, 1, use, device)[0])
-                seconds, ids = _timed(model, prompt, new, use, device)
+        if compiled:
+            _timed(model, prompt, new, "compiled", device)  # compiled before the rounds
+        for r in range(bc.rounds):  # interleaved, in an order that rotates: drift in machine speed hits every mode alike
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                times[f"ttft_{mode}"].append(_timed(model, prompt, 1, mode, device)[0])
+                seconds, ids = _timed(model, prompt, new, mode, device)
                 times[mode].append(seconds)
                 outputs[mode] = ids
-        if outputs["cache"] != outputs["nocache"]:
+        if any(outputs[m] != outputs["nocache"] for m in modes):
             raise RuntimeError(f"at context {context} the KV cache changed the greedy tokens: a bug; please report it")
         kv = KVCache(model, 1, context).nbytes()
         metrics |= {f"bench/gen_{context}/tokens_per_sec_cache": new / statistics.median(times["cache"]),
@@ -66,6 +70,8 @@ def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, f
                     f"bench/gen_{context}/kv_cache_mb": kv / 2**20}
         metrics[f"bench/gen_{context}/cache_speedup"] = (metrics[f"bench/gen_{context}/tokens_per_sec_cache"]
                                                          / metrics[f"bench/gen_{context}/tokens_per_sec_nocache"])
+        if compiled:
+            metrics[f"bench/gen_{context}/tokens_per_sec_compiled"] = new / statistics.median(times["compiled"])
     per_token = KVCache(model, 1, 1).nbytes()
     metrics["bench/kv_bytes_per_token"] = per_token
     free = free_memory(device)
@@ -76,10 +82,13 @@ def bench_generation(run: Run, model: torch.nn.Module, tokenizer) -> dict[str, f
     return metrics
 
 
-def _timed(model, prompt: list[int], new: int, use_cache: bool, device: torch.device) -> tuple[float, list[int]]:
+def _timed(model, prompt: list[int], new: int, mode: str, device: torch.device) -> tuple[float, list[int]]:
+    """Seconds and greedy ids of one generation: with the KV cache (`cache`), without (`nocache`), or
+    with the compiled decode step (`compiled`)."""
     _sync(device)
     t0 = time.perf_counter()
-    result = generate(model, [prompt], Sampling(max_new_tokens=new, temperature=0.0), use_cache=use_cache)
+    result = generate(model, [prompt], Sampling(max_new_tokens=new, temperature=0.0), use_cache=mode != "nocache",
+                      compile=mode == "compiled")
     _sync(device)
     return time.perf_counter() - t0, result.completions[0].ids
 

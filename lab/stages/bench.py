@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lab import inference
 from lab.benchmarks.generation import bench_generation, bench_sbd
 from lab.data import prepare_data
+from lab.decoding import choose_compile, lay_out_for_decoding
 from lab.engine import EvalSet, Task, Trainer, lr_factor
 from lab.optim import build_optimizer
 from lab.errors import ConfigError
@@ -155,17 +156,21 @@ def _bench_generation(run: Run) -> float:
         run.say(f"model.max_seq_len raised from {model.config.max_seq_len} to {longest} <bench.contexts>")
         model.config = dataclasses.replace(model.config, max_seq_len=longest)  # the model's own copy: the run's is settled
         model.reset_rope()
-    m = bench_generation(run, model, tokenizer)
+    if run.accelerator.device.type == "cpu":
+        lay_out_for_decoding(model)  # as stage=generate loads it
+    compiled, why = choose_compile(cfg.hardware.compile, None, run.accelerator.device)
+    run.say(why)
+    m = bench_generation(run, model, tokenizer, compiled)
     run.tracker.log_metrics(m, step=0)
     run.say(f"bench generate: model={cfg.model.name} ({model.num_parameters() / 1e6:.2f}M params), "
             f"{cfg.bench.new_tokens} new tokens, batch 1, greedy; median of {cfg.bench.rounds} interleaved rounds")
     run.say(f"  {'context':>8} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speed-up':>9} {'TTFT cache':>11} "
-            f"{'TTFT no-cache':>14} {'KV cache':>9}")
+            f"{'TTFT no-cache':>14} {'KV cache':>9}" + (f" {'compiled tok/s':>15}" if compiled else ""))
     for c in cfg.bench.contexts:
         g = lambda k: m[f"bench/gen_{c}/{k}"]  # noqa: E731
         run.say(f"  {c:>8} {g('tokens_per_sec_cache'):>12,.0f} {g('tokens_per_sec_nocache'):>15,.0f} "
                 f"{g('cache_speedup'):>8.2f}x {g('ttft_ms_cache'):>9.1f}ms {g('ttft_ms_nocache'):>12.1f}ms "
-                f"{g('kv_cache_mb'):>7.2f}MB")
+                f"{g('kv_cache_mb'):>7.2f}MB" + (f" {g('tokens_per_sec_compiled'):>15,.0f}" if compiled else ""))
     run.say(f"  KV cache: {m['bench/kv_bytes_per_token']:,.0f} bytes per token" +
             (f"; free memory holds {m['bench/kv_tokens_in_free_memory']:,.0f} tokens of it"
              if "bench/kv_tokens_in_free_memory" in m else ""))
