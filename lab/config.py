@@ -73,6 +73,7 @@ class StageDeclaration(Section):
 
     reads: Optional[str] = chosen(None, tuple(READS))  # the data it reads: pretraining | SFT | DPO (a key of READS); null: none
     starts_from_a_model: bool = False  # needs init_from
+    trains: bool = False  # runs the engine: hardware.compile=auto is settled by its training's length
     ranks: str = chosen("all", ("all", "main"))  # which processes run it: all | main (the others return at once)
     unused_parameters: bool = False  # DDP must expect parameters without a gradient (one task per step)
     on_device: bool = True  # false: runs on the CPU whatever hardware.device says (plans for other machines)

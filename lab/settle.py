@@ -63,8 +63,9 @@ def settle(cfg: RunConfig, world_size: int, mixed_precision: str,
             raise ConfigError("hardware.fsdp=true shards the model over processes, and this run has one; launch it "
                               "with torchrun, e.g. torchrun --nproc_per_node 2 -m lab hardware.fsdp=true")
         decide(_batch(settled, world_size, vocab_size))
-        if settled.stage.declared.reads:
+        if settled.stage.declared.trains:  # eval's and surgery's compile is their own (lab.decoding: per job)
             decide(_compile(settled, world_size, vocab_size))
+        if settled.stage.declared.reads:
             decide(_full_batch(settled, world_size))
     return freeze(settled), decisions
 

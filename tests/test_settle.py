@@ -35,6 +35,14 @@ def test_settle_decides_batch_and_compile_on_a_copy_and_freezes_it(compose_cfg, 
         settled.model = micro()
 
 
+def test_a_stage_that_does_not_train_keeps_compile_auto_for_its_own_decision(compose_cfg, monkeypatch):
+    """eval reads the data (perplexity) but trains nothing: its decode step decides per job (lab.decoding)."""
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: "g++")
+    cfg = to_run_config(compose_cfg("model=tiny", "stage=eval", "init_from=x", "hardware.compile=auto"))
+    settled, decisions = settle(cfg, world_size=1, mixed_precision="no")
+    assert settled.hardware.compile == "auto" and not any("hardware.compile" in d.values for d in decisions)
+
+
 def test_full_batch_is_the_whole_train_split_per_process(compose_cfg):
     cfg = to_run_config(compose_cfg("experiment=grokking", "data.modular.p=97", "hardware.compile=false"))
     settled, decisions = settle(cfg, world_size=2, mixed_precision="no")
