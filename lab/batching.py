@@ -94,11 +94,12 @@ class Batcher:
         self.steps = 0  # forward passes over the live rows
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue a request's jobs, all or none; QueueFull when the queue cannot take them."""
+        """Queue a request's jobs, all or none; QueueFull when the free rows and the queue cannot take them."""
         with self.wake:
-            if len(self.waiting) + len(jobs) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests' prompts are waiting, the most this server queues "
-                                f"(serve.max_queue={self.max_queue})")
+            free = self.max_batch - len(self.live)  # rows the next admission fills before anything waits
+            if len(self.waiting) + len(jobs) > self.max_queue + free:
+                raise QueueFull(f"{self.max_batch} prompts are decoding and {len(self.waiting)} waiting, the most this "
+                                f"server queues (serve.max_batch={self.max_batch}, serve.max_queue={self.max_queue})")
             self.waiting.extend(jobs)
             self.wake.notify()
 

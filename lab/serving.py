@@ -146,9 +146,10 @@ class Server:
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue a request's prompts, or answer 429 (OpenAI's shape) when the queue is full."""
-        if len(jobs) > self.batcher.max_queue:  # never fits: retrying would not help
-            raise APIError(400, f"prompt: this request has {len(jobs)} prompts, and this server queues at most "
-                                f"{self.batcher.max_queue} (serve.max_queue); send fewer at once", "prompt")
+        room = self.batcher.max_batch + self.batcher.max_queue
+        if len(jobs) > room:  # never fits: retrying would not help
+            raise APIError(400, f"prompt: this request has {len(jobs)} prompts, and this server holds at most {room} "
+                                "(serve.max_batch + serve.max_queue); send fewer at once", "prompt")
         try:
             self.batcher.submit(jobs)
         except QueueFull as e:

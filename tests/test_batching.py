@@ -91,21 +91,23 @@ def test_concurrent_clients_each_get_what_they_get_alone(sampling):
 
 def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row():
     with serving(max_batch=1, max_queue=1, start=False, slow=0.01) as (client, batcher, url):
-        first = client.completions.create(model="micro", prompt="Noah", max_tokens=100, stream=True)  # waits in the queue
+        first = client.completions.create(model="micro", prompt="Noah", max_tokens=100, stream=True)  # for the row
+        second = client.completions.create(model="micro", prompt="Esau", max_tokens=4, stream=True)  # for the queue
         with pytest.raises(openai.RateLimitError) as refused:
             client.completions.create(model="micro", prompt="Jacob", max_tokens=4)
         assert refused.value.code == "rate_limit_exceeded" and "serve.max_queue=1" in refused.value.message
         assert refused.value.response.headers["Retry-After"] == "1"
-        with pytest.raises(openai.BadRequestError, match="this request has 2 prompts, and this server queues at most 1"):
-            client.completions.create(model="micro", prompt=["Jacob", "Esau"], max_tokens=4)  # would never fit
+        with pytest.raises(openai.BadRequestError, match="this request has 3 prompts, and this server holds at most 2"):
+            client.completions.create(model="micro", prompt=["Jacob", "Esau", "Adam"], max_tokens=4)  # would never fit
         batcher.start()
         next(iter(first))  # decoding has begun ...
         first.close()  # ... and the client goes away
+        assert "".join(c.choices[0].text for c in second)  # the queued request is served once the row is free
         deadline = time.monotonic() + 10
         while batcher.load()["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert batcher.load() == {"running": 0, "waiting": 0}
-        assert batcher.steps < 50  # left long before its 100 tokens (10 ms a step)
+        assert batcher.steps < 50  # the first left long before its 100 tokens (10 ms a step)
         answer = client.completions.create(model="micro", prompt="Jacob", max_tokens=4, temperature=0)
         assert answer.choices[0].finish_reason in ("stop", "length")
         with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as health:
@@ -135,3 +137,15 @@ def test_greedy_rows_decoded_together_equal_generate():
     assert first.completion().ids == jobs[0].row.ids[:1] and first.completion().finish_reason == "length"
     assert stopped.completion().ids == jobs[1].row.ids[:1] and stopped.completion().text == ""
     assert batcher.load() == {"running": 0, "waiting": 0} and batcher.steps < 5 * 19  # 5 prompts in 3 rows
+
+
+def test_a_server_that_queues_nothing_still_fills_its_rows():
+    """serve.max_queue=0: requests beyond the free rows get 429 at once, and up to max_batch are taken."""
+    from lab.batching import Batcher, Job, QueueFull
+    from lab.config_stages import Sampling
+    from lab.inference import TextModel
+
+    batcher = Batcher(TextModel(make(max_seq_len=128), Chars(), None, "micro"), 2, 0, 128)
+    batcher.submit([Job([1, 40], Sampling(max_new_tokens=2, temperature=0)) for _ in range(2)])
+    with pytest.raises(QueueFull, match="serve.max_batch=2, serve.max_queue=0"):
+        batcher.submit([Job([1, 41], Sampling(max_new_tokens=2, temperature=0))])
