@@ -12,7 +12,6 @@ greedy or seeded answer is the one the same request gets alone.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,16 +20,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from lab.config_stages import Sampling
-from lab.decoding import Decoding
+from lab.decoding import Decoding, span
 from lab.generation import Completion, Row, advance, flush, sample, sampler, seen_ids
 
 if TYPE_CHECKING:
     from lab.inference import TextModel
-
-# A step attends over this many slots at least (then the next power of two above the longest row):
-# short rows do not pay for the whole context, and a compiled step sees few distinct shapes.
-MIN_SPAN = 64
-
 
 class QueueFull(Exception):
     """More jobs wait than the queue holds."""
@@ -50,6 +44,7 @@ class Job:
     error: Optional[BaseException] = None
     length: int = 0  # tokens in its row of the cache
     last: int = 0  # its latest token, the next step's input
+    generator: Optional[torch.Generator] = None  # its sampler's, made when it is admitted (on the model's device)
 
     def __post_init__(self) -> None:
         self.row = Row(list(self.prompt))
@@ -84,10 +79,7 @@ class Batcher:
         self.tm, self.model, self.decode, self.stop_ids = tm, tm.model, tm.tokenizer.decode, tm.stop_ids
         self.max_batch, self.max_queue, self.capacity = max_batch, max_queue, capacity
         self.device = tm.model.tok_emb.weight.device
-        # on a CPU the step runs in fp32 (see TextModel.complete); an accelerator's in its autocast dtype
-        self.cpu = self.device.type == "cpu"
-        dtype = None if self.cpu or tm.autocast is None else tm.autocast
-        self.decoding = Decoding(tm.model, max_batch, capacity, tm.compile, dynamic=True, dtype=dtype)
+        self.decoding = Decoding(tm.model, max_batch, capacity, tm.compile, dynamic=True, dtype=tm.decode_dtype)
         self.waiting: deque[Job] = deque()
         self.live: list[Job] = []  # row i of the cache is live[i]
         self.wake = threading.Condition()
@@ -112,11 +104,11 @@ class Batcher:
         """Compile the step before serving: for any number of rows and span (two rows: a dim of size 1
         would be specialised), then for one row alone, the single client's case."""
         self.model.eval()
-        with contextlib.nullcontext() if self.cpu else self.tm.autocast_context():
+        with self.tm.decode_context():
             for rows in (2, 1):
                 for row in range(rows):
                     self.decoding.admit(row, [0])
-                self.decoding.step(torch.zeros(rows, dtype=torch.long, device=self.device), min(self.capacity, MIN_SPAN))
+                self.decoding.step(torch.zeros(rows, dtype=torch.long, device=self.device), span(1, self.capacity))
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="lab-batcher", daemon=True)
@@ -132,7 +124,7 @@ class Batcher:
                 while not self.waiting and not self.live:
                     self.wake.wait()
             try:
-                with contextlib.nullcontext() if self.cpu else self.tm.autocast_context():
+                with self.tm.decode_context():
                     self._admit()
                     if self.live:
                         self._step()
@@ -167,9 +159,7 @@ class Batcher:
         """One forward pass over every live row, each sampled with its own settings."""
         live = self.live
         tokens = torch.tensor([job.last for job in live], device=self.device)
-        longest = max(job.length for job in live) + 1
-        span = min(self.capacity, max(MIN_SPAN, 1 << (longest - 1).bit_length()))
-        logits = self.decoding.step(tokens, span).float()  # (B, V)
+        logits = self.decoding.step(tokens, span(max(job.length for job in live) + 1, self.capacity)).float()  # (B, V)
         self.steps += 1
         greedy = logits.argmax(-1).tolist()  # the one host sync of a step, for every greedy row at once
         for i, job in enumerate(live):

@@ -26,6 +26,17 @@ from lab.models.kv_cache import KVCache, RowCache
 COMPILE_PAYS_AFTER_TOKENS = 4096
 
 
+# A step attends over this many slots at least (then the next power of two above the longest row):
+# short rows do not pay for the whole context, and a compiled step sees few distinct shapes.
+MIN_SPAN = 64
+
+
+def span(tokens: int, limit: int) -> int:
+    """The slots a step attends over for rows of up to `tokens` tokens: the next power of two, MIN_SPAN at
+    least, `limit` (a row's capacity, the context) at most."""
+    return min(limit, max(MIN_SPAN, 1 << (tokens - 1).bit_length()))
+
+
 def choose_compile(setting: Any, tokens: Optional[int], device: torch.device) -> tuple[bool, str]:
     """Whether a job decoding about `tokens` tokens (None: a server, long-lived) compiles its decode
     step under hardware.compile=`setting` (true, false or auto), and the line that says why."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lab import sbd
 from lab.config_stages import Sampling
-from lab.decoding import Decoding
+from lab.decoding import Decoding, span
 from lab.models.kv_cache import KVCache
 
 OnText = Callable[[int, str], None]  # (row, new text): streaming output
@@ -135,16 +135,11 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def _cached_steps(model, prompts: Sequence[Sequence[int]], capacity: int, compile: bool):
     """step(None) prefills each prompt into its row; step(next ids (B,)) feeds one token per row: (B, V)."""
     device = model.tok_emb.weight.device
-    decoding = Decoding(model, len(prompts), _bucket(capacity, model.config.max_seq_len), compile,
+    # rows as long as the server's spans: jobs of nearby lengths share one compiled shape
+    decoding = Decoding(model, len(prompts), span(capacity, model.config.max_seq_len), compile,
                         dtype=_autocast_dtype(device))
     return lambda nxt: (torch.stack([decoding.admit(b, p) for b, p in enumerate(prompts)]) if nxt is None
                         else decoding.step(nxt))
-
-
-def _bucket(tokens: int, context: int) -> int:
-    """Rows as long as the next power of two (64 at least, the context at most): jobs of nearby lengths
-    share one compiled shape."""
-    return min(context, max(64, 1 << (tokens - 1).bit_length()))
 
 
 def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, new: int, decode, stop_ids: Sequence[int],

@@ -78,10 +78,7 @@ class TextModel:
                  on_text: Optional[OnText] = None) -> Result:
         """Completions of encoded prompts, generated together as one batch (one by one with SBD)."""
         sampling = self.resolved(sampling)
-        # on a CPU, decoding one token at a time under autocast re-casts every weight per token: 25%
-        # slower than fp32 (measured on nano); scoring whole batches keeps the profile's precision
-        cpu = self.model.tok_emb.weight.device.type == "cpu"
-        with contextlib.nullcontext() if cpu else self.autocast_context():
+        with self.decode_context():
             return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
                             pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text, compile=self.compile)
 
@@ -106,6 +103,18 @@ class TextModel:
             raise ConfigError("generate.sbd_gamma decodes blocks of tokens, which this model never learned: fine-tune it "
                               "with train.sbd_block=4 (stage=sft or pretrain), or set generate.sbd_block to try anyway")
         return self.sbd_block
+
+    @property
+    def decode_dtype(self) -> Optional[torch.dtype]:
+        """The dtype decoding runs in (and its KV cache holds): the profile's autocast on an accelerator;
+        None (the weights' own, fp32) on a CPU, where decoding one token at a time under autocast re-casts
+        every weight per token: 25% slower than fp32 (measured on nano). Scoring whole batches keeps the
+        profile's precision (`autocast_context`)."""
+        return None if self.model.tok_emb.weight.device.type == "cpu" else self.autocast
+
+    def decode_context(self):
+        """The context generation runs under: `decode_dtype`'s autocast, or nothing."""
+        return contextlib.nullcontext() if self.decode_dtype is None else self.autocast_context()
 
     def autocast_context(self):
         """The hardware profile's autocast (bf16 or fp16 on an accelerator), or nothing."""

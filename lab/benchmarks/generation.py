@@ -20,7 +20,6 @@ the share of tokens equal to greedy's, place by place, and chrF of the text agai
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import threading
 import time
@@ -102,6 +101,7 @@ def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:
     """Requests/s of lab.serving with `bench.clients` concurrent clients."""
     import uvicorn
 
+    from lab.benchmarks.server_load import load
     from lab.inference import TextModel
     from lab.serving import Stats, build_app
     from lab.stages.serve import listen
@@ -115,33 +115,15 @@ def _server_throughput(run: Run, model, tokenizer) -> dict[str, float]:
     server.install_signal_handlers = lambda: None  # not the main thread: leave Ctrl-C to lab
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    body = json.dumps({"model": "bench", "prompt": "In the beginning", "max_tokens": bc.new_tokens}).encode()
-
-    tokens: list[int] = []
-
-    def client() -> None:
-        for _ in range(bc.requests):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                             {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=600) as response:
-                tokens.append(json.load(response)["usage"]["completion_tokens"])
-
     try:
         _wait_healthy(port)
-        clients = [threading.Thread(target=client) for _ in range(bc.clients)]
-        t0 = time.perf_counter()
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join()
-        seconds = time.perf_counter() - t0
+        requests_per_sec, tokens_per_sec = load(f"http://127.0.0.1:{port}/v1", "bench", bc.clients, bc.requests,
+                                                bc.new_tokens, prompts=["In the beginning"])
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-    n = bc.clients * bc.requests
-    return {"bench/server_requests_per_sec": n / seconds,
-            "bench/server_tokens_per_sec": sum(tokens) / seconds}
+    return {"bench/server_requests_per_sec": requests_per_sec, "bench/server_tokens_per_sec": tokens_per_sec}
 
 
 def _wait_healthy(port: int, timeout: float = 30.0) -> None:

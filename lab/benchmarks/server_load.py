@@ -17,20 +17,23 @@ import statistics
 import threading
 import time
 import urllib.request
+from typing import Sequence
 
 PROMPTS = ["In the beginning", "And God said", "And the earth was without form", "And Noah", "Now the serpent",
            "And Abram", "And it came to pass", "These are the generations"]
 
 
-def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, float]:
-    """(requests/s, completion tokens/s) of `clients` concurrent clients."""
+def load(url: str, model: str, clients: int, requests: int, max_tokens: int,
+         prompts: Sequence[str] = PROMPTS) -> tuple[float, float]:
+    """(requests/s, completion tokens/s) of `clients` concurrent clients, each sending `requests` greedy
+    completions of `prompts` (in turn) one after another; RuntimeError if any request failed."""
     tokens: list[int] = []
     failures: list[BaseException] = []
 
     def client(k: int) -> None:
         try:
             for r in range(requests):
-                body = {"model": model, "prompt": PROMPTS[(k + r) % len(PROMPTS)], "max_tokens": max_tokens,
+                body = {"model": model, "prompt": prompts[(k + r) % len(prompts)], "max_tokens": max_tokens,
                         "temperature": 0}
                 request = urllib.request.Request(f"{url}/completions", json.dumps(body).encode(),
                                                  {"Content-Type": "application/json"})
@@ -47,7 +50,7 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
         t.join()
     seconds = time.perf_counter() - start
     if failures:
-        raise SystemExit(f"{url}: {failures[0]}")
+        raise RuntimeError(f"{url}: {failures[0]}")
     return clients * requests / seconds, sum(tokens) / seconds
 
 
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for n in args.clients:
             for name in names[r % len(names):] + names[:r % len(names)]:
-                results.setdefault((name, n), []).append(load(servers[name], models[name], n, args.requests,
-                                                              args.max_tokens))
+                try:
+                    measured = load(servers[name], models[name], n, args.requests, args.max_tokens)
+                except RuntimeError as e:
+                    raise SystemExit(str(e)) from None
+                results.setdefault((name, n), []).append(measured)
     print(f"{args.max_tokens}-token greedy completions, {args.requests} per client; medians of {args.rounds} rounds")
     print(f"{'clients':>7} " + " ".join(f"{name + ' req/s':>14} {name + ' tok/s':>14}" for name in names) +
           ("" if len(names) < 2 else f" {names[0] + '/' + names[1]:>12}"))
