@@ -13,6 +13,7 @@ already in the local cache, and a task whose data is not there stops the run in 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -110,6 +111,7 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@functools.cache  # the class once, not once per evaluation
 def _lab_lm():
     """The LM class, defined against lm-eval's TemplateLM (lm-eval is an optional extra)."""
     from lm_eval.api.model import TemplateLM
