@@ -172,16 +172,25 @@ def test_rows_decode_alone_or_together_and_a_moved_row_carries_on():
 
 
 def test_weights_laid_out_for_decoding_change_no_token():
-    """lab.inference stores a CPU model's Linear weights transposed (faster matrix-vector products);
-    a tied head shares the embedding's layout."""
+    """lab.inference stores a CPU model's Linear weights transposed (faster matrix-vector products),
+    projections of one input side by side (one product); a tied head shares the embedding's layout;
+    the state dict holds the same values."""
     from lab.decoding import lay_out_for_decoding
 
     model = make(tie_embeddings=True)
     prompts = [prompt(3, 1), prompt(9, 2)]
     ids = torch.tensor([prompt(20)])
     before, tokens = model(ids), [c.ids for c in generate(model, prompts, GREEDY).completions]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     lay_out_for_decoding(model)
-    up = model.layers[0].mlp.up_proj.weight  # (out, in) as ever, its memory (in, out)
-    assert up.stride() == (1, up.size(0)) and model.tok_emb.weight.stride() == (1, V)
+    mlp, attn = model.layers[0].mlp, model.layers[0].attn
+    up = mlp.up_proj.weight  # (out, in) as ever, its memory a slice of (in, gate's out + up's out)
+    assert up.stride() == (1, 2 * up.size(0)) and up.data_ptr() == mlp.gate_up.weight.data_ptr() + 4 * up.size(0)
+    widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    assert attn.qkv.weight.shape == (attn.q_proj.in_features, sum(widths))
+    assert attn.v_proj.weight.data_ptr() == attn.qkv.weight.data_ptr() + 4 * (widths[0] + widths[1])
+    assert mlp.down_proj.weight.stride() == (1, mlp.down_proj.weight.size(0))  # alone: transposed
+    assert model.tok_emb.weight.stride() == (1, V)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-5)
     assert [c.ids for c in generate(model, prompts, GREEDY).completions] == tokens

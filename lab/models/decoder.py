@@ -71,6 +71,28 @@ def norm_layer(cfg: ModelConfig, dim: Optional[int] = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.norm_eps, cfg.norm_plus_one)
 
 
+class Fused:
+    """Linear layers that read the same input, run as one matrix product: the product of x with
+    `weight` (in, sum of their outs), split into each layer's output. Their own weights are views of
+    `weight`, so the state dict is unchanged (`lab.decoding.lay_out_for_decoding` builds it)."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.sizes = [linear.out_features for linear in linears]
+        self.weight = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous()  # (in, sum of outs)
+        biases = [linear.bias for linear in linears]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        at = 0
+        for linear in linears:
+            linear.weight.data = self.weight[:, at:at + linear.out_features].t()  # the same values, now a view
+            if linear.bias is not None:
+                linear.bias.data = self.bias[at:at + linear.out_features]
+            at += linear.out_features
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = x @ self.weight
+        return (y if self.bias is None else y + self.bias).split(self.sizes, dim=-1)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads)."""
 
@@ -88,6 +110,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.qkv: Optional[Fused] = None  # q, k and v projections in one product (decoding on a CPU)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
@@ -98,9 +121,10 @@ class Attention(nn.Module):
         """Queries, keys and values, (B, nh, T or L, hs) each: normed (QK-norm), rotated, kv heads
         repeated; with a cache, the keys and values are the cached ones followed by x's."""
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
@@ -153,11 +177,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.act = {"swiglu": F.silu, "geglu": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}[cfg.mlp]
+        self.gate_up: Optional[Fused] = None  # gate and up projections in one product (decoding on a CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
             return self.resid_drop(self.down_proj(self.act(self.up_proj(x))))
-        return self.resid_drop(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.resid_drop(self.down_proj(self.act(gate) * up))
 
 
 def ffn_width(cfg: ModelConfig) -> int:

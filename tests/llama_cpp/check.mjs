@@ -3,7 +3,8 @@
 //
 //   node check.mjs jobs.json   ->   one JSON line per job on stdout
 //
-// A job: {"model": <.gguf path>, "text": <prompt> or "ids": [token ids], "new_tokens": n, "threads": t (2)}.
+// A job: {"model": <.gguf path>, "text": <prompt> or "ids": [token ids], "new_tokens": n, "threads": t (2),
+// "kv_cache": "F16" (llama.cpp's default) or "F32", the type its KV cache stores keys and values in}.
 // Its answer: the ids llama.cpp tokenizes the text into (with BOS where the model's metadata asks for
 // it, as llama.cpp's own tools do), or the ids given; its greedy continuation of them (temperature 0);
 // the continuation's tokens per second (the prompt's prefill included), and its decoding's alone
@@ -21,7 +22,9 @@ for (const job of jobs) {
     const text = model.tokenize(job.text, false);
     ids = model.tokens.shouldPrependBosToken && model.tokens.bos !== null ? [model.tokens.bos, ...text] : text;
   }
-  const context = await model.createContext({ contextSize: ids.length + job.new_tokens + 8, threads: job.threads ?? 2 });
+  const kv = job.kv_cache ?? "F16";
+  const context = await model.createContext({ contextSize: ids.length + job.new_tokens + 8, threads: job.threads ?? 2,
+                                              experimentalKvCacheKeyType: kv, experimentalKvCacheValueType: kv });
   const sequence = context.getSequence();
   const continuation = [];
   const start = process.hrtime.bigint();
