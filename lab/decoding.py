@@ -98,6 +98,20 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, keys: list[torch.Tensor]
 _compiled_step = torch.compile(_step)
 
 
+def _block_pass(model: torch.nn.Module, tokens: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                length: torch.Tensor, pending: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Logits (1 + w, V) of a Set Block Decoding pass over tokens (1, 2w) (`BlockView`): after the last
+    known place, then at each block place; stores the known tokens and advances `length`."""
+    from lab.models.kv_cache import BlockView
+
+    width = tokens.size(1) // 2
+    cache = BlockView(keys, values, length, pending, block, [b.local for b in model.layers], width)
+    return model(tokens, cache=cache)[0]
+
+
+_compiled_block_pass = torch.compile(_block_pass)
+
+
 class Decoding:
     """Rows of a RowCache and the step that decodes them, eager or compiled.
 
@@ -122,6 +136,27 @@ class Decoding:
         logits = self.model(torch.tensor([list(prompt)], device=self.device), cache=prefill)[0, -1]
         self.cache.admit(row, prefill)
         return logits
+
+    def prefill_known(self, row: int, prompt: Sequence[int]) -> list[int]:
+        """Store all but the last token of `prompt` in `row`; returns the rest, the first pass's known tokens
+        (`block_pass`: the next token's logits come from the last known one)."""
+        if len(prompt) > 1:
+            self.admit(row, prompt[:-1])
+        else:
+            self.cache.lengths[row] = 0
+        return list(prompt[-1:])
+
+    def block_pass(self, row: int, known: Sequence[int], block: Sequence[int], width: int, filler: int) -> torch.Tensor:
+        """A Set Block Decoding pass on `row` (`lab.sbd`): the `known` tokens not yet stored (1 to `width`),
+        then `block` (1 to `width` ids: guesses and masks), in one forward pass of 2 * `width` places
+        whatever the counts (the rest hold `filler`), so a compiled pass is captured once. Stores the
+        known tokens; returns logits (1 + len(block), V): the next token's after them, then each block place's."""
+        tokens = [filler] * (width - len(known)) + list(known) + list(block) + [filler] * (width - len(block))
+        pending, placed = torch.tensor(len(known), device=self.device), torch.tensor(len(block), device=self.device)
+        args = (self.model, torch.tensor([tokens], device=self.device),
+                [k[row:row + 1] for k in self.cache.keys], [v[row:row + 1] for v in self.cache.values],
+                self.cache.lengths[row:row + 1], pending, placed)
+        return (_compiled_block_pass if self.compiled else _block_pass)(*args)[:1 + len(block)]
 
     def step(self, tokens: torch.Tensor, span: Optional[int] = None) -> torch.Tensor:
         """Logits (B, V) of the next tokens of the first B rows, fed `tokens` (B,); their global layers

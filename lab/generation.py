@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from lab import sbd
 from lab.config_stages import Sampling
 from lab.decoding import Decoding, span
-from lab.models.kv_cache import KVCache
 
 OnText = Callable[[int, str], None]  # (row, new text): streaming output
 
@@ -71,7 +70,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
         stop_ids: ids that end a row (eos, a template's end-of-turn); they are not part of the output.
         pad_id: the id that fills left padding (never attended to); with sampling.sbd_gamma, Set
             Block Decoding's mask token (`lab.sbd.mask_token`).
-        use_cache: keep keys and values in a KVCache (one token per forward pass after the prefill).
+        use_cache: keep keys and values (one token per forward pass after the prefill; `lab.decoding`).
         on_text: called with (row, new text) as text becomes final: streaming.
         compile: decode with the compiled step (`lab.decoding`); the same tokens, faster once compiled.
 
@@ -87,7 +86,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     width = max(len(p) for p in prompts)
     new = min(sampling.max_new_tokens, context - width)  # the context bounds the longest row
     if sampling.sbd_gamma is not None:
-        return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text)
+        return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text, compile)
     device = model.tok_emb.weight.device
     rows = [Row(list(p)) for p in prompts]
     generator = sampler(sampling, device)
@@ -143,38 +142,46 @@ def _cached_steps(model, prompts: Sequence[Sequence[int]], capacity: int, compil
 
 
 def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, new: int, decode, stop_ids: Sequence[int],
-                  mask_id: int, use_cache: bool, on_text: Optional[OnText]) -> Result:
+                  mask_id: int, use_cache: bool, on_text: Optional[OnText], compile: bool) -> Result:
     """Set Block Decoding (`lab.sbd`), one prompt at a time: rows advance by different numbers of tokens per pass."""
-    if not sampling.sbd_block:
+    block, window = sampling.sbd_block, model.config.sliding_window
+    if not block:
         raise ValueError("Set Block Decoding needs a block size (sampling.sbd_block)")
+    if window is not None and block > window:
+        raise ValueError(f"generate.sbd_block={block} is wider than the model's sliding window "
+                         f"(model.sliding_window={window}); use a block of at most {window}")
     generator = sampler(sampling, model.tok_emb.weight.device)
     was_training = model.training
     model.eval()
     rows, passes = [Row(list(p)) for p in prompts], 0
     try:
         for b, row in enumerate(rows):
-            passes += _sbd_row(model, row, b, sampling, len(row.prompt) + new, decode, stop_ids, mask_id, use_cache,
-                               on_text, generator)
+            end = len(row.prompt) + new
+            # a pass stores its known tokens and attends to the block beside them: room for both
+            decoding = Decoding(model, 1, max(span(end, model.config.max_seq_len), 2 * block), compile,
+                                dtype=_autocast_dtype(model.tok_emb.weight.device)) if use_cache else None
+            passes += _sbd_row(model, row, b, sampling, end, decode, stop_ids, mask_id, decoding, on_text, generator)
     finally:
         model.train(was_training)
     return _finish(rows, passes, on_text)
 
 
-def _sbd_row(model, row: Row, b: int, sampling: Sampling, end: int, decode, stop_ids, mask_id: int, use_cache: bool,
-             on_text: Optional[OnText], generator: torch.Generator) -> int:
-    """Decode one row up to `end` tokens, a block of sbd_block positions at a time; returns the forward passes."""
+def _sbd_row(model, row: Row, b: int, sampling: Sampling, end: int, decode, stop_ids, mask_id: int,
+             decoding: Optional[Decoding], on_text: Optional[OnText], generator: torch.Generator) -> int:
+    """Decode one row up to `end` tokens, a block of sbd_block positions at a time; returns the forward passes.
+    With `decoding` (the KV cache), each pass feeds the tokens decoded since the last one and the block;
+    without, the whole text and the block."""
     device = model.tok_emb.weight.device
-    text, pending, filled, passes = list(row.prompt), list(row.prompt), {}, 0  # pending: known, not yet cached
-    cache = KVCache(model, 1, end, dtype=_autocast_dtype(device)) if use_cache else None
+    text, filled, passes = list(row.prompt), {}, 0
+    known = decoding.prefill_known(0, row.prompt) if decoding is not None else []  # decoded, not yet cached
     block_end = len(text)
     while row.finish_reason is None and len(text) < end:
         t = len(text)
         if t >= block_end:  # the block is decoded: the next one
             block_end = min(t + sampling.sbd_block, end)
         ids, masked = sbd.block_ids(filled, t, block_end, mask_id)  # masked[0] == 0: the next place is never decoded yet
-        if cache is not None:
-            cache.transient = len(ids)
-            logits = model(torch.tensor([pending + ids], device=device), cache=cache)[0]  # (1 + k, V)
+        if decoding is not None:
+            logits = decoding.block_pass(0, known, ids, sampling.sbd_block, mask_id)  # (1 + k, V)
         else:
             positions, mask = sbd.decode_layout(t, len(ids), device)
             logits = model(torch.tensor([text + ids], device=device), positions=positions, attn_mask=mask)[0, t - 1:]
@@ -185,11 +192,11 @@ def _sbd_row(model, row: Row, b: int, sampling: Sampling, end: int, decode, stop
         seen = seen_ids([row], logits.size(-1), sampling)
         for i in sbd.entropy_bounded(sbd.entropy(guesses).tolist(), sampling.sbd_gamma, first=0):
             filled[t + masked[i]] = int(sample(guesses[i:i + 1], sampling, generator, seen)[0])
-        pending = []
+        known = []
         while len(text) in filled and row.finish_reason is None:
             token = filled.pop(len(text))
             text.append(token)
-            pending.append(token)
+            known.append(token)
             advance(row, token, sampling, decode, stop_ids, b, on_text)
     return passes
 

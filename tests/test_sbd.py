@@ -125,3 +125,20 @@ def test_a_model_fine_tuned_for_sbd_decodes_in_fewer_passes_than_tokens(tmp_path
     same = sum(a == b for a, b in zip(sbd.completions[0].ids, greedy.completions[0].ids))
     assert len(sbd.completions[0].ids) == 40 and same >= 36  # (nearly) the same text ...
     assert sbd.forward_passes < greedy.forward_passes == 40  # ... in fewer passes than tokens
+
+
+def test_sbd_through_the_decode_step_gives_the_uncached_tokens_eager_and_compiled():
+    """A pass feeds a fixed width (the tokens decoded since the last pass, then the block), so the
+    compiled pass is captured once; greedy and seeded, with a sliding window, a one-token prompt
+    included, every way gives the same tokens in the same passes."""
+    model = make(sliding_window=4, sliding_window_pattern=2)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [3]]
+    for sampling in (Sampling(max_new_tokens=20, temperature=0.0, sbd_gamma=6.0, sbd_block=4),
+                     Sampling(max_new_tokens=20, temperature=1.0, seed=5, sbd_gamma=6.0, sbd_block=4)):
+        runs = [generate(model, prompts, sampling, pad_id=V - 1, use_cache=False),
+                generate(model, prompts, sampling, pad_id=V - 1),
+                generate(model, prompts, sampling, pad_id=V - 1, compile=True)]
+        ids = [[c.ids for c in r.completions] for r in runs]
+        assert ids[0] == ids[1] == ids[2] and all(len(i) == 20 for i in ids[0])
+        assert runs[0].forward_passes == runs[1].forward_passes == runs[2].forward_passes
+        assert 3 * 20 / 4 < runs[0].forward_passes < 3 * 20  # passes that took one token, and passes that took more

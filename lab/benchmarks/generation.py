@@ -138,23 +138,29 @@ def _wait_healthy(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.1)
 
 
-def bench_sbd(run: Run, model: torch.nn.Module, tokenizer, block: int, rows: list[list[int]]) -> dict[str, float]:
-    """Forward passes per token and agreement with greedy decoding, for each γ in bench.gammas."""
+def bench_sbd(run: Run, model: torch.nn.Module, tokenizer, block: int, rows: list[list[int]],
+              compiled: bool = False) -> dict[str, float]:
+    """Forward passes per token and agreement with greedy decoding, for each γ in bench.gammas; both
+    decode through the compiled step and pass when `compiled` (compiled before the timing starts)."""
     import sacrebleu
 
     bc, device = run.cfg.bench, run.accelerator.device
     model = model.to(device).eval()
     prompts = [r[:bc.prompt_tokens] for r in rows]
     greedy = Sampling(max_new_tokens=bc.new_tokens, temperature=0.0)
+    blocks = {gamma: dataclasses.replace(greedy, sbd_gamma=gamma, sbd_block=block) for gamma in bc.gammas}
+    mask_id = mask_token(tokenizer)
+    if compiled:
+        for options in (greedy, blocks[bc.gammas[0]]):
+            generate(model, prompts[:1], options, pad_id=mask_id, compile=True)
     t0 = time.perf_counter()  # one prompt at a time, as SBD decodes them: tokens/s compare
-    reference = [generate(model, [p], greedy, decode=tokenizer.decode).completions[0] for p in prompts]
+    reference = [generate(model, [p], greedy, decode=tokenizer.decode, compile=compiled).completions[0] for p in prompts]
     seconds = time.perf_counter() - t0
     tokens = sum(len(c.ids) for c in reference)
     metrics = {"bench/sbd/greedy_tokens_per_sec": tokens / seconds}
-    for gamma in bc.gammas:
-        options = dataclasses.replace(greedy, sbd_gamma=gamma, sbd_block=block)
+    for gamma, options in blocks.items():
         t0 = time.perf_counter()
-        result = generate(model, prompts, options, decode=tokenizer.decode, pad_id=mask_token(tokenizer))
+        result = generate(model, prompts, options, decode=tokenizer.decode, pad_id=mask_id, compile=compiled)
         seconds = time.perf_counter() - t0
         made = sum(len(c.ids) for c in result.completions)
         same = sum(a == b for c, r in zip(result.completions, reference) for a, b in zip(c.ids, r.ids))

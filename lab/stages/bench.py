@@ -192,7 +192,8 @@ def _bench_sbd(run: Run) -> float:
                           "fine-tune it first, e.g. lab stage=sft train.sbd_block=4 init_from=<run>")
     data = prepare_data(cfg.data, cfg.tokenizer, Path(cfg.paths.cache), tokenizer=tm.tokenizer)
     rows = [list(map(int, r)) for r in data.val[:cfg.bench.prompts]]
-    m = bench_sbd(run, tm.model, tm.tokenizer, block, rows)
+    run.say(tm.choose_compile(cfg.hardware.compile, None))
+    m = bench_sbd(run, tm.model, tm.tokenizer, block, rows, tm.compile)
     run.tracker.log_metrics(m, step=0)
     run.say(f"bench sbd: {len(rows)} prompts of {cfg.bench.prompt_tokens} tokens, {cfg.bench.new_tokens} new "
             f"tokens each, block {block}; greedy {m['bench/sbd/greedy_tokens_per_sec']:,.0f} tokens/s")

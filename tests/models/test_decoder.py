@@ -323,7 +323,7 @@ def test_learned_positions_follow_segments_and_the_cache():
     torch.testing.assert_close(packed[:, 5:], model(b))
     from lab.models.kv_cache import KVCache
 
-    cache = KVCache(model, 1, 16, torch.zeros(1, dtype=torch.long))
+    cache = KVCache(model, 1, 16)
     model(a[:, :4], cache=cache)
     torch.testing.assert_close(model(a[:, 4:], cache=cache)[:, -1], model(a)[:, -1])
 
