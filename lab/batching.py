@@ -79,7 +79,7 @@ class Batcher:
         self.tm, self.model, self.decode, self.stop_ids = tm, tm.model, tm.tokenizer.decode, tm.stop_ids
         self.max_batch, self.max_queue, self.capacity = max_batch, max_queue, capacity
         self.device = tm.model.tok_emb.weight.device
-        self.decoding = Decoding(tm.model, max_batch, capacity, tm.compile, dynamic=True, dtype=tm.decode_dtype)
+        self.decoding = Decoding(tm.model, max_batch, capacity, tm.compile, dynamic=True, dtype=tm.cache_dtype)
         self.waiting: deque[Job] = deque()
         self.live: list[Job] = []  # row i of the cache is live[i]
         self.wake = threading.Condition()

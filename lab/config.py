@@ -648,7 +648,7 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 # Keys added after runs were recorded, with the value that keeps a run's behaviour as it was: at that
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
 ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
-              "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None,
+              "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None, "generate.kv_cache_dtype": "auto",
               "train.eval_choices": None, "train.eval_references": None, "train.eval_harness": [], "eval.harness.tasks": [],
               "eval.harness.include": None, "eval.harness.num_fewshot": None, "eval.harness.limit": None,
               "eval.harness.batch": 8, "eval.harness.chat": None}

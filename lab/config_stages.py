@@ -278,6 +278,7 @@ class GenerateConfig(Sampling):
     system: Optional[str] = None  # a system message for chat prompts
     batch: int = ranged(8, "[1, inf)")  # prompts generated together (left-padded into one batch)
     cache: bool = True  # keep keys and values (KV cache); false re-runs the whole sequence for every token
+    kv_cache_dtype: str = chosen("auto", ("auto", "fp32", "bf16", "fp16"))  # what the KV cache stores keys and values in; auto: the dtype decoding runs in (fp32 on a CPU, the profile's on a GPU); fp16/bf16 halve its memory and what each token reads
 
     def __post_init__(self) -> None:
         check_ranges(self, "generate")

@@ -58,7 +58,8 @@ class Result:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
              decode: Optional[Callable[[list[int]], str]] = None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, use_cache: bool = True, on_text: Optional[OnText] = None, compile: bool = False) -> Result:
+             pad_id: int = 0, use_cache: bool = True, on_text: Optional[OnText] = None, compile: bool = False,
+             cache_dtype: Optional[torch.dtype] = None) -> Result:
     """Continue each prompt (token ids, bos included) until a stop id, a stop string, max_new_tokens or the context.
 
     Args:
@@ -73,6 +74,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
         use_cache: keep keys and values (one token per forward pass after the prefill; `lab.decoding`).
         on_text: called with (row, new text) as text becomes final: streaming.
         compile: decode with the compiled step (`lab.decoding`); the same tokens, faster once compiled.
+        cache_dtype: what the KV cache stores keys and values in; None: the dtype decoding runs in
+            (autocast's, else the weights').
 
     Raises:
         ValueError: an empty prompt, or a prompt that fills the model's context.
@@ -86,7 +89,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     width = max(len(p) for p in prompts)
     new = min(sampling.max_new_tokens, context - width)  # the context bounds the longest row
     if sampling.sbd_gamma is not None:
-        return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text, compile)
+        return _generate_sbd(model, prompts, sampling, new, decode, stop_ids, pad_id, use_cache, on_text, compile,
+                             cache_dtype)
     device = model.tok_emb.weight.device
     rows = [Row(list(p)) for p in prompts]
     generator = sampler(sampling, device)
@@ -94,7 +98,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], sampling:
     model.eval()
     passes = 0
     try:
-        step = _cached_steps(model, prompts, width + new, compile) if use_cache else _uncached_steps(model, prompts, pad_id)
+        step = (_cached_steps(model, prompts, width + new, compile, cache_dtype) if use_cache
+                else _uncached_steps(model, prompts, pad_id))
         nxt = None
         for _ in range(new):
             logits = step(nxt)  # (B, V)
@@ -126,23 +131,28 @@ def _finish(rows: list[Row], passes: int, on_text: Optional[OnText]) -> Result:
     return Result([Completion(r.ids, r.text, r.finish_reason, len(r.prompt)) for r in rows], passes)
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """Under autocast keys come out in its dtype (bf16 or fp16): a cache stores them as they are, at half the memory."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
-def _cached_steps(model, prompts: Sequence[Sequence[int]], capacity: int, compile: bool):
-    """step(None) prefills each prompt into its row; step(next ids (B,)) feeds one token per row: (B, V)."""
+def _cache_dtype(model, cache_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """`cache_dtype`, else autocast's (under autocast keys come out in bf16 or fp16: a cache stores them
+    as they are, at half the memory), else None: the weights'."""
     device = model.tok_emb.weight.device
+    if cache_dtype is None and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return cache_dtype
+
+
+def _cached_steps(model, prompts: Sequence[Sequence[int]], capacity: int, compile: bool,
+                  cache_dtype: Optional[torch.dtype]):
+    """step(None) prefills each prompt into its row; step(next ids (B,)) feeds one token per row: (B, V)."""
     # rows as long as the server's spans: jobs of nearby lengths share one compiled shape
     decoding = Decoding(model, len(prompts), span(capacity, model.config.max_seq_len), compile,
-                        dtype=_autocast_dtype(device))
+                        dtype=_cache_dtype(model, cache_dtype))
     return lambda nxt: (torch.stack([decoding.admit(b, p) for b, p in enumerate(prompts)]) if nxt is None
                         else decoding.step(nxt))
 
 
 def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, new: int, decode, stop_ids: Sequence[int],
-                  mask_id: int, use_cache: bool, on_text: Optional[OnText], compile: bool) -> Result:
+                  mask_id: int, use_cache: bool, on_text: Optional[OnText], compile: bool,
+                  cache_dtype: Optional[torch.dtype]) -> Result:
     """Set Block Decoding (`lab.sbd`), one prompt at a time: rows advance by different numbers of tokens per pass."""
     block, window = sampling.sbd_block, model.config.sliding_window
     if not block:
@@ -159,7 +169,7 @@ def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, n
             end = len(row.prompt) + new
             # a pass stores its known tokens and attends to the block beside them: room for both
             decoding = Decoding(model, 1, max(span(end, model.config.max_seq_len), 2 * block), compile,
-                                dtype=_autocast_dtype(model.tok_emb.weight.device)) if use_cache else None
+                                dtype=_cache_dtype(model, cache_dtype)) if use_cache else None
             passes += _sbd_row(model, row, b, sampling, end, decode, stop_ids, mask_id, decoding, on_text, generator)
     finally:
         model.train(was_training)

@@ -64,6 +64,11 @@ def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
+def dtype_named(name: str) -> torch.dtype | None:
+    """fp32, bf16 or fp16 as a dtype; None for any other name (auto: whatever the caller's default is)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: the CUDA allocator's high-water mark, or the CPU's max RSS."""
     if device.type == "cuda":

@@ -40,6 +40,7 @@ class TextModel:
     autocast: Optional[torch.dtype] = None  # the hardware profile's precision on an accelerator
     sbd_block: Optional[int] = None  # train.sbd_block of its fine-tuning: it can decode blocks (lab.sbd)
     compile: bool = False  # decode with the compiled step (lab.decoding; a stage decides, `choose_compile`)
+    kv_cache_dtype: Optional[torch.dtype] = None  # generate.kv_cache_dtype; None: `decode_dtype`
 
     @property
     def context(self) -> int:
@@ -80,7 +81,8 @@ class TextModel:
         sampling = self.resolved(sampling)
         with self.decode_context():
             return generate(self.model, ids, sampling, decode=self.tokenizer.decode, stop_ids=self.stop_ids,
-                            pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text, compile=self.compile)
+                            pad_id=self.tokenizer.pad_id, use_cache=use_cache, on_text=on_text, compile=self.compile,
+                            cache_dtype=self.cache_dtype)
 
     def choose_compile(self, setting: Any, tokens: Optional[int]) -> str:
         """Compile the decode step or not for a job of about `tokens` tokens (None: a server), under
@@ -112,6 +114,12 @@ class TextModel:
         profile's precision (`autocast_context`)."""
         return None if self.model.tok_emb.weight.device.type == "cpu" else self.autocast
 
+    @property
+    def cache_dtype(self) -> Optional[torch.dtype]:
+        """What the KV cache stores keys and values in: generate.kv_cache_dtype, else `decode_dtype`
+        (None: the weights' own)."""
+        return self.kv_cache_dtype or self.decode_dtype
+
     def decode_context(self):
         """The context generation runs under: `decode_dtype`'s autocast, or nothing."""
         return contextlib.nullcontext() if self.decode_dtype is None else self.autocast_context()
@@ -125,7 +133,8 @@ class TextModel:
 
 
 def load(pretrained: Pretrained, template: Optional[str], device: torch.device, tracker: Optional[Tracker] = None,
-         name: Optional[str] = None, autocast: Optional[torch.dtype] = None) -> TextModel:
+         name: Optional[str] = None, autocast: Optional[torch.dtype] = None,
+         kv_cache_dtype: Optional[torch.dtype] = None) -> TextModel:
     """The model `init_from` names, in eval mode on `device`, with its tokenizer and chat template.
 
     Args:
@@ -138,7 +147,7 @@ def load(pretrained: Pretrained, template: Optional[str], device: torch.device, 
     label = name or pretrained.run_id or Path(pretrained.path).name
     meta = {} if pretrained.hf else ckpt.read_meta(pretrained.path)  # a Hugging Face folder records neither
     return TextModel(model, tokenizer, chat_template(meta, pretrained.run_id, template, tracker), label, autocast,
-                     meta.get("sbd_block"))
+                     meta.get("sbd_block"), kv_cache_dtype=kv_cache_dtype)
 
 
 def chat_template(meta: dict, run_id: Optional[str], override: Optional[str], tracker: Optional[Tracker]) -> Optional[str]:

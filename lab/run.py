@@ -133,10 +133,11 @@ class Run:
         """The model `pretrained` (default: init_from's) ready to use, with this run's settings:
         generate.template, its device and tracker, its profile's precision (`lab.inference.load`)."""
         from lab import inference
-        from lab.hardware import autocast_dtype
+        from lab.hardware import autocast_dtype, dtype_named
 
         return inference.load(pretrained or self.pretrained, self.cfg.generate.template, self.accelerator.device,
-                              self.tracker, name, autocast_dtype(self.accelerator.mixed_precision))
+                              self.tracker, name, autocast_dtype(self.accelerator.mixed_precision),
+                              dtype_named(self.cfg.generate.kv_cache_dtype))
 
     def say(self, message: str) -> None:
         """Print on rank 0 only."""

@@ -194,3 +194,30 @@ def test_weights_laid_out_for_decoding_change_no_token():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-5)
     assert [c.ids for c in generate(model, prompts, GREEDY).completions] == tokens
+
+
+def test_a_half_precision_kv_cache_holds_half_the_bytes_and_nearly_the_same_logits():
+    """generate.kv_cache_dtype=fp16: the rows hold fp16, each step's logits are the fp32 cache's up to the
+    rounding of what it stores, and the server's start line counts 2 bytes a value."""
+    from types import SimpleNamespace
+
+    from lab.decoding import Decoding
+    from lab.inference import TextModel
+    from lab.stages.serve import row_capacity
+
+    model = make(**WINDOWED)
+    half, full = (Decoding(model, 1, 32, dtype=dtype) for dtype in (torch.float16, None))
+    assert half.cache.keys[0].dtype == torch.float16 and 2 * half.cache.nbytes() == full.cache.nbytes()
+    ids = prompt(9)
+    logits = [(half.admit(0, ids), full.admit(0, ids))]
+    for t in prompt(6, 2):
+        logits.append((half.step(torch.tensor([t]))[0], full.step(torch.tensor([t]))[0]))
+    gaps = [(a - b).abs().max().item() for a, b in logits]
+    assert 0 < max(gaps) < 1e-2
+
+    said: list[str] = []
+    tm = TextModel(model, tokenizer=None, template=None, name="micro", kv_cache_dtype=torch.float16)
+    row_capacity(tm, SimpleNamespace(max_batch=4, kv_cache_gb=None), said.append)
+    per_token = 2 * 2 * 2 * 16 * 2  # k and v, 2 layers, 2 kv heads, 16 wide, 2 bytes
+    assert said == [f"KV cache: 4 rows of {model.config.max_seq_len} tokens, 0 MiB ({per_token} bytes a token) "
+                    "<serve.max_batch=4, serve.kv_cache_gb=None>"]

@@ -5,7 +5,8 @@ eager and compiled), beside llama.cpp on the same model's GGUF export, in one ru
 
 "Before" is the model as it was loaded and the KVCache step generation took; "eager" and
 "compiled" are `lab.decoding`'s step on the model as `lab.inference` now loads it for a CPU (its
-Linear weights laid out for matrix-vector products, `lay_out_for_decoding`). For each model and
+Linear weights laid out for matrix-vector products, `lay_out_for_decoding`), "fp16 KV" the compiled
+step with its KV cache in fp16 (generate.kv_cache_dtype=fp16, as llama.cpp keeps its). For each model and
 context C, a prompt of C - N tokens of Genesis is continued by N greedy tokens
 (`--new`, 64), so the last token sees C. Decoding alone is timed: the N - 1 tokens after the first
 over the time after the first (the prefill is left out, as it is from llama.cpp's figure). Each
@@ -14,7 +15,8 @@ A model whose context is shorter than C has its RoPE tables grown (speed, not qu
 
 llama.cpp is its prebuilt CPU build through node-llama-cpp, the test-only install `make test` puts in
 tests/llama_cpp/ (`check.mjs` drives it), fed the same token ids, on an f32 GGUF (lab decodes in
-fp32 on a CPU) with `--threads` threads, as lab's torch gets. Its tokens are compared with lab's.
+fp32 on a CPU) with its KV cache in f16 (its default; an f32 cache made it 2-5x slower here), with
+`--threads` threads, as lab's torch gets. Its tokens are compared with lab's fp32 ones.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from lab.benchmarks.gguf_types import CHECKER
 from lab.decoding import Decoding, lay_out_for_decoding
 from lab.models.kv_cache import KVCache
 
-MODES = ("kv step (before)", "eager", "compiled")
+MODES = ("kv step (before)", "eager", "compiled", "fp16 KV")
 
 
 @torch.no_grad()
@@ -46,7 +48,8 @@ def decode(model, prompt: list[int], new: int, mode: str) -> tuple[float, list[i
         logits = model(torch.tensor([prompt], device=device), cache=cache)[0, -1]
         step = lambda token: model(token[:, None], cache=cache)[:, -1]  # noqa: E731
     else:
-        decoding = Decoding(model, 1, len(prompt) + new, compiled=mode == "compiled")
+        decoding = Decoding(model, 1, len(prompt) + new, compiled=mode in MODES[2:],
+                            dtype=torch.float16 if mode == MODES[3] else None)
         logits = decoding.admit(0, prompt)
         step = decoding.step
     out = [int(logits.argmax())]
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batch-1 greedy decoding, {args.new} tokens to each context, {args.threads} thread(s); "
           f"tokens/s medians of {args.rounds} rounds")
     print(f"{'model':<6} {'context':>7} " + " ".join(f"{m:>17}" for m in MODES) + f" {'llama.cpp f32':>14}"
-          f" {'compiled/before':>15} {'compiled/llama':>14} {'same as lab':>11}")
+          f" {'compiled/before':>15} {'compiled/llama':>14} {'fp16 KV/llama':>14} {'same: fp16 KV':>11}"
+          f" {'llama.cpp':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for source in args.sources:
             pre = resolve(source, None, Path(args.checkpoints), Path("outputs/cache"))
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                 prompt = ids[:context - args.new]
                 speeds: dict[str, list[float]] = {m: [] for m in (*MODES, "llama.cpp")}
                 outputs = {}
-                decode(model, prompt, args.new, "compiled")  # compiled before the rounds, as a server does at start
+                for mode in MODES[2:]:  # compiled before the rounds, as a server does at start
+                    decode(model, prompt, args.new, mode)
                 for r in range(args.rounds):
                     order = list(MODES) + ["llama.cpp"]
                     for mode in order[r % len(order):] + order[:r % len(order)]:
@@ -116,11 +121,13 @@ def main(argv: list[str] | None = None) -> None:
                             speeds[mode].append(speed)
                 if not outputs[MODES[0]] == outputs["eager"] == outputs["compiled"]:
                     raise RuntimeError(f"{pre.model.name} at {context}: lab's modes decoded different tokens: a bug")
-                same = next((i for i, (a, b) in enumerate(zip(outputs["llama.cpp"], outputs["eager"])) if a != b), args.new)
+                same = {m: next((i for i, (a, b) in enumerate(zip(outputs[m], outputs["eager"])) if a != b), args.new)
+                        for m in ("fp16 KV", "llama.cpp")}
                 med = {m: statistics.median(v) for m, v in speeds.items()}
                 print(f"{pre.model.name:<6} {context:>7} " + " ".join(f"{med[m]:>17.0f}" for m in MODES) +
                       f" {med['llama.cpp']:>14.0f} {med['compiled'] / med[MODES[0]]:>15.2f}"
-                      f" {med['compiled'] / med['llama.cpp']:>14.2f} {same:>11}")
+                      f" {med['compiled'] / med['llama.cpp']:>14.2f} {med['fp16 KV'] / med['llama.cpp']:>14.2f}"
+                      f" {same['fp16 KV']:>11} {same['llama.cpp']:>11}")
 
 
 if __name__ == "__main__":

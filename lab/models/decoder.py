@@ -131,6 +131,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache stores nkv heads, not nh: the repeat below is free memory
             k, v = cache.extend(self.layer_idx, k, v)  # (B, nkv, L, hs)
+            # a cache may store a narrower dtype (generate.kv_cache_dtype): attention computes in q's,
+            # and a compiled step reads the narrow values straight into it
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv_heads != self.n_heads:
             # each kv head serves a group of consecutive query heads; repeating (rather than
             # SDPA's enable_gqa) keeps this working on every torch >= 2.4 kernel

@@ -57,7 +57,7 @@ def serve(run: Run) -> float:
 def row_capacity(tm: inference.TextModel, sc, say) -> int:
     """Tokens each of serve.max_batch rows holds: the model's context, or what serve.kv_cache_gb leaves
     each; one line when the cache does not fit the device's free memory."""
-    per_token = RowCache(tm.model, 1, 1, tm.decode_dtype).nbytes()
+    per_token = RowCache(tm.model, 1, 1, tm.cache_dtype).nbytes()
     rows = sc.max_batch
     capacity = tm.context if sc.kv_cache_gb is None else min(tm.context, int(sc.kv_cache_gb * 2**30) // (rows * per_token))
     if capacity < 2:
