@@ -96,7 +96,11 @@ class TextModel:
         if sampling.sbd_gamma is None:
             return sampling
         mask_token(self.tokenizer)
-        return dataclasses.replace(sampling, sbd_block=self._sbd_block(sampling))
+        block, window = self._sbd_block(sampling), self.model.config.sliding_window
+        if window is not None and block > window:
+            raise ConfigError(f"generate.sbd_block={block} is wider than the model's sliding window "
+                              f"(model.sliding_window={window}); set generate.sbd_block={window} or less")
+        return dataclasses.replace(sampling, sbd_block=block)
 
     def _sbd_block(self, sampling: Sampling) -> int:
         if sampling.sbd_block is not None:

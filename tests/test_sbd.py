@@ -142,3 +142,17 @@ def test_sbd_through_the_decode_step_gives_the_uncached_tokens_eager_and_compile
         assert ids[0] == ids[1] == ids[2] and all(len(i) == 20 for i in ids[0])
         assert runs[0].forward_passes == runs[1].forward_passes == runs[2].forward_passes
         assert 3 * 20 / 4 < runs[0].forward_passes < 3 * 20  # passes that took one token, and passes that took more
+
+
+def test_a_block_wider_than_the_sliding_window_is_one_line():
+    from types import SimpleNamespace
+
+    from lab.errors import ConfigError
+    from lab.inference import TextModel
+
+    tm = TextModel(make(sliding_window=4, sliding_window_pattern=2), SimpleNamespace(pad_id=3, eos_id=2, bos_id=1),
+                   None, "micro")
+    assert tm.resolved(Sampling(sbd_gamma=0.3, sbd_block=4)).sbd_block == 4
+    with pytest.raises(ConfigError, match=r"generate.sbd_block=8 is wider than the model's sliding window "
+                                          r"\(model.sliding_window=4\); set generate.sbd_block=4 or less"):
+        tm.resolved(Sampling(sbd_gamma=0.3, sbd_block=8))
