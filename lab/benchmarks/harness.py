@@ -18,7 +18,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # imported where it is used: the parent process only starts the runs
+    import torch
 
 # A tiny-like decoder: 10.5M parameters at this vocabulary, untied.
 MODEL = dict(name="tiny", dim=256, n_layers=6, n_heads=4, ffn_dim=1024, tie_embeddings=False, max_seq_len=256)
