@@ -258,6 +258,7 @@ class DataConfig(Section):
     val_fraction: float = ranged(0.05, "(0, 1)")  # share of documents held out for validation
     template: str = chosen("chatml", TEMPLATES)  # SFT and DPO: how conversations are rendered; chatml | alpaca | instruct | chat
     split_seed: int = ranged(1234, "[0, inf)")  # seeds the document-level train/val split
+    max_epochs: float = ranged(4.0, "(0, inf)")  # pretraining on text warns when its steps repeat the train split more often (lab.budget)
     modular: ModularConfig = field(default_factory=ModularConfig)  # read by sources of kind modular
     random: RandomTokensConfig = field(default_factory=RandomTokensConfig)  # read by sources of kind random
 
@@ -439,6 +440,8 @@ class StopConfig(Section):
 @dataclass
 class TrainConfig(Section):
     max_steps: int = ranged(400, "[1, inf)")  # optimizer steps; the schedule spans exactly this many
+    tokens: Optional[int] = ranged(None, "[1, inf)")  # pretraining's budget in tokens: sets train.max_steps from the global batch and data.seq_len (lab.budget)
+    tokens_per_param: Optional[float] = ranged(None, "(0, inf)")  # the budget as tokens per non-embedding parameter (Chinchilla: ~20); sets train.max_steps
     lr: float = ranged(3e-3, "(0, inf)")
     min_lr_ratio: float = ranged(0.1, "[0, 1]")  # cosine and linear decay end at lr * min_lr_ratio
     warmup_steps: int = ranged(40, "[0, inf)")  # longer than the run: a tenth of train.max_steps
@@ -605,6 +608,13 @@ class RunConfig(Section):
         if self.train.sbd_block and (stage not in ("pretrain", "sft") or self.data.sources[0].kind in GENERATED_KINDS):
             raise ConfigError(f"train.sbd_block={self.train.sbd_block} (Set Block Decoding) trains with stage=sft or with "
                               f"stage=pretrain on text, not stage={stage} data={self.data.name}; drop it or change the stage")
+        budget = "train.tokens" if self.train.tokens is not None else "train.tokens_per_param"
+        if self.train.tokens is not None and self.train.tokens_per_param is not None:
+            raise ConfigError("train.tokens and train.tokens_per_param both set the run's length; keep one")
+        if (self.train.tokens is not None or self.train.tokens_per_param is not None) and (
+                stage not in ("pretrain", "plan") or self.data.sources[0].kind in GENERATED_KINDS):
+            raise ConfigError(f"{budget} sets the length of pretraining on text (rows of data.seq_len tokens), not of "
+                              f"stage={stage} data={self.data.name}; set train.max_steps instead")
         if stage == "eval" and not (self.init_from or self.eval.runs):
             raise ConfigError("stage=eval scores trained models: set init_from=<run id | checkpoint path | hf:<folder>> "
                               "and, for more, eval.runs=[<run id>,...]")
@@ -649,6 +659,7 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 # value they stay out of the hash, so every earlier run keeps its identity (resume, a sweep's reuse).
 ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
               "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None, "generate.kv_cache_dtype": "auto",
+              "train.tokens": None, "train.tokens_per_param": None, "data.max_epochs": 4.0,
               "train.eval_choices": None, "train.eval_references": None, "train.eval_harness": [], "eval.harness.tasks": [],
               "eval.harness.include": None, "eval.harness.num_fewshot": None, "eval.harness.limit": None,
               "eval.harness.batch": 8, "eval.harness.chat": None}

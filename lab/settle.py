@@ -4,8 +4,8 @@ reason, then read-only.
 What the user asked for (`lab.config.to_run_config`) becomes what the run uses by these decisions, in
 this order: the model config `init_from` names replaces the model group's; the model's context grows
 to data.seq_len; the precision falls back to what the device runs; hardware.micro_batch=auto and
-train.global_batch become a micro-batch and gradient accumulation; hardware.compile=auto becomes on
-or off; data.modular.full_batch puts the whole train split in every step. The result is frozen
+train.global_batch become a micro-batch and gradient accumulation; train.tokens or
+train.tokens_per_param becomes train.max_steps (`lab.budget`); hardware.compile=auto becomes on or off; data.modular.full_batch puts the whole train split in every step. The result is frozen
 (`lab.sections.freeze`): a stage that changes it fails at once, naming the key.
 
 The config hash that identifies a run is the request's, computed once before settling, so that the
@@ -63,6 +63,7 @@ def settle(cfg: RunConfig, world_size: int, mixed_precision: str,
             raise ConfigError("hardware.fsdp=true shards the model over processes, and this run has one; launch it "
                               "with torchrun, e.g. torchrun --nproc_per_node 2 -m lab hardware.fsdp=true")
         decide(_batch(settled, world_size, vocab_size))
+        decide(_budget(settled, world_size, vocab_size))  # before compile: it reads the run's length
         if settled.stage.declared.trains:  # eval's and surgery's compile is their own (lab.decoding: per job)
             decide(_compile(settled, world_size, vocab_size))
         if settled.stage.declared.reads:
@@ -114,6 +115,21 @@ def _batch(cfg: RunConfig, world_size: int, vocab_size: Optional[int]) -> Option
     micro, accum, why = chosen
     return Decision({"hardware.micro_batch": micro, "hardware.grad_accum": accum}, why,
                     params={"plan.micro_batch": micro, "plan.grad_accum": accum})
+
+
+def _budget(cfg: RunConfig, world_size: int, vocab_size: Optional[int]) -> Optional[Decision]:
+    """train.tokens or train.tokens_per_param becomes train.max_steps (warmup, if as long, a tenth of it)."""
+    from lab.budget import plan_budget
+
+    budget = plan_budget(cfg, world_size, vocab_size)
+    if budget is None:
+        return None
+    values: dict[str, Any] = {"train.max_steps": budget.steps}
+    why = budget.why
+    if cfg.train.warmup_steps >= budget.steps:
+        values["train.warmup_steps"] = budget.steps // 10
+        why += f"; warmup over {budget.steps // 10} steps (a tenth; train.warmup_steps={cfg.train.warmup_steps} is as long)"
+    return Decision(values, why, params=budget.params_logged())
 
 
 def _compile(cfg: RunConfig, world_size: int, vocab_size: Optional[int]) -> Optional[Decision]:

@@ -8,6 +8,8 @@ from typing import Any
 
 from lab import checkpoint as ckpt
 from lab.adapters import apply_adapter
+from lab.budget import check_epochs
+from lab.config import GENERATED_KINDS
 from lab.data import prepare_data
 from lab.data.modular import prepare_modular
 from lab.data.random_tokens import prepare_random
@@ -39,10 +41,11 @@ def pretrain(run: Run) -> float:
                       adapter=adapter, callbacks=callbacks)
     what = f"equations of {' '.join(cfg.data.modular.ops)} mod {cfg.data.modular.p}" if arithmetic else \
         f"sequences of {cfg.data.seq_len} tokens"
+    facts = {"data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val), "tokenizer.sha256": data.tokenizer.sha256}
+    if kind not in GENERATED_KINDS:  # text: how often the run repeats it (grokking and memorising repeat on purpose)
+        facts["data.epochs"] = f"{check_epochs(cfg, len(data.train), run.accelerator.num_processes):.3g}"
     result = train(run, trainer, data, f"model={cfg.model.name}: {model.num_parameters() / 1e6:.2f}M parameters; "
-                   f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val {what}",
-                   {"data.n_train_rows": len(data.train), "data.n_val_rows": len(data.val),
-                    "tokenizer.sha256": data.tokenizer.sha256})
+                   f"data={cfg.data.name}: {len(data.train):,} train / {len(data.val):,} val {what}", facts)
     if result is None:
         return float("nan")
     ppl = math.exp(min(result.val_loss, 50))  # as the evaluation logged it, val/ppl
