@@ -186,6 +186,67 @@ def build_table(runs: list[MlflowRun], metrics: list[str], mode: str,
     return table.loc[order].reset_index(drop=True), [runs[i] for i in order]
 
 
+# --- groups over seeds ---------------------------------------------------------------------------
+
+def group_runs(runs: list[MlflowRun], over: list[str]) -> list[list[MlflowRun]]:
+    """Runs whose params agree but for the `over` keys (their seeds) form a group; in the runs' order."""
+    groups: dict[tuple, list[MlflowRun]] = {}
+    for r in runs:
+        key = tuple(sorted((k, v) for k, v in r.data.params.items()
+                           if k not in over and not k.startswith(RESULT_NEUTRAL_KEYS)))
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def build_group_table(groups: list[list[MlflowRun]], metrics: list[str], mode: str,
+                      over: list[str]) -> tuple[pd.DataFrame, list[list[MlflowRun]]]:
+    """One row per group, best first by the mean of `metrics[0]`: the params that tell the groups
+    apart, n, and each metric's mean, standard deviation and 95% interval (`lab.stats.summarize`)."""
+    from lab.stats import summarize
+
+    params = differing_params([r for g in groups for r in g], RESULT_NEUTRAL_KEYS + tuple(over))
+    rows = []
+    for g in groups:
+        row: dict = {p: g[0].data.params.get(p) for p in params} | {"n": len(g)}
+        for m in metrics:
+            s = summarize([r.data.metrics.get(m, math.nan) for r in g])
+            row |= {f"{m} mean": s.mean, f"{m} std": s.std, f"{m} 95% low": s.low, f"{m} 95% high": s.high}
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = table.sort_values(f"{metrics[0]} mean", ascending=mode == "min", na_position="last", kind="stable").index
+    table = table.loc[order].reset_index(drop=True)
+    table.insert(0, "group", range(1, len(table) + 1))
+    return table, [groups[i] for i in order]
+
+
+def differences(groups: list[list[MlflowRun]], table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The best group against each other on `metric`: the difference of means (other - best), its 95%
+    interval and Welch's two-sided p (`lab.stats.welch`); `differs` where p < 0.05."""
+    from lab.stats import welch
+
+    best = [r.data.metrics.get(metric, math.nan) for r in groups[0]]
+    rows = []
+    for i, g in enumerate(groups[1:], start=1):
+        d = welch([r.data.metrics.get(metric, math.nan) for r in g], best)
+        rows.append({"group": int(table["group"][i]), "vs group": 1, "difference": d.diff, "95% low": d.low,
+                     "95% high": d.high, "p": d.p, "differs": "yes" if d.p < 0.05 else ("no" if d.p == d.p else "n < 2")})
+    return pd.DataFrame(rows)
+
+
+def group_metrics(table: pd.DataFrame, metrics: list[str]) -> dict[str, float]:
+    """The groups' statistics as the compare run's metrics: compare/group_<i>/<metric>/<mean|std|low|high>, .../n."""
+    out: dict[str, float] = {}
+    for _, row in table.iterrows():
+        prefix = f"compare/group_{int(row['group'])}"
+        out[f"{prefix}/n"] = float(row["n"])
+        for m in metrics:
+            for stat in ("mean", "std", "95% low", "95% high"):
+                value = float(row[f"{m} {stat}"])
+                if math.isfinite(value):
+                    out[f"{prefix}/{m}/{stat.replace('95% ', '')}"] = value
+    return out
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no `tabulate` needed)."""
     def cell(v) -> str:
@@ -286,6 +347,41 @@ def plot_curves(client: MlflowClient, runs: list[MlflowRun], metric: str, labels
     return _line_chart(lines, metric, f"{metric} over steps", path)
 
 
+def plot_group_curves(client: MlflowClient, groups: list[list[MlflowRun]], metric: str, labels: list[str],
+                      path: Path) -> Path:
+    """`metric` over steps, one line per group: the mean over its runs at the steps they all logged,
+    shaded one standard deviation either side."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for group, label in zip(groups, labels):
+        histories = [{m.step: m.value for m in sorted(client.get_metric_history(r.info.run_id, metric),
+                                                      key=lambda m: (m.step, m.timestamp))} for r in group]
+        steps = sorted(set.intersection(*(set(h) for h in histories)))
+        if not steps:
+            continue
+        values = [[h[s] for h in histories] for s in steps]
+        mean = [sum(v) / len(v) for v in values]
+        std = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0 for v, m in zip(values, mean)]
+        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(group)})", linewidth=1.2)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric} over steps: mean of each group, ±1 standard deviation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def group_labels(groups: list[list[MlflowRun]], params: list[str]) -> list[str]:
+    """`group 1  lr=0.001` for each group (best first): the params that tell the groups apart."""
+    short = [p.rsplit(".", 1)[-1] for p in params]
+    keys = short if len(set(short)) == len(short) else params
+    return [" ".join([f"group {i}"] + [f"{k}={g[0].data.params.get(p)}" for k, p in zip(keys, params)])
+            for i, g in enumerate(groups, start=1)]
+
+
 def plot_losses(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     """A run's train and val losses on one chart (MLflow draws one chart per metric): `series` maps
     a metric name to its (step, value) history; val/ lines are dashed."""
@@ -309,32 +405,41 @@ def _line_chart(lines: dict[str, list[tuple[int, float]]], ylabel: str, title: s
     return path
 
 
-def plot_final_vs_param(runs: list[MlflowRun], metric: str, param: str, others: list[str], path: Path) -> Path:
-    """Final `metric` against `param`, one point per run; numeric axis (log if it spans 3x or more) or categorical.
+def plot_final_vs_param(groups: list[list[MlflowRun]], metric: str, param: str, others: list[str], path: Path) -> Path:
+    """Final `metric` against `param`, one point per group of runs (a run alone, or a setting over its
+    seeds: the mean, with its 95% interval as an error bar); numeric axis (log if it spans 3x or more)
+    or categorical.
 
-    Runs that share the values of the `others` (the other differing params) form one series, so a
+    Groups that share the values of the `others` (the other differing params) form one series, so a
     grid sweep reads as one line per setting of the remaining keys.
     """
+    from lab.stats import summarize
+
     plt = _pyplot()
-    points = [r for r in runs if param in r.data.params and metric in r.data.metrics]
-    numeric = all(_is_float(r.data.params[param]) for r in points)
-    cats = sorted({r.data.params[param] for r in points})
+    points = [g for g in groups if param in g[0].data.params and any(metric in r.data.metrics for r in g)]
+    numeric = all(_is_float(g[0].data.params[param]) for g in points)
+    cats = sorted({g[0].data.params[param] for g in points})
     x_of = (lambda v: float(v)) if numeric else cats.index
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in points:
-        label = " ".join(f"{k.rsplit('.', 1)[-1]}={r.data.params.get(k)}" for k in others if k != param)
-        series.setdefault(label, []).append((x_of(r.data.params[param]), r.data.metrics[metric]))
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for g in points:
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={g[0].data.params.get(k)}" for k in others if k != param)
+        s = summarize([r.data.metrics.get(metric, math.nan) for r in g])
+        half = (s.high - s.low) / 2 if s.n > 1 else 0.0
+        series.setdefault(label, []).append((x_of(g[0].data.params[param]), s.mean, half))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, xy in sorted(series.items()):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="-" if numeric else "none",
-                label=label or None)
-    xs = [x for xy in series.values() for x, _ in xy]
+        ax.errorbar([x for x, _, _ in xy], [y for _, y, _ in xy], yerr=[e for _, _, e in xy], marker="o", capsize=3,
+                    linestyle="-" if numeric else "none", label=label or None)
+    xs = [x for xy in series.values() for x, _, _ in xy]
     if numeric:
         ax.set_xscale(x_scale(xs))
     if not numeric:
         ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-    ax.set(xlabel=param, ylabel=f"final {metric}", title=f"final {metric} against {param} ({len(points)} runs)")
+    runs = sum(len(g) for g in points)
+    title = f"final {metric} against {param} ({runs} runs" + (
+        f" in {len(points)} groups: mean, 95% interval)" if runs > len(points) else ")")
+    ax.set(xlabel=param, ylabel=f"final {metric}", title=title)
     ax.grid(alpha=0.3)
     if any(series):
         ax.legend(fontsize=9)

@@ -32,6 +32,8 @@ class CompareConfig(Section):
     curve: str = "train/loss"  # metric drawn over steps, one line per run
     param: Optional[str] = None  # x axis of the final-metric plot; None: the first param that differs
     diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
+    over: list[str] = field(default_factory=lambda: ["train.seed"])  # runs that differ only in these params form a group (mean, std, 95% interval)
+    test: bool = False  # the best group against each other: Welch's t-test of compare.metrics[0] (lab.stats)
     max_runs: int = ranged(500, "[1, inf)")
 
     def __post_init__(self) -> None:

@@ -237,3 +237,54 @@ def test_plot_losses_draws_train_solid_and_val_dashed(tmp_path, monkeypatch):
                        tmp_path / "loss.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert drawn == [("train/loss", ((1, 2), (3.0, 2.5)), "-"), ("val/loss", ((2,), (2.7,)), "--")]
+
+
+def test_runs_that_differ_only_in_their_seed_form_groups_with_their_statistics(tmp_path):
+    """Six runs logged with known losses: two learning rates x three seeds. The table has two groups,
+    best first, with the hand-computed mean, standard deviation and t-interval; compare.test's p is
+    scipy's Welch test; the statistics are the compare run's metrics."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+    from scipy import stats as scipy_stats
+
+    (tmp_path / "outputs").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.create_experiment("lab")
+    losses = {"1e-3": [3.30, 3.36, 3.27], "3e-3": [3.10, 3.14, 3.09]}
+    for lr, values in losses.items():
+        for seed, loss in enumerate(values):
+            r = client.create_run(experiment, run_name=f"lr {lr} seed {seed}")
+            for key, value in {"train.lr": lr, "train.seed": seed, "model.name": "micro"}.items():
+                client.log_param(r.info.run_id, key, value)
+            for step in (1, 2, 3):  # a curve: the band plot draws the mean of each group's seeds
+                client.log_metric(r.info.run_id, "train/loss", loss + 1.0 / step, step=step)
+            client.log_metric(r.info.run_id, "val/loss", loss)
+            client.set_terminated(r.info.run_id)
+    proc = run_lab("stage=compare", "compare.test=true", "train.progress=false", cwd=tmp_path)
+    assert "2 groups of runs that differ only in train.seed <compare.over>" in proc.stdout
+    (run,) = [r for r in all_runs(tmp_path) if r.data.tags.get("lab.stage") == "compare"]
+    with open(Path(run.data.tags["lab.output_dir"]) / "compare" / "groups.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["group"], r["train.lr"], r["n"]) for r in rows] == [("1", "3e-3", "3"), ("2", "1e-3", "3")]
+    t2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t(0.975) at 2 degrees of freedom
+    for row, values in zip(rows, (losses["3e-3"], losses["1e-3"])):
+        mean = sum(values) / 3
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+        assert float(row["val/loss mean"]) == pytest.approx(mean, rel=1e-12)
+        assert float(row["val/loss std"]) == pytest.approx(std, rel=1e-12)
+        assert float(row["val/loss 95% low"]) == pytest.approx(mean - t2 * std / math.sqrt(3), rel=1e-12)
+        assert float(row["val/loss 95% high"]) == pytest.approx(mean + t2 * std / math.sqrt(3), rel=1e-12)
+        assert run.data.metrics[f"compare/group_{row['group']}/val/loss/mean"] == pytest.approx(mean, rel=1e-12)
+    with open(Path(run.data.tags["lab.output_dir"]) / "compare" / "tests.csv") as f:
+        (tested,) = list(csv.DictReader(f))
+    ref = scipy_stats.ttest_ind(losses["1e-3"], losses["3e-3"], equal_var=False)
+    assert float(tested["p"]) == pytest.approx(ref.pvalue, rel=1e-9) and tested["differs"] == "yes"
+    assert float(tested["difference"]) == pytest.approx(sum(losses["1e-3"]) / 3 - sum(losses["3e-3"]) / 3, rel=1e-12)
+    assert run.data.metrics["compare/n_groups"] == 2
+    logged = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").list_artifacts(
+        run.info.run_id, "compare")}
+    for name in ("groups.csv", "tests.csv", "curve_train_loss.png", "val_loss_vs_train.lr.png"):
+        assert f"compare/{name}" in logged
+        if name.endswith(".png"):
+            assert (Path(run.data.tags["lab.output_dir"]) / "compare" / name).read_bytes()[:8] == PNG_MAGIC
