@@ -60,10 +60,35 @@ def trusted_targets():
     return execution_whitelist(["lab.*", "hydra_plugins.*"])
 
 
+def repeat_over_seeds(argv: list[str]) -> list[str]:
+    """`sweep.seeds=N` on the command line: the run, or every job of the sweep, N times, at train.seed
+    = s, s + 1, ... (s: the train.seed given, else the default), as a multirun whose parent records it."""
+    from lab.config import TrainConfig
+
+    given = [a for a in argv if a.startswith("sweep.seeds=")]
+    n = given[-1].split("=", 1)[1] if given else "1"
+    if not n.isdigit() or int(n) < 1:
+        raise LabError(f"sweep.seeds={n} must be a whole number >= 1, e.g. sweep.seeds=3")
+    if int(n) == 1:
+        return argv
+    seeds = [a for a in argv if a.startswith(("train.seed=", "++train.seed=", "+train.seed="))]
+    base = seeds[-1].split("=", 1)[1] if seeds else str(TrainConfig.seed)
+    if not base.isdigit():
+        raise LabError(f"sweep.seeds={n} repeats one train.seed; {seeds[-1]} is not one number: give train.seed=<first seed>")
+    rest = [a for a in argv if a not in seeds]
+    multirun = [] if {"-m", "--multirun"} & set(rest) else ["-m"]
+    return rest[:1] + multirun + rest[1:] + ["train.seed=" + ",".join(str(int(base) + i) for i in range(int(n)))]
+
+
 def main() -> None:
     """Console entry point. Hydra's composition errors are folded into one line."""
     from lab.sweeps import end_open_parent
 
+    try:
+        sys.argv = repeat_over_seeds(sys.argv)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     register_schemas()
     signals.install()
     # `kill -USR1 <pid>` prints every thread's stack: how to see where a run that will not stop is stuck

@@ -201,15 +201,17 @@ def group_runs(runs: list[MlflowRun], over: list[str]) -> list[list[MlflowRun]]:
 def build_group_table(groups: list[list[MlflowRun]], metrics: list[str], mode: str,
                       over: list[str]) -> tuple[pd.DataFrame, list[list[MlflowRun]]]:
     """One row per group, best first by the mean of `metrics[0]`: the params that tell the groups
-    apart, n, and each metric's mean, standard deviation and 95% interval (`lab.stats.summarize`)."""
+    apart, n (the runs that logged `metrics[0]`: a run still running may not have yet), and each
+    metric's mean, standard deviation and 95% interval (`lab.stats.summarize`)."""
     from lab.stats import summarize
 
     params = differing_params([r for g in groups for r in g], RESULT_NEUTRAL_KEYS + tuple(over))
     rows = []
     for g in groups:
-        row: dict = {p: g[0].data.params.get(p) for p in params} | {"n": len(g)}
+        row: dict = {p: g[0].data.params.get(p) for p in params}
         for m in metrics:
             s = summarize([r.data.metrics.get(m, math.nan) for r in g])
+            row.setdefault("n", s.n)
             row |= {f"{m} mean": s.mean, f"{m} std": s.std, f"{m} 95% low": s.low, f"{m} 95% high": s.high}
         rows.append(row)
     table = pd.DataFrame(rows)

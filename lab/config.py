@@ -518,6 +518,7 @@ class SweepConfig(Section):
     metric: str = "val/loss"  # what a sweep optimises: the job's return value, and "best" on the parent
     mode: str = chosen("min", ("min", "max"))
     force: bool = False  # re-run jobs whose exact config already FINISHED in this experiment
+    seeds: int = ranged(1, "[1, inf)")  # repeat the run (or every job of the sweep) over this many train.seed values: train.seed, +1, ... (lab.cli)
 
     def __post_init__(self) -> None:
         check_ranges(self, "sweep")
@@ -666,12 +667,19 @@ ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "expor
               "eval.harness.batch": 8, "eval.harness.chat": None}
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """SHA-256 (16 hex digits) of the resolved config, less the keys that do not change results."""
+def config_hash(cfg: RunConfig, leave_out: tuple[str, ...] = ()) -> str:
+    """SHA-256 (16 hex digits) of the resolved config, less the keys that do not change results (and
+    `leave_out`: `group_hash`'s seed)."""
     flat = flatten(dataclasses.asdict(cfg))
-    kept = {hashed_name(k): v for k, v in flat.items()
-            if not k.startswith(RESULT_NEUTRAL_KEYS) and not (k in ADDED_KEYS and ADDED_KEYS[k] == v)}
+    kept = {hashed_name(k): v for k, v in flat.items() if k not in leave_out
+            and not k.startswith(RESULT_NEUTRAL_KEYS) and not (k in ADDED_KEYS and ADDED_KEYS[k] == v)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def group_hash(cfg: RunConfig) -> str:
+    """`config_hash` without train.seed: the same for every seed of one setting (the tag lab.group,
+    which stage=compare's groups and the MLflow UI's group-by read)."""
+    return config_hash(cfg, leave_out=("train.seed",))
 
 
 def hashed_name(key: str) -> str:

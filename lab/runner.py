@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lab import checkpoint as ckpt
 from lab import lineage
 from lab import sweeps
-from lab.config import REPO_ROOT, RunConfig, TrackingConfig, config_hash, resolved, run_params, to_run_config
+from lab.config import REPO_ROOT, RunConfig, TrackingConfig, config_hash, group_hash, resolved, run_params, to_run_config
 from lab.errors import CheckpointError, LabError
 from lab.files import StorageError, os_error_message
 from lab.hardware import check_device, fresh_accelerate_state, precision_fallback
@@ -201,7 +201,7 @@ def _open_run(cfg: RunConfig, chash: str, dcfg: DictConfig, accelerator: Acceler
                          "lab.choice.model": pretrained.model.name}
             name = run_name(cfg, info, pretrained is not None, pretrained.model.name if pretrained else None)
             run_id = tracker.start(name, tags, parent_run_id=parent,
-                                   description=command_line(info))
+                                   description=command_line(info) + _group_note(cfg, tags["lab.group"]))
             fresh = True
         tracker.set_tags({"lab.checkpoint_dir": str(Path(cfg.paths.checkpoints).resolve() / run_id),
                           "lab.output_dir": str(info.output_dir)})
@@ -283,9 +283,16 @@ def _tags(cfg: RunConfig, info: HydraInfo, chash: str) -> dict[str, str]:
         "lab.hardware": cfg.hardware.name,
         "lab.overrides": " ".join(info.overrides),
         "lab.config_hash": chash,
+        "lab.group": group_hash(cfg),
         **{f"lab.choice.{group}": option for group, option in info.choices.items()},
         **source_tags(REPO_ROOT),
     }
+
+
+def _group_note(cfg: RunConfig, group: str) -> str:
+    """The description's line that names the run's group: its setting, whatever the seed."""
+    return (f"\n\nSeed {cfg.train.seed} of group `{group}` (tag `lab.group`): the runs of this config with any "
+            "train.seed. `lab stage=compare` reports each group's mean and spread.")
 
 
 def _log_config(tracker: Tracker, dcfg: DictConfig, output_dir: Path) -> None:

@@ -145,6 +145,7 @@ class SweepCallback(Callback):
             "lab.sweep": "true", "lab.sweep.name": name, "lab.stage": str(config.stage.name),
             "lab.sweep.dir": str(self.sweep_dir), "lab.sweep.metric": self.sweep_cfg.metric,
             "lab.sweep.keys": ",".join(keys), "lab.overrides": " ".join(config.hydra.overrides.task),
+            "lab.sweep.seeds": str(self.sweep_cfg.seeds),  # sweep.seeds: each setting repeated over this many seeds
             **source_tags(REPO_ROOT),
         }, description=f"```\nlab -m {' '.join(config.hydra.overrides.task)}\n```\n\nThe sweep:\n```yaml\n{definition}```")
         (self.sweep_dir / SWEPT_KEYS_FILE).write_text(json.dumps(keys))

@@ -261,6 +261,9 @@ def test_runs_that_differ_only_in_their_seed_form_groups_with_their_statistics(t
                 client.log_metric(r.info.run_id, "train/loss", loss + 1.0 / step, step=step)
             client.log_metric(r.info.run_id, "val/loss", loss)
             client.set_terminated(r.info.run_id)
+    running = client.create_run(experiment, run_name="lr 3e-3 seed 3, still running: no val/loss yet, not counted")
+    for key, value in {"train.lr": "3e-3", "train.seed": 3, "model.name": "micro"}.items():
+        client.log_param(running.info.run_id, key, value)
     proc = run_lab("stage=compare", "compare.test=true", "train.progress=false", cwd=tmp_path)
     assert "2 groups of runs that differ only in train.seed <compare.over>" in proc.stdout
     (run,) = [r for r in all_runs(tmp_path) if r.data.tags.get("lab.stage") == "compare"]
@@ -288,3 +291,37 @@ def test_runs_that_differ_only_in_their_seed_form_groups_with_their_statistics(t
         assert f"compare/{name}" in logged
         if name.endswith(".png"):
             assert (Path(run.data.tags["lab.output_dir"]) / "compare" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_runs_group_is_its_config_whatever_the_seed(compose_cfg):
+    from lab.config import config_hash, group_hash, to_run_config
+
+    one, two, other = (to_run_config(compose_cfg(*args)) for args in
+                       (["train.seed=1"], ["train.seed=2"], ["train.seed=1", "train.lr=1e-3"]))
+    assert group_hash(one) == group_hash(two) != group_hash(other)
+    assert config_hash(one) != config_hash(two)
+
+
+def test_sweep_seeds_repeats_each_setting_and_compare_groups_them(tmp_path, shared_cache):
+    """`sweep.seeds=3` over two learning rates: six jobs at train.seed 1337-1339, the parent records it,
+    and compare prints two groups of three, the band plot and the error-bar plot, logged as artifacts."""
+    run_lab(*FAST, "train.max_steps=4", "train.eval_every=2", "train.warmup_steps=1", "train.sample_tokens=0",
+            "train.lr=1e-3,3e-3", "sweep.seeds=3", f"paths.cache={shared_cache}", cwd=tmp_path)
+    runs = all_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("lab.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.tags["lab.sweep.seeds"] == "3" and "train.seed=1337,1338,1339" in parent.data.tags["lab.overrides"]
+    assert sorted((r.data.params["train.lr"], r.data.params["train.seed"]) for r in children) == [
+        (lr, str(s)) for lr in ("0.001", "0.003") for s in (1337, 1338, 1339)]
+    assert len({r.data.tags["lab.group"] for r in children}) == 2
+    proc = run_lab("stage=compare", f"compare.parent={parent.info.run_id}", "compare.test=true",
+                   f"paths.cache={shared_cache}", cwd=tmp_path)
+    assert "2 groups of runs that differ only in train.seed <compare.over>" in proc.stdout
+    (run,) = [r for r in all_runs(tmp_path) if r.data.tags.get("lab.stage") == "compare"]
+    out = Path(run.data.tags["lab.output_dir"]) / "compare"
+    with open(out / "groups.csv") as f:
+        assert [row["n"] for row in csv.DictReader(f)] == ["3", "3"]
+    logged = {a.path for a in mlflow_client(tmp_path).list_artifacts(run.info.run_id, "compare")}
+    for name in ("groups.csv", "tests.csv", "curve_train_loss.png", "val_loss_vs_train.lr.png"):
+        assert f"compare/{name}" in logged
+    assert (out / "curve_train_loss.png").read_bytes()[:8] == PNG_MAGIC

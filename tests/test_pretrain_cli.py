@@ -75,6 +75,9 @@ def test_the_run_shows_what_the_mlflow_ui_shows_a_researcher(kjv_run):
     assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.name"] == "lab"
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.git.branch"]
     assert tags["mlflow.note.content"].startswith("```\nlab model=micro tokenizer.vocab_size=512 ")
+    assert tags["mlflow.note.content"].endswith(f"\n\nSeed 1337 of group `{tags['lab.group']}` (tag `lab.group`): the runs "
+                                                "of this config with any train.seed. `lab stage=compare` reports each "
+                                                "group's mean and spread.")
     assert tags["lab.host"] and int(tags["lab.pid"]) > 0
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     # the data: one dataset input per split, the packed cache's content hash as the digest
