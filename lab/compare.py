@@ -249,6 +249,52 @@ def group_metrics(table: pd.DataFrame, metrics: list[str]) -> dict[str, float]:
     return out
 
 
+# --- scaling fits --------------------------------------------------------------------------------
+
+def fit_groups(groups: list[list[MlflowRun]], metric: str, x_param: str):
+    """`lab.scaling.fit_power` of `metric` against the numeric param `x_param`, one point per group."""
+    from lab.scaling import fit_power
+
+    have = [g for g in groups if _is_float(g[0].data.params.get(x_param))]
+    if not have:
+        numeric = sorted({k for g in groups for k, v in g[0].data.params.items() if _is_float(v)})
+        raise CompareError(f"compare.fit_x={x_param} is not a numeric param of the selected runs (it is logged by "
+                           f"train.tokens or train.tokens_per_param); numeric params: {', '.join(numeric[:20])}")
+    return fit_power([float(g[0].data.params[x_param]) for g in have],
+                     [[r.data.metrics.get(metric, math.nan) for r in g] for g in have])
+
+
+def fit_table(fit) -> pd.DataFrame:
+    """Each point's x, mean, the law's value there and the residual."""
+    return pd.DataFrame({"x": fit.x, "mean": fit.y, "fit": fit.predict(fit.x), "residual": fit.residuals})
+
+
+def plot_fit(fit, groups: list[list[MlflowRun]], metric: str, x_param: str, path: Path) -> Path:
+    """The points (each group's mean with its 95% interval) and the fitted law, on log-log axes."""
+    import numpy as np
+
+    from lab.stats import summarize
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for g in groups:
+        if _is_float(g[0].data.params.get(x_param)):
+            s = summarize([r.data.metrics.get(metric, math.nan) for r in g])
+            half = (s.high - s.low) / 2 if s.n > 1 else 0.0
+            ax.errorbar([float(g[0].data.params[x_param])], [s.mean], yerr=[half], marker="o", capsize=3, color="C0")
+    xs = np.geomspace(min(fit.x), max(fit.x), 100)
+    ax.plot(xs, fit.predict(xs), color="C1",
+            label=f"{fit.a:.3g} x^-{fit.alpha:.3f} + {fit.c:.3f} (alpha 95%: {fit.alpha_low:.3f}-{fit.alpha_high:.3f})")
+    ax.set(xscale="log", yscale="log", xlabel=x_param, ylabel=f"final {metric}",
+           title=f"final {metric} against {x_param}: group means, 95% intervals, fit")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no `tabulate` needed)."""
     def cell(v) -> str:

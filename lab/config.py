@@ -661,7 +661,8 @@ RESULT_NEUTRAL_KEYS = ("stage.declared.", "tracking.", "paths.", "sweep.", "pipe
 ADDED_KEYS = {"adapter.base_quant": "none", "model.released_vocab": None, "export.gguf_type": None,
               "serve.max_batch": 16, "serve.max_queue": 64, "serve.kv_cache_gb": None, "generate.kv_cache_dtype": "auto",
               "train.tokens": None, "train.tokens_per_param": None, "data.max_epochs": 4.0,
-              "compare.over": ["train.seed"], "compare.test": False,
+              "compare.over.0": "train.seed", "compare.test": False, "compare.fit": "none",
+              "compare.fit_x": "budget.params",
               "train.eval_choices": None, "train.eval_references": None, "train.eval_harness": [], "eval.harness.tasks": [],
               "eval.harness.include": None, "eval.harness.num_fewshot": None, "eval.harness.limit": None,
               "eval.harness.batch": 8, "eval.harness.chat": None}

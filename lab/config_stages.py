@@ -34,6 +34,8 @@ class CompareConfig(Section):
     diff: list[str] = field(default_factory=list)  # two run ids to diff; empty: the best two
     over: list[str] = field(default_factory=lambda: ["train.seed"])  # runs that differ only in these params form a group (mean, std, 95% interval)
     test: bool = False  # the best group against each other: Welch's t-test of compare.metrics[0] (lab.stats)
+    fit: str = chosen("none", ("none", "power"))  # power: fit compare.metrics[0] = a * x^-alpha + c over the groups (lab.scaling)
+    fit_x: str = "budget.params"  # the param that is x in the fit: budget.params (non-embedding parameters), budget.tokens, budget.flops, ...
     max_runs: int = ranged(500, "[1, inf)")
 
     def __post_init__(self) -> None:

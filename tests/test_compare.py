@@ -325,3 +325,36 @@ def test_sweep_seeds_repeats_each_setting_and_compare_groups_them(tmp_path, shar
     for name in ("groups.csv", "tests.csv", "curve_train_loss.png", "val_loss_vs_train.lr.png"):
         assert f"compare/{name}" in logged
     assert (out / "curve_train_loss.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_fits_a_power_law_over_sizes_and_refuses_too_few(tmp_path):
+    """Four sizes x three seeds logged from L = 40 N^-0.3 + 1.8 with noise: compare.fit=power recovers
+    alpha within its interval, writes the residuals and the log-log plot, logs the fit; two sizes are one line."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "outputs").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.create_experiment("lab")
+    rng = np.random.default_rng(3)
+    for n in (100_000, 1_000_000, 10_000_000, 100_000_000):
+        for seed in range(3):
+            r = client.create_run(experiment, run_name=f"N {n} seed {seed}")
+            for key, value in {"budget.params": n, "model.name": "small" if n <= 1e6 else "large", "train.seed": seed}.items():
+                client.log_param(r.info.run_id, key, value)
+            client.log_metric(r.info.run_id, "val/loss", 40 * n ** -0.3 + 1.8 + rng.normal(0, 0.01))
+            client.set_terminated(r.info.run_id)
+    proc = run_lab("stage=compare", "compare.fit=power", cwd=tmp_path)
+    assert "fit: val/loss = " in proc.stdout and "<compare.fit=power>" in proc.stdout
+    (run,) = [r for r in all_runs(tmp_path) if r.data.tags.get("lab.stage") == "compare"]
+    m = run.data.metrics
+    assert m["compare/fit/alpha_low"] < 0.3 < m["compare/fit/alpha_high"] and abs(m["compare/fit/c"] - 1.8) < 0.05
+    out = Path(run.data.tags["lab.output_dir"]) / "compare"
+    with open(out / "fit_residuals.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["x"]) for r in rows] == [1e5, 1e6, 1e7, 1e8] and all(abs(float(r["residual"])) < 0.03 for r in rows)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "compare")}
+    assert {"compare/fit_residuals.csv", "compare/fit_val_loss_vs_budget.params.png"} <= logged
+    two_sizes = "compare.filter=\"params.`model.name` = 'small'\""
+    few = run_lab("stage=compare", "compare.fit=power", two_sizes, cwd=tmp_path, check=False)
+    assert few.returncode == 2 and "compare.fit=power fits 3 parameters (a, alpha, c) and the runs give 2 setting(s)" in few.stderr

@@ -55,6 +55,8 @@ def compare(run: Run) -> Optional[float]:
         cmp.plot_final_vs_param(groups, cfg.metrics[0], param, apart,
                                 out / f"{cmp.safe_name(cfg.metrics[0])}_vs_{cmp.safe_name(param)}.png")
 
+    if cfg.fit == "power":
+        _fit(run, groups, out)
     run.tracker.log_artifacts(out, "compare")
     run.tracker.log_metrics({"compare/n_runs": len(runs)}, step=0)
     run.tracker.set_tags({"lab.compare.best_run": ordered[0].info.run_id})
@@ -80,6 +82,23 @@ def _compare_groups(run: Run, groups: list, out) -> list:
         tested.to_csv(out / "tests.csv", index=False)
         (out / "tests.md").write_text(cmp.to_markdown(tested))
     return ordered
+
+
+def _fit(run: Run, groups: list, out) -> None:
+    """compare.fit=power: the law, its residuals and its plot, written, printed and logged."""
+    cfg = run.cfg.compare
+    metric, x = cfg.metrics[0], cfg.fit_x
+    fit = cmp.fit_groups(groups, metric, x)
+    run.say(f"fit: {metric} = {fit.a:.4g} * {x}^-{fit.alpha:.4f} + {fit.c:.4f}; alpha's 95% interval from the "
+            f"seeds: {fit.alpha_low:.4f} to {fit.alpha_high:.4f} ({len(fit.x)} points, least squares on the loss) "
+            "<compare.fit=power>")
+    table = cmp.fit_table(fit)
+    run.say(table.to_string(index=False))
+    table.to_csv(out / "fit_residuals.csv", index=False)
+    (out / "fit_residuals.md").write_text(cmp.to_markdown(table))
+    cmp.plot_fit(fit, groups, metric, x, out / f"fit_{cmp.safe_name(metric)}_vs_{cmp.safe_name(x)}.png")
+    values = {"a": fit.a, "alpha": fit.alpha, "c": fit.c, "alpha_low": fit.alpha_low, "alpha_high": fit.alpha_high}
+    run.tracker.log_metrics({f"compare/fit/{k}": v for k, v in values.items() if v == v}, step=0)
 
 
 def run_name(cfg) -> str:
