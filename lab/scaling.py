@@ -12,11 +12,12 @@ as they are: they carry no spread to resample).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 from lab.errors import LabError
 
@@ -51,7 +52,9 @@ def _fit_means(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(log a, alpha, c) by least squares on y, from the log-log line through the points."""
     slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
     p0 = (intercept, max(-slope, 1e-3), 0.0)
-    params, _ = curve_fit(power_law, x, y, p0=p0, maxfev=20000)
+    with warnings.catch_warnings():  # three points fit exactly: no covariance, which is not used
+        warnings.simplefilter("ignore", OptimizeWarning)
+        params, _ = curve_fit(power_law, x, y, p0=p0, maxfev=20000)
     return float(params[0]), float(params[1]), float(params[2])
 
 
