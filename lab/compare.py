@@ -287,12 +287,7 @@ def plot_fit(fit, groups: list[list[MlflowRun]], metric: str, x_param: str, path
             label=f"{fit.a:.3g} x^-{fit.alpha:.3f} + {fit.c:.3f} (alpha 95%: {fit.alpha_low:.3f}-{fit.alpha_high:.3f})")
     ax.set(xscale="log", yscale="log", xlabel=x_param, ylabel=f"final {metric}",
            title=f"final {metric} against {x_param}: group means, 95% intervals, fit")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -368,10 +363,15 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
-def run_labels(runs: list[MlflowRun], params: list[str]) -> dict[str, str]:
-    """run id -> `name  lr=0.001 warmup_steps=1` (the last part of each key, unless that is ambiguous)."""
+def _short_keys(params: list[str]) -> list[str]:
+    """The last part of each key (lr for train.lr), unless that is ambiguous: then the keys whole."""
     short = [p.rsplit(".", 1)[-1] for p in params]
-    keys = short if len(set(short)) == len(short) else params
+    return short if len(set(short)) == len(short) else params
+
+
+def run_labels(runs: list[MlflowRun], params: list[str]) -> dict[str, str]:
+    """run id -> `name  lr=0.001 warmup_steps=1` (`_short_keys`)."""
+    keys = _short_keys(params)
     return {r.info.run_id: " ".join([r.info.run_name or r.info.run_id[:8]]
                                     + [f"{k}={r.data.params.get(p)}" for k, p in zip(keys, params)])
             for r in runs}
@@ -384,6 +384,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, ax, path: Path, legend: bool) -> Path:
+    """Every chart's finish: a light grid (minor lines too on log axes), the legend, the PNG written, the figure freed."""
+    ax.grid(alpha=0.3, which="both" if ax.get_yscale() == "log" else "major")
+    if legend:
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
 
 
 def plot_curves(client: MlflowClient, runs: list[MlflowRun], metric: str, labels: dict[str, str], path: Path) -> Path:
@@ -399,6 +410,8 @@ def plot_group_curves(client: MlflowClient, groups: list[list[MlflowRun]], metri
                       path: Path) -> Path:
     """`metric` over steps, one line per group: the mean over its runs at the steps they all logged,
     shaded one standard deviation either side."""
+    from lab.stats import summarize
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for group, label in zip(groups, labels):
@@ -407,25 +420,18 @@ def plot_group_curves(client: MlflowClient, groups: list[list[MlflowRun]], metri
         steps = sorted(set.intersection(*(set(h) for h in histories)))
         if not steps:
             continue
-        values = [[h[s] for h in histories] for s in steps]
-        mean = [sum(v) / len(v) for v in values]
-        std = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0 for v, m in zip(values, mean)]
+        stats = [summarize([h[s] for h in histories]) for s in steps]
+        mean, std = [t.mean for t in stats], [t.std if t.n > 1 else 0.0 for t in stats]
         (line,) = ax.plot(steps, mean, label=f"{label} (n={len(group)})", linewidth=1.2)
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} over steps: mean of each group, ±1 standard deviation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend=True)
 
 
 def group_labels(groups: list[list[MlflowRun]], params: list[str]) -> list[str]:
-    """`group 1  lr=0.001` for each group (best first): the params that tell the groups apart."""
-    short = [p.rsplit(".", 1)[-1] for p in params]
-    keys = short if len(set(short)) == len(short) else params
+    """`group 1  lr=0.001` for each group (best first): the params that tell the groups apart (`_short_keys`)."""
+    keys = _short_keys(params)
     return [" ".join([f"group {i}"] + [f"{k}={g[0].data.params.get(p)}" for k, p in zip(keys, params)])
             for i, g in enumerate(groups, start=1)]
 
@@ -445,12 +451,7 @@ def _line_chart(lines: dict[str, list[tuple[int, float]]], ylabel: str, title: s
         if points:
             ax.plot(*zip(*points), label=label, linewidth=1.2, linestyle="--" if dashed(label) else "-")
     ax.set(xlabel="step", ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend=True)
 
 
 def plot_final_vs_param(groups: list[list[MlflowRun]], metric: str, param: str, others: list[str], path: Path) -> Path:
@@ -488,13 +489,7 @@ def plot_final_vs_param(groups: list[list[MlflowRun]], metric: str, param: str, 
     title = f"final {metric} against {param} ({runs} runs" + (
         f" in {len(points)} groups: mean, 95% interval)" if runs > len(points) else ")")
     ax.set(xlabel=param, ylabel=f"final {metric}", title=title)
-    ax.grid(alpha=0.3)
-    if any(series):
-        ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend=any(series))
 
 
 def x_scale(xs: list[float]) -> str:
