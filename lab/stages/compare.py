@@ -69,7 +69,7 @@ def _compare_groups(run: Run, groups: list, out) -> list:
     logged; returns the groups best first."""
     cfg = run.cfg.compare
     table, ordered = cmp.build_group_table(groups, cfg.metrics, cfg.mode, cfg.over)
-    run.say(f"{len(groups)} groups of runs that differ only in {', '.join(cfg.over)} <compare.over>; "
+    run.say(f"{len(groups)} group{'s' * (len(groups) != 1)} of runs that differ only in {', '.join(cfg.over)} <compare.over>; "
             f"best first by the mean of {cfg.metrics[0]}, with its 95% interval (Student's t)")
     run.say(table.to_string(index=False))
     table.to_csv(out / "groups.csv", index=False)
