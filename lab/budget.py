@@ -58,12 +58,17 @@ class Budget:
                 "budget.params_counted": PARAMS_COUNTED, "budget.flops": f"{self.flops:.4g}"}
 
 
+def rows_per_step(hw, world_size: int) -> int:
+    """Sequences one optimizer step trains on, over every process (the settled micro-batch and accumulation)."""
+    return hw.micro_batch * hw.grad_accum * world_size
+
+
 def plan_budget(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> Optional[Budget]:
     """The steps train.tokens or train.tokens_per_param asks for, from the settled batch; None: neither is set."""
     from lab.models import build_model
     from lab.step_trace import planned_vocab
 
-    tc, hw, seq = cfg.train, cfg.hardware, cfg.data.seq_len
+    tc, seq = cfg.train, cfg.data.seq_len
     if tc.tokens is None and tc.tokens_per_param is None:
         return None
     with torch.device("meta"):  # shapes only
@@ -73,19 +78,19 @@ def plan_budget(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = Non
         asked, key = tc.tokens, f"train.tokens={tc.tokens}"
     else:
         asked, key = math.ceil(tc.tokens_per_param * params), f"train.tokens_per_param={tc.tokens_per_param:g}"
-    rows = hw.micro_batch * hw.grad_accum * world_size
+    rows = rows_per_step(cfg.hardware, world_size)
     steps = max(1, math.ceil(asked / (rows * seq)))
     tokens = steps * rows * seq
+    flops = model.flops_per_token(seq) * tokens
     source = "" if tc.tokens is not None else f"{tc.tokens_per_param:g} x {params:,} {PARAMS_COUNTED} parameters = "
     why = (f"budget: {source}{asked:,} tokens = train.max_steps={steps} of {rows} x {seq} tokens "
-           f"({tokens:,} tokens, {model.flops_per_token(seq) * tokens:.3g} FLOPs) <{key}>")
-    return Budget(steps, tokens, params, model.flops_per_token(seq) * tokens, why)
+           f"({tokens:,} tokens, {flops:.3g} FLOPs) <{key}>")
+    return Budget(steps, tokens, params, flops, why)
 
 
 def epochs(cfg: RunConfig, rows: int, world_size: int) -> float:
     """How many times the run's steps go through `rows` train rows (of data.seq_len tokens each)."""
-    hw = cfg.hardware
-    return cfg.train.max_steps * hw.micro_batch * hw.grad_accum * world_size / max(rows, 1)
+    return cfg.train.max_steps * rows_per_step(cfg.hardware, world_size) / max(rows, 1)
 
 
 def check_epochs(cfg: RunConfig, rows: int, world_size: int) -> float:

@@ -61,7 +61,8 @@ def resolve_precision(hw: HardwareConfig) -> str:
 
 
 def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    """The dtype autocast runs in (bf16, fp16); None for full precision ("no", "fp32")."""
+    return None if mixed_precision == "fp32" else dtype_named(mixed_precision)
 
 
 def dtype_named(name: str) -> torch.dtype | None:

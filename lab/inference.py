@@ -112,7 +112,8 @@ class TextModel:
 
     @property
     def decode_dtype(self) -> Optional[torch.dtype]:
-        """The dtype decoding runs in (and its KV cache holds): the profile's autocast on an accelerator;
+        """The dtype decoding runs in (and, unless generate.kv_cache_dtype says otherwise, its KV cache holds:
+        `cache_dtype`): the profile's autocast on an accelerator;
         None (the weights' own, fp32) on a CPU, where decoding one token at a time under autocast re-casts
         every weight per token: 25% slower than fp32 (measured on nano). Scoring whole batches keeps the
         profile's precision (`autocast_context`)."""

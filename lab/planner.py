@@ -227,13 +227,14 @@ UNKNOWN_GPU_TFLOPS = 143.0  # a GPU whose peak is unknown is taken for a mid-ran
 
 def eager_seconds(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> tuple[float, float]:
     """(the run's training FLOPs, the seconds they take eagerly at the device's nominal speed)."""
+    from lab.budget import rows_per_step
     from lab.models import build_model
     from lab.step_trace import planned_vocab
 
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         model = build_model(cfg.model, vocab_size or planned_vocab(cfg))
     hw, seq = cfg.hardware, cfg.data.seq_len
-    sequences = hw.micro_batch * hw.grad_accum * world_size * cfg.train.max_steps
+    sequences = rows_per_step(hw, world_size) * cfg.train.max_steps
     sequences *= 2 if cfg.stage.name == "dpo" else 1  # the chosen and the rejected answer
     flops = model.flops_per_token(seq) * seq * sequences
     if hw.device == "cpu":

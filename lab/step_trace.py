@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lab.config import (AdapterConfig, DPOConfig, HardwareConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig,
                         declaration)
-from lab.hardware import AutocastForward
+from lab.hardware import AutocastForward, autocast_dtype
 from lab.memory import LiveMemory
 
 
@@ -189,7 +189,7 @@ def _trace(job: Job, micro_batch: int) -> Trace:
     from lab.models import build_model
     from lab.optim import state_bytes
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision)
+    dtype = autocast_dtype(job.precision)
     with FakeTensorMode(), LiveMemory() as mem, _EveryPositionCounts():
         model = build_model(job.model, job.vocab_size)
         frozen = None
