@@ -264,6 +264,14 @@ def fit_groups(groups: list[list[MlflowRun]], metric: str, x_param: str):
                      [[r.data.metrics.get(metric, math.nan) for r in g] for g in have])
 
 
+def _mean_and_error(group: list[MlflowRun], metric: str) -> tuple[float, float]:
+    """A group's mean of `metric` and its error bar: half its 95% interval (0 for a run alone)."""
+    from lab.stats import summarize
+
+    s = summarize([r.data.metrics.get(metric, math.nan) for r in group])
+    return s.mean, (s.high - s.low) / 2 if s.n > 1 else 0.0
+
+
 def fit_table(fit) -> pd.DataFrame:
     """Each point's x, mean, the law's value there and the residual."""
     return pd.DataFrame({"x": fit.x, "mean": fit.y, "fit": fit.predict(fit.x), "residual": fit.residuals})
@@ -273,15 +281,12 @@ def plot_fit(fit, groups: list[list[MlflowRun]], metric: str, x_param: str, path
     """The points (each group's mean with its 95% interval) and the fitted law, on log-log axes."""
     import numpy as np
 
-    from lab.stats import summarize
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for g in groups:
         if _is_float(g[0].data.params.get(x_param)):
-            s = summarize([r.data.metrics.get(metric, math.nan) for r in g])
-            half = (s.high - s.low) / 2 if s.n > 1 else 0.0
-            ax.errorbar([float(g[0].data.params[x_param])], [s.mean], yerr=[half], marker="o", capsize=3, color="C0")
+            mean, half = _mean_and_error(g, metric)
+            ax.errorbar([float(g[0].data.params[x_param])], [mean], yerr=[half], marker="o", capsize=3, color="C0")
     xs = np.geomspace(min(fit.x), max(fit.x), 100)
     ax.plot(xs, fit.predict(xs), color="C1",
             label=f"{fit.a:.3g} x^-{fit.alpha:.3f} + {fit.c:.3f} (alpha 95%: {fit.alpha_low:.3f}-{fit.alpha_high:.3f})")
@@ -462,8 +467,6 @@ def plot_final_vs_param(groups: list[list[MlflowRun]], metric: str, param: str, 
     Groups that share the values of the `others` (the other differing params) form one series, so a
     grid sweep reads as one line per setting of the remaining keys.
     """
-    from lab.stats import summarize
-
     plt = _pyplot()
     points = [g for g in groups if param in g[0].data.params and any(metric in r.data.metrics for r in g)]
     numeric = all(_is_float(g[0].data.params[param]) for g in points)
@@ -472,9 +475,7 @@ def plot_final_vs_param(groups: list[list[MlflowRun]], metric: str, param: str, 
     series: dict[str, list[tuple[float, float, float]]] = {}
     for g in points:
         label = " ".join(f"{k.rsplit('.', 1)[-1]}={g[0].data.params.get(k)}" for k in others if k != param)
-        s = summarize([r.data.metrics.get(metric, math.nan) for r in g])
-        half = (s.high - s.low) / 2 if s.n > 1 else 0.0
-        series.setdefault(label, []).append((x_of(g[0].data.params[param]), s.mean, half))
+        series.setdefault(label, []).append((x_of(g[0].data.params[param]), *_mean_and_error(g, metric)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, xy in sorted(series.items()):
         xy.sort()
