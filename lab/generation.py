@@ -154,12 +154,10 @@ def _generate_sbd(model, prompts: Sequence[Sequence[int]], sampling: Sampling, n
                   mask_id: int, use_cache: bool, on_text: Optional[OnText], compile: bool,
                   cache_dtype: Optional[torch.dtype]) -> Result:
     """Set Block Decoding (`lab.sbd`), one prompt at a time: rows advance by different numbers of tokens per pass."""
-    block, window = sampling.sbd_block, model.config.sliding_window
+    block = sampling.sbd_block
     if not block:
         raise ValueError("Set Block Decoding needs a block size (sampling.sbd_block)")
-    if window is not None and block > window:
-        raise ValueError(f"generate.sbd_block={block} is wider than the model's sliding window "
-                         f"(model.sliding_window={window}); use a block of at most {window}")
+    sbd.check_block(block, model.config.sliding_window)
     generator = sampler(sampling, model.tok_emb.weight.device)
     was_training = model.training
     model.eval()

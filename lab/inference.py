@@ -23,7 +23,7 @@ from lab.errors import ConfigError
 from lab.decoding import choose_compile, lay_out_for_decoding
 from lab.generation import OnText, Result, generate
 from lab.lineage import Pretrained
-from lab.sbd import mask_token
+from lab.sbd import check_block, mask_token
 from lab.tracking import Tracker, TrackingError
 
 Prompt = Union[str, Sequence[Message]]  # text, or a conversation ending in a user turn
@@ -96,10 +96,8 @@ class TextModel:
         if sampling.sbd_gamma is None:
             return sampling
         mask_token(self.tokenizer)
-        block, window = self._sbd_block(sampling), self.model.config.sliding_window
-        if window is not None and block > window:
-            raise ConfigError(f"generate.sbd_block={block} is wider than the model's sliding window "
-                              f"(model.sliding_window={window}); set generate.sbd_block={window} or less")
+        block = self._sbd_block(sampling)
+        check_block(block, self.model.config.sliding_window)  # before a server starts answering
         return dataclasses.replace(sampling, sbd_block=block)
 
     def _sbd_block(self, sampling: Sampling) -> int:

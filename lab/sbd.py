@@ -26,7 +26,7 @@ row is free to learn "unknown", so an SBD model keeps its vocabulary and every e
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,13 @@ def mask_token(tokenizer) -> int:
         raise ConfigError("Set Block Decoding needs a pad token distinct from eos and bos as its mask token, and this "
                           "tokenizer has none; train with a lab tokenizer (tokenizer=bpe, unigram or byte)")
     return tokenizer.pad_id
+
+
+def check_block(block: int, window: Optional[int]) -> None:
+    """A block must fit the model's sliding window: wider, its last places could not see its first."""
+    if window is not None and block > window:
+        raise ConfigError(f"generate.sbd_block={block} is wider than the model's sliding window "
+                          f"(model.sliding_window={window}); set generate.sbd_block={window} or less")
 
 
 def block_layout(segments: torch.Tensor, block: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
