@@ -70,6 +70,9 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_training_at_the_next_step
             signal.raise_signal(signal.SIGINT)
 
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # As in a terminal: a suite started in the background of a shell inherits SIGINT ignored, which
+    # install() rightly keeps, and the raised SIGINT would then never arrive.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signals.install()
     try:
         Finalized()  # collected at once: the KeyboardInterrupt is raised in __del__ and swallowed
