@@ -255,13 +255,18 @@ def fit_groups(groups: list[list[MlflowRun]], metric: str, x_param: str):
     """`lab.scaling.fit_power` of `metric` against the numeric param `x_param`, one point per group."""
     from lab.scaling import fit_power
 
-    have = [g for g in groups if _is_float(g[0].data.params.get(x_param))]
+    have = _groups_with_x(groups, x_param)
     if not have:
         numeric = sorted({k for g in groups for k, v in g[0].data.params.items() if _is_float(v)})
         raise CompareError(f"compare.fit_x={x_param} is not a numeric param of the selected runs (it is logged by "
                            f"train.tokens or train.tokens_per_param); numeric params: {', '.join(numeric[:20])}")
     return fit_power([float(g[0].data.params[x_param]) for g in have],
                      [[r.data.metrics.get(metric, math.nan) for r in g] for g in have])
+
+
+def _groups_with_x(groups: list[list[MlflowRun]], x_param: str) -> list[list[MlflowRun]]:
+    """The groups whose `x_param` is a number: the points of a fit."""
+    return [g for g in groups if _is_float(g[0].data.params.get(x_param))]
 
 
 def _mean_and_error(group: list[MlflowRun], metric: str) -> tuple[float, float]:
@@ -283,10 +288,9 @@ def plot_fit(fit, groups: list[list[MlflowRun]], metric: str, x_param: str, path
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in groups:
-        if _is_float(g[0].data.params.get(x_param)):
-            mean, half = _mean_and_error(g, metric)
-            ax.errorbar([float(g[0].data.params[x_param])], [mean], yerr=[half], marker="o", capsize=3, color="C0")
+    for g in _groups_with_x(groups, x_param):
+        mean, half = _mean_and_error(g, metric)
+        ax.errorbar([float(g[0].data.params[x_param])], [mean], yerr=[half], marker="o", capsize=3, color="C0")
     xs = np.geomspace(min(fit.x), max(fit.x), 100)
     ax.plot(xs, fit.predict(xs), color="C1",
             label=f"{fit.a:.3g} x^-{fit.alpha:.3f} + {fit.c:.3f} (alpha 95%: {fit.alpha_low:.3f}-{fit.alpha_high:.3f})")

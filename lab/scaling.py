@@ -80,8 +80,8 @@ def fit_power(xs: Sequence[float], seeds: Sequence[Sequence[float]], key: str = 
     except (RuntimeError, ValueError) as e:  # scipy: no convergence within maxfev
         raise FitError(f"{key}=power: the least-squares fit did not converge ({e}); the losses may not fall with size") from None
     low, high = (np.percentile(alphas, [2.5, 97.5]) if len(alphas) else (math.nan, math.nan))
-    fit = Fit(math.exp(log_a), alpha, c, float(low), float(high), x.tolist(), y.tolist(), [])
-    return Fit(**{**fit.__dict__, "residuals": (y - fit.predict(x)).tolist()})
+    residuals = y - power_law(x, log_a, alpha, c)
+    return Fit(math.exp(log_a), alpha, c, float(low), float(high), x.tolist(), y.tolist(), residuals.tolist())
 
 
 def _bootstrap_alpha(x: np.ndarray, seeds: list[list[float]]) -> list[float]:

@@ -1,6 +1,7 @@
 """Compare: recorded runs side by side, with no training. The logic lives in `lab/compare.py`."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from lab import compare as cmp
@@ -98,7 +99,7 @@ def _fit(run: Run, groups: list, out) -> None:
     (out / "fit_residuals.md").write_text(cmp.to_markdown(table))
     cmp.plot_fit(fit, groups, metric, x, out / f"fit_{cmp.safe_name(metric)}_vs_{cmp.safe_name(x)}.png")
     values = {"a": fit.a, "alpha": fit.alpha, "c": fit.c, "alpha_low": fit.alpha_low, "alpha_high": fit.alpha_high}
-    run.tracker.log_metrics({f"compare/fit/{k}": v for k, v in values.items() if v == v}, step=0)
+    run.tracker.log_metrics({f"compare/fit/{k}": v for k, v in values.items() if not math.isnan(v)}, step=0)  # no interval: one seed a setting
 
 
 def run_name(cfg) -> str:
